@@ -1,0 +1,28 @@
+"""Shared plumbing for the thin scripts in stages/: clean error exits and metric files."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+from .errors import IteraliteError
+from .fileio import write_json
+
+
+def run(name: str, main: Callable[[], dict | None]) -> None:
+    """Run a stage's main; an IteraliteError prints one clear line and exits with status 2."""
+    t0 = time.perf_counter()
+    try:
+        main()
+    except IteraliteError as e:
+        print(f"[{name}] error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"[{name}] interrupted", file=sys.stderr)
+        sys.exit(130)
+    print(f"[{name}] done in {time.perf_counter() - t0:.1f}s")
+
+
+def write_metrics(path: str, metrics: dict) -> None:
+    write_json(path, metrics)
+    print(f"wrote {path}")

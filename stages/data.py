@@ -1,0 +1,14 @@
+"""Stage `data`: TinyStories train/valid and WikiText-2 test -> data/prepared/."""
+from iteralite.data import DataConfig, prepare
+from iteralite.params import load_section
+from iteralite.stage import run, write_metrics
+
+
+def main():
+    cfg = load_section(DataConfig, "data")
+    stats = prepare(cfg, "data/prepared")
+    write_metrics("metrics/data.json", stats)
+
+
+if __name__ == "__main__":
+    run("data", main)

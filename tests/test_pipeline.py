@@ -1,0 +1,91 @@
+"""Smoke test: the real `dvc repro` on tiny params, in a temporary copy of the repository."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _raw_data() -> Path:
+    for cand in (REPO / "data" / "raw", REPO.parent / "shared" / "data"):
+        if (cand / "tinystories" / "train.txt").exists():
+            return cand
+    pytest.fail("no raw data: run `dvc pull` (make test does) or put ../shared beside the repository")
+
+
+def _run(args, cwd, env, check=True):
+    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A copy of the tracked (and new, unignored) files, a git repo, the raw data, tiny params."""
+    dst = tmp_path_factory.mktemp("clone") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    for f in filter(None, files):
+        src = REPO / f
+        if src.is_file() and not f.startswith(("data/raw/", "metrics/", "plots/")) and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    shutil.copy(REPO / "tests" / "tiny_params.yaml", dst / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(dst), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    _run(["git", "init", "-q"], dst, env)
+    _run(["git", "add", "-A"], dst, env)
+    _run(["git", "commit", "-q", "-m", "smoke"], dst, env)
+    shutil.copytree(_raw_data(), dst / "data" / "raw", dirs_exist_ok=True)  # as `dvc pull` would
+    return dst, env
+
+
+def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(clone):
+    dst, env = clone
+    r = _run(["dvc", "repro"], dst, env)
+    train = json.loads((dst / "metrics" / "train.json").read_text())
+    for key in ("params", "size_bytes", "val_loss", "val_ppl", "val_bpb", "wikitext2_ppl", "train_seconds",
+                "train_tokens_per_s"):
+        assert key in train, key
+    assert train["size_bytes"] == (dst / "checkpoints" / "fp32.safetensors").stat().st_size
+    assert (dst / "dvc.lock").exists()
+    again = _run(["dvc", "repro"], dst, env)
+    assert "didn't change" in again.stdout and "Running stage" not in again.stdout, again.stdout
+    status = _run(["dvc", "status"], dst, env)
+    assert "up to date" in status.stdout.lower(), status.stdout
+    gen = _run([sys.executable, "-m", "iteralite.cli", "generate", "--max-new-tokens", "5"], dst, env)
+    assert gen.stdout.startswith("Once upon a time")
+
+
+def test_unknown_params_key_stops_the_stage_with_its_name(clone):
+    dst, env = clone
+    params = (dst / "params.yaml").read_text()
+    try:
+        (dst / "params.yaml").write_text(params.replace("  lr: 0.003", "  lrr: 0.003"))
+        r = _run([sys.executable, "stages/train.py"], dst, env, check=False)
+        assert r.returncode == 2
+        assert "unknown key 'train.lrr'" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        (dst / "params.yaml").write_text(params)
+
+
+def test_missing_raw_data_says_dvc_pull(clone, tmp_path):
+    dst, env = clone
+    params = (dst / "params.yaml").read_text()
+    try:
+        (dst / "params.yaml").write_text(params.replace("source: data/raw/tinystories", f"source: {tmp_path}/none"))
+        r = _run([sys.executable, "stages/data.py"], dst, env, check=False)
+        assert r.returncode == 2 and "dvc pull" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        (dst / "params.yaml").write_text(params)
