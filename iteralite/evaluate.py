@@ -77,3 +77,29 @@ class Evaluator:
         w = evaluate_tokens(model, self.wiki, self.nbytes, c.seq_len, c.batch_size, c.max_tokens)
         return {"val_loss": round(v["loss"], 5), "val_ppl": round(v["ppl"], 4), "val_bpb": round(v["bpb"], 5),
                 "wikitext2_ppl": round(w["ppl"], 3), "wikitext2_bpb": round(w["bpb"], 5)}
+
+
+def storage_bits(model) -> int:
+    """Bits of every tensor the model stores (packed codes, scales, zero-points, float tensors)."""
+    return sum(t.numel() * t.element_size() * 8 for t in model.state_dict().values())
+
+
+def artifact_metrics(model, path, fp32: dict, quality: dict) -> dict:
+    """The common keys every model-producing stage reports.
+
+    fp32: metrics/train.json of the baseline; quality: Evaluator output for `model`.
+    `params` counts the logical weights (those of the float architecture with the same shapes),
+    and bits_per_weight divides all stored tensor bits by it.
+    """
+    from .model import IteraLite
+
+    size = Path(path).stat().st_size
+    params = IteraLite(model.cfg).num_params()
+    return {
+        "size_bytes": size,
+        "params": params,
+        "bits_per_weight": round(storage_bits(model) / params, 4),
+        "compression_vs_fp32": round(fp32["size_bytes"] / size, 3),
+        **quality,
+        "val_ppl_delta_pct": round(100.0 * (quality["val_ppl"] / fp32["val_ppl"] - 1.0), 3),
+    }
