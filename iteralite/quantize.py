@@ -2,8 +2,9 @@
 
 Integer formats (methods "rtn", "awq", "gptq") share one storage format and one convention.
 A weight w (*lead, out, in) is cut into groups of `group_size` consecutive input columns; each
-(row, group) has a scale s (fp16) and, when asymmetric, an integer zero point z (stored fp16,
-exact for these small integers). Codes q are unsigned integers in [0, 2**bits - 1] and
+(row, group) has a scale s (fp16) and, when asymmetric, an integer zero point z in
+[0, 2**bits - 1] (stored packed at the codes' bit width). Codes q are unsigned integers in
+[0, 2**bits - 1] and
 
     w ~= (q - z) * s                 asymmetric: z per group, stored
     w ~= (q - 2**(bits-1)) * s       symmetric:  z = 2**(bits-1) implied, |q - z| <= 2**(bits-1) - 1
@@ -250,8 +251,8 @@ class QTensor:
         """Storage form: {prefix+'codes': packed uint8 (nbytes,), prefix+'scales', prefix+'zeros',
         prefix+'in_scale'} (absent fields omitted). Safe for safetensors."""
         out = {prefix + "codes": pack_bits(self.codes, self.bits), prefix + "scales": self.scales}
-        if self.zeros is not None:
-            out[prefix + "zeros"] = self.zeros
+        if self.zeros is not None:  # integers in [0, 2**bits - 1]: packed at the codes' width
+            out[prefix + "zeros"] = pack_bits(self.zeros.to(torch.uint8), self.bits)
         if self.in_scale is not None:
             out[prefix + "in_scale"] = self.in_scale
         return out
@@ -264,7 +265,7 @@ class QTensor:
         d = {"codes": ((packed_nbytes(math.prod(shape), spec.bits),), torch.uint8),
              "scales": (groups, torch.float16)}
         if not spec.symmetric:
-            d["zeros"] = (groups, torch.float16)
+            d["zeros"] = ((packed_nbytes(math.prod(groups), spec.bits),), torch.uint8)
         if spec.method == "awq":
             d["in_scale"] = ((*lead, in_dim), torch.float16)
         return d
@@ -274,13 +275,16 @@ class QTensor:
         """Inverse of `to_tensors` given the weight shape and the spec it was stored with."""
         t = _take_layout(d, prefix, cls.layout(shape, spec))
         codes = unpack_bits(t["codes"], spec.bits, math.prod(shape)).reshape(shape)
-        return cls(codes, t["scales"], t.get("zeros"), t.get("in_scale"),
-                   spec.bits, spec.group_size, spec.symmetric)
+        zeros = None
+        if "zeros" in t:
+            groups = t["scales"].shape
+            zeros = unpack_bits(t["zeros"], spec.bits, math.prod(groups)).reshape(groups).to(torch.float16)
+        return cls(codes, t["scales"], zeros, t.get("in_scale"), spec.bits, spec.group_size, spec.symmetric)
 
     def storage_bits(self) -> int:
         """Bits of everything stored: packed codes + scales + zeros + in_scale."""
         n = packed_nbytes(self.codes.numel(), self.bits) * 8 + 16 * self.scales.numel()
-        n += 0 if self.zeros is None else 16 * self.zeros.numel()
+        n += 0 if self.zeros is None else packed_nbytes(self.zeros.numel(), self.bits) * 8
         n += 0 if self.in_scale is None else 16 * self.in_scale.numel()
         return n
 
