@@ -94,12 +94,18 @@ def attach_fake_quant(model: nn.Module, spec: QuantSpec, keep_float=("dt_proj",)
     return chosen
 
 
-def export(model: nn.Module, chosen: dict) -> nn.Module:
-    """Remove fake quant (keeping the trained float weights) and swap in packed modules."""
+def strip_fake_quant(model: nn.Module) -> nn.Module:
+    """Remove every FakeQuant parametrization, keeping the trained float weights."""
     for name, module in list(model.named_modules()):
         if parametrize.is_parametrized(module):
             for slot in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, slot, leave_parametrized=False)
+    return model
+
+
+def export(model: nn.Module, chosen: dict) -> nn.Module:
+    """Remove fake quant (keeping the trained float weights) and swap in packed modules."""
+    strip_fake_quant(model)
     return quantize_model(model, lambda name, m: chosen.get(name))
 
 
@@ -154,10 +160,12 @@ def distill_train(student: nn.Module, teacher: nn.Module, data: torch.Tensor, cf
     return {"steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1), "final_train_ce": round(ema, 5)}
 
 
-def qat(fp32_model: nn.Module, spec: QuantSpec, data: torch.Tensor, cfg: QATConfig, progress: bool = True):
-    """FP32 model -> (packed quantized model, stats)."""
+def qat(fp32_model: nn.Module, spec: QuantSpec, data: torch.Tensor, cfg: QATConfig, progress: bool = True,
+        student: nn.Module | None = None, desc: str = "qat"):
+    """FP32 teacher -> (packed quantized model, stats). The student starts as a copy of the
+    teacher unless given (e.g. a pruned, dequantized model for recovery fine-tuning)."""
     teacher = fp32_model
-    student = copy.deepcopy(fp32_model)
+    student = copy.deepcopy(fp32_model) if student is None else student
     chosen = attach_fake_quant(student, spec, tuple(cfg.keep_float))
-    stats = distill_train(student, teacher, data, cfg, progress)
+    stats = distill_train(student, teacher, data, cfg, progress, desc)
     return export(student, chosen), stats
