@@ -3,9 +3,9 @@
 Statistics (from the FP32 model over `n_samples` training windows): per input channel mean x^2
 (activation-aware weighting), X^T X / n (GPTQ's Hessian), absmax and the 99.9th percentile of
 |x|. Sensitivity: the calibration-loss increase when that tensor alone is quantized (RTN, group
-`group_size`) to each of `bits`, everything else left in FP32. It is measured on held-out
-training windows, not on the validation split, so that later choices made from it (pruning
-ratios, precision allocation) are not tuned on the split we report.
+`group_size`) to each of `bits`, everything else left in FP32. It is measured on training
+windows other than the statistics windows (text the model was trained on), not on the
+validation split, so that later choices made from it are not tuned on the split we report.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class CalibrateConfig:
     n_samples: int = 1000  # calibration windows from the training split
     seq_len: int = 256
     batch_size: int = 16
-    sens_samples: int = 128  # held-out training windows scored for each sensitivity probe
+    sens_samples: int = 128  # training windows (other than the statistics ones) per sensitivity probe
     sens_bits: list[int] = field(default_factory=lambda: [4, 8])
     group_size: int = 64
     seed: int = 11

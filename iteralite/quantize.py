@@ -1029,7 +1029,7 @@ class _Accum:
         if a.numel():
             self.absmax = max(self.absmax, float(a.max()))
             step = max(1, a.numel() // self.SAMPLE)
-            self.samples.append(a[::step])
+            self.samples.append(a[::step].clone())  # a copy: a strided view would keep all of `a` alive
 
     def ranges(self, q: float = 0.999) -> tuple[float, float]:
         """(absmax, q-quantile of |x|) over what was added (from a strided sample)."""

@@ -26,3 +26,21 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
 def write_metrics(path: str, metrics: dict) -> None:
     write_json(path, metrics)
     print(f"wrote {path}")
+
+
+def ratio_arg(ratios: list[float], script: str) -> tuple[str, float]:
+    """The matrix item from the command line: the ratio as written (it names the outputs) and its value."""
+    import sys
+
+    from .errors import ParamsError
+
+    if len(sys.argv) != 2:
+        raise ParamsError(f"usage: python {script} RATIO (one of prune.ratios {ratios})")
+    text = sys.argv[1]
+    try:
+        value = float(text)
+    except ValueError:
+        raise ParamsError(f"ratio {text!r} is not a number") from None
+    if value not in ratios:
+        raise ParamsError(f"ratio {text} is not in prune.ratios {ratios}")
+    return text, value

@@ -66,6 +66,23 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(clone):
     assert "up to date" in status.stdout.lower(), status.stdout
     gen = _run([sys.executable, "-m", "iteralite.cli", "generate", "--max-new-tokens", "5"], dst, env)
     assert gen.stdout.startswith("Once upon a time")
+    for r in ("0.1", "0.4"):  # the prune/finetune matrix follows prune.ratios
+        for stage in ("prune", "finetune"):
+            m = json.loads((dst / "metrics" / f"{stage}_{r}.json").read_text())
+            assert m["size_bytes"] == (dst / "checkpoints" / stage / f"{r}.safetensors").stat().st_size
+            assert 0 < m["prunable_params_removed_frac"] < 1
+    assert (dst / "plots" / "prune_ratio.csv").read_text().startswith("ratio,")
+    for name in ("int4", "qat"):
+        m = json.loads((dst / "metrics" / f"{name}.json").read_text())
+        assert m["compression_vs_fp32"] > 1 and "val_ppl_delta_pct" in m
+
+
+def test_sweeping_prune_ratios_reruns_only_prune_and_after(clone):
+    dst, env = clone
+    _run(["dvc", "repro"], dst, env)
+    r = _run(["dvc", "exp", "run", "-S", "prune.ratios=[0.3]"], dst, env)
+    ran = {line.split("'")[1] for line in r.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"prune@0.3", "finetune@0.3", "prune_report"}, r.stdout
 
 
 def test_unknown_params_key_stops_the_stage_with_its_name(clone):
