@@ -23,7 +23,8 @@ from tqdm import tqdm
 from .errors import CheckpointError
 from .fileio import atomic_path
 from .params import check
-from .quantize import QuantSpec, _kind_of, collect_act_stats, make_spec_for, quantize_model
+from .quantize import QuantSpec
+from .qmodules import _kind_of, collect_act_stats, make_spec_for, quantize_model
 from .train import get_batch
 
 STATS_FORMAT = "iteralite-calibration"

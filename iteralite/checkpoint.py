@@ -83,11 +83,20 @@ def _read_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: header is not valid JSON: the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object: the file is corrupt")
-    end = max((v["data_offsets"][1] for k, v in header.items()
-               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CheckpointError(f"{path}: header entry {key!r} is malformed: the file is corrupt")
+        end = max(end, offsets[1])
     if 8 + n + end != size:
         raise CheckpointError(f"{path}: truncated or padded: expected {8 + n + end} bytes, found {size}")
-    return header.get("__metadata__") or {}
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: header metadata is malformed: the file is corrupt")
+    return meta
 
 
 def read_checkpoint(path) -> Checkpoint:
@@ -117,7 +126,9 @@ def read_checkpoint(path) -> Checkpoint:
         config = ModelConfig.from_dict(json.loads(meta["config"]))
         quant = json.loads(meta.get("quant", "{}"))
         info = json.loads(meta.get("meta", "{}"))
-    except (KeyError, json.JSONDecodeError, IteraliteError) as e:
+        if not isinstance(quant, dict) or not isinstance(info, dict):
+            raise CheckpointError("quant and meta must be JSON objects")
+    except (KeyError, TypeError, json.JSONDecodeError, IteraliteError) as e:
         raise CheckpointError(f"{path}: config in header is unusable: {e}") from None
     return Checkpoint(path, meta.get("kind", "?"), config, quant, meta.get("tokenizer_sha256", ""),
                       info, tensors)
@@ -129,8 +140,13 @@ def build_model(ckpt: Checkpoint):
 
     model = IteraLite(ckpt.config)
     if ckpt.quant:
-        from .quantize import apply_quant_config
-        apply_quant_config(model, ckpt.quant)
+        from .qmodules import apply_quant_config
+        try:
+            apply_quant_config(model, ckpt.quant)
+        except IteraliteError as e:  # includes a ParamsError from an invalid stored spec
+            raise CheckpointError(f"{ckpt.path}: quantization config is unusable: {e}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt.path}: quantization config is malformed: {e!r}") from None
     try:
         model.load_state_dict(ckpt.tensors, strict=True)
     except RuntimeError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import IteraliteError
 
@@ -47,7 +48,7 @@ def cmd_evaluate(args) -> None:
     from .evaluate import EvalConfig, Evaluator
 
     model, ckpt, _ = _load(args)
-    ev = Evaluator(EvalConfig(max_tokens=args.max_tokens), args.tokenizer.rsplit("/", 1)[0] if "/" in args.tokenizer else ".")
+    ev = Evaluator(EvalConfig(max_tokens=args.max_tokens), Path(args.tokenizer).parent)
     print(json.dumps({"checkpoint": str(args.checkpoint), "kind": ckpt.kind, **ev(model)}, indent=2))
 
 

@@ -12,7 +12,8 @@ import copy
 from dataclasses import dataclass, field
 
 from .params import check
-from .quantize import ALL_METHODS, QuantSpec, make_spec_for, quantize_model
+from .quantize import ALL_METHODS, QuantSpec
+from .qmodules import make_spec_for, quantize_model
 
 
 @dataclass

@@ -16,7 +16,8 @@ from .calibrate import windows
 from .prune import (PruneConfig, iterative_schedule, layer_shapes, measure_sensitivity, importance_scores,
                     prunable_params, prune, routing_stats)
 from .qat import QATConfig, attach_fake_quant, distill_train, strip_fake_quant
-from .quantize import QuantSpec, dequantize_model
+from .quantize import QuantSpec
+from .qmodules import dequantize_model
 
 
 def calibration_batches(data: torch.Tensor, cfg: PruneConfig, seq_len: int = 256, batch_size: int = 8,

@@ -18,8 +18,9 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from .params import check
-from .quantize import QuantSpec, fake_quantize, make_spec_for, quantize_model
-from .train import get_batch, set_threads
+from .quantize import QuantSpec, fake_quantize
+from .qmodules import make_spec_for, quantize_model
+from .train import get_batch, lr_at, set_threads
 
 
 @dataclass
@@ -79,7 +80,7 @@ def attach_fake_quant(model: nn.Module, spec: QuantSpec, keep_float=("dt_proj",)
         # fake_quantize has no range search, so only plain RTN export equals the QAT forward
         raise ValueError(f"QAT trains against plain round-to-nearest codes (method 'rtn', clip off); got {spec}")
     spec_for = make_spec_for(spec, keep_float)
-    from .quantize import _kind_of  # the same target set as quantize_model
+    from .qmodules import _kind_of  # the same target set as quantize_model
 
     chosen = {}
     for name, module in list(model.named_modules()):
@@ -117,14 +118,6 @@ def distill_loss(student_logits, teacher_logits, targets, cfg: QATConfig):
                   log_target=True, reduction="batchmean") * (t * t)
     ce = F.cross_entropy(s, targets.reshape(-1))
     return cfg.distill_weight * kl + (1 - cfg.distill_weight) * ce, ce
-
-
-def lr_at(cfg: QATConfig, step: int) -> float:
-    import math
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
 
 
 def distill_train(student: nn.Module, teacher: nn.Module, data: torch.Tensor, cfg: QATConfig,

@@ -59,7 +59,9 @@ class TrainConfig:
         check(self.threads >= 0, section, "threads", "must be >= 0 (0 = all cores)")
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
+def lr_at(cfg, step: int) -> float:
+    """Linear warm-up to cfg.lr over cfg.warmup_steps, then cosine decay to cfg.min_lr at cfg.steps
+    (any config with those four fields: training, QAT, fine-tuning)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)

@@ -8,7 +8,8 @@ from iteralite.evaluate import EvalConfig, Evaluator, artifact_metrics
 from iteralite.params import load_section
 from iteralite.prune import PruneConfig
 from iteralite.qat import QATConfig, qat
-from iteralite.quantize import QuantSpec, dequantize_model, quant_config
+from iteralite.quantize import QuantSpec
+from iteralite.qmodules import dequantize_model, quant_config
 from iteralite.stage import ratio_arg, run, write_metrics
 from iteralite.tokenizer import load_tokens
 

@@ -7,7 +7,7 @@ from iteralite.checkpoint import load_model, save_checkpoint
 from iteralite.evaluate import EvalConfig, Evaluator, artifact_metrics
 from iteralite.int4 import Int4Config, quantize_int4
 from iteralite.params import load_section
-from iteralite.quantize import quant_config, set_int4_kernel
+from iteralite.qmodules import quant_config, set_int4_kernel
 from iteralite.stage import run, write_metrics
 
 FP32 = "checkpoints/fp32.safetensors"

@@ -9,7 +9,8 @@ from iteralite.iterative import prune_with_recovery
 from iteralite.params import load_section
 from iteralite.prune import PruneConfig
 from iteralite.qat import QATConfig
-from iteralite.quantize import QuantSpec, make_spec_for, quant_config, quantize_model
+from iteralite.quantize import QuantSpec
+from iteralite.qmodules import make_spec_for, quant_config, quantize_model
 from iteralite.stage import ratio_arg, run, write_metrics
 from iteralite.tokenizer import load_tokens
 

@@ -7,7 +7,8 @@ from iteralite.checkpoint import load_model, save_checkpoint
 from iteralite.evaluate import EvalConfig, Evaluator, artifact_metrics
 from iteralite.params import load_section
 from iteralite.qat import QATConfig, qat
-from iteralite.quantize import QuantSpec, quant_config
+from iteralite.quantize import QuantSpec
+from iteralite.qmodules import quant_config
 from iteralite.stage import run, write_metrics
 from iteralite.tokenizer import load_tokens
 

@@ -6,7 +6,7 @@ from iteralite.errors import ParamsError
 from iteralite.evaluate import storage_bits
 from iteralite.int4 import Int4Config, quantize_int4
 from iteralite.params import from_dict
-from iteralite.quantize import QuantEmbedding, QuantExperts, QuantLinear, collect_act_stats, quant_config
+from iteralite.qmodules import QuantEmbedding, QuantExperts, QuantLinear, collect_act_stats, quant_config
 
 
 @pytest.fixture

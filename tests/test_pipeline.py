@@ -2,53 +2,21 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.pipeline_utils import clone_env, make_clone, run as _run
 
 pytestmark = pytest.mark.slow
 
 
-def _raw_data() -> Path:
-    for cand in (REPO / "data" / "raw", REPO.parent / "shared" / "data"):
-        if (cand / "tinystories" / "train.txt").exists():
-            return cand
-    pytest.fail("no raw data: run `dvc pull` (make test does) or put ../shared beside the repository")
-
-
-def _run(args, cwd, env, check=True):
-    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
-
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
-    """A copy of the tracked (and new, unignored) files, a git repo, the raw data, tiny params."""
-    dst = tmp_path_factory.mktemp("clone") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split("\n")
-    for f in filter(None, files):
-        src = REPO / f
-        if src.is_file() and not f.startswith(("data/raw/", "metrics/", "plots/")) and f != "dvc.lock":
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-    shutil.copy(REPO / "tests" / "tiny_params.yaml", dst / "params.yaml")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(dst), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    _run(["git", "init", "-q"], dst, env)
-    _run(["git", "add", "-A"], dst, env)
-    _run(["git", "commit", "-q", "-m", "smoke"], dst, env)
-    shutil.copytree(_raw_data(), dst / "data" / "raw", dirs_exist_ok=True)  # as `dvc pull` would
-    return dst, env
+    """A copy of the repository (tracked and new files), a git repo, the raw data, tiny params."""
+    dst = make_clone(tmp_path_factory.mktemp("clone") / "repo", (REPO / "tests" / "tiny_params.yaml").read_text())
+    return dst, clone_env(dst)
 
 
 def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(clone):

@@ -14,7 +14,8 @@ from iteralite.params import from_dict
 from iteralite.prune import (LayerPlan, PruneConfig, PrunePlan, apply_plan, head_params,
                              iterative_schedule, layer_shapes, magnitude_scores, measure_sensitivity,
                              plan, prunable_params, prune, routing_stats, taylor_scores)
-from iteralite.quantize import QuantSpec, dequantize_model, make_spec_for, quantize_model
+from iteralite.quantize import QuantSpec
+from iteralite.qmodules import dequantize_model, make_spec_for, quantize_model
 from tests.conftest import tiny_config
 
 SHA = "0" * 64

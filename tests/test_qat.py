@@ -5,7 +5,8 @@ import torch
 
 from iteralite.checkpoint import load_model, save_checkpoint
 from iteralite.qat import QATConfig, attach_fake_quant, export, qat
-from iteralite.quantize import QuantSpec, quant_config
+from iteralite.quantize import QuantSpec
+from iteralite.qmodules import quant_config
 
 
 def test_fake_quant_forward_equals_exported_model(model, cfg):

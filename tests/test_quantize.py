@@ -13,12 +13,11 @@ from iteralite.config import ModelConfig
 from iteralite.errors import CheckpointError, ParamsError
 from iteralite.model import IteraLite
 from iteralite.moe import Experts
-from iteralite.quantize import (NF4Tensor, QTensor, QuantEmbedding, QuantExperts, QuantLinear,
-                                QuantSpec, QuantSpecError, apply_quant_config, collect_act_stats,
-                                dequantize, dequantize_nf4_ref, fake_quantize, make_spec_for,
-                                quant_config, quantize_activations_int8, quantize_awq,
-                                quantize_gptq, quantize_model, quantize_nf4, quantize_rtn,
-                                quantize_tensor, weighted_error)
+from iteralite.qmodules import (QuantEmbedding, QuantExperts, QuantLinear, apply_quant_config, collect_act_stats,
+                                make_spec_for, quant_config, quantize_model)
+from iteralite.quantize import (NF4Tensor, QTensor, QuantSpec, QuantSpecError, dequantize, dequantize_nf4_ref,
+                                fake_quantize, quantize_activations_int8, quantize_awq, quantize_gptq, quantize_nf4,
+                                quantize_rtn, quantize_tensor, weighted_error)
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, headdim=8, n_heads=2, d_state=4, n_experts=3,
             top_k=2, d_ff=16, dt_rank=4, chunk_size=8)
