@@ -2,7 +2,6 @@
 CheckpointError; odd text goes through data preparation and tokenization; same seed, same result."""
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,16 +16,21 @@ from iteralite.tokenizer import TokenizerConfig, encode_stories, token_bytes, tr
 from tests.conftest import fake_stories, tiny_config
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    """A float and a packed 4-bit artifact of a tiny model, as bytes."""
-    d = tmp_path_factory.mktemp("art")
+_ARTIFACTS: dict = {}
+
+
+def artifacts(tmp_dir) -> dict:
+    """A float and a packed 4-bit artifact of a tiny model, as bytes (built once per session)."""
+    if _ARTIFACTS:
+        return _ARTIFACTS
+    d = tmp_dir
     torch.manual_seed(0)
     m = IteraLite(tiny_config())
     save_checkpoint(d / "f.safetensors", m, kind="fp32", tokenizer_sha256="x")
     q = quantize_int4(m, "rtn", Int4Config(group_size=8), {})
     save_checkpoint(d / "q.safetensors", q, kind="int4-rtn", tokenizer_sha256="x", quant=quant_config(q))
-    return {"fp32": (d / "f.safetensors").read_bytes(), "int4": (d / "q.safetensors").read_bytes()}
+    _ARTIFACTS.update(fp32=(d / "f.safetensors").read_bytes(), int4=(d / "q.safetensors").read_bytes())
+    return _ARTIFACTS
 
 
 mutation = st.one_of(
@@ -36,11 +40,14 @@ mutation = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True,  # the same examples in every CI run
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["fp32", "int4"]), muts=st.lists(mutation, min_size=1, max_size=4))
-def test_mutated_artifacts_fail_only_with_checkpoint_error(artifacts, tmp_path, kind, muts):
-    data = bytearray(artifacts[kind])
+def test_mutated_artifacts_fail_only_with_checkpoint_error(tmp_path, kind, muts):
+    data = bytearray(artifacts(tmp_path)[kind])
     for op, pos, val in muts:
+        if not data and op != "insert":
+            continue
         pos %= max(1, len(data))
         if op == "flip":
             data[pos] ^= val
