@@ -9,7 +9,6 @@ validation split, so that later choices made from it are not tuned on the split 
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from .errors import CheckpointError
 from .fileio import atomic_path
 from .params import check
 from .quantize import QuantSpec
-from .qmodules import _kind_of, collect_act_stats, make_spec_for, quantize_model
+from .qmodules import collect_act_stats, make_spec_for, quantizable_modules, quantize_model
 from .train import get_batch
 
 STATS_FORMAT = "iteralite-calibration"
@@ -63,10 +62,6 @@ def mean_loss(model, wins: torch.Tensor, batch_size: int) -> float:
     return total / count
 
 
-def quantizable_modules(model) -> list[str]:
-    return [n for n, m in model.named_modules() if _kind_of(m) is not None]
-
-
 def sensitivity(model, wins: torch.Tensor, cfg: CalibrateConfig, progress: bool = True) -> tuple[float, dict]:
     """(baseline loss, {module: {bits: loss increase}}) quantizing one module at a time."""
     base = mean_loss(model, wins, cfg.batch_size)
@@ -74,10 +69,17 @@ def sensitivity(model, wins: torch.Tensor, cfg: CalibrateConfig, progress: bool 
     out = {}
     jobs = [(n, b) for n in names for b in cfg.sens_bits]
     for name, bits in tqdm(jobs, desc="sensitivity", disable=not progress, dynamic_ncols=True):
-        probe = copy.deepcopy(model)
+        # Swap the one module for its quantized twin and put the float one back afterwards
+        # (a deep copy of the whole model per probe would cost more than the probe).
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        original = getattr(parent, child)
         spec_for = make_spec_for(QuantSpec(bits=bits, group_size=cfg.group_size), keep_float=())
-        quantize_model(probe, lambda n, m: spec_for(n, m) if n == name else None)
-        out.setdefault(name, {})[str(bits)] = round(mean_loss(probe, wins, cfg.batch_size) - base, 6)
+        try:
+            quantize_model(model, lambda n, m: spec_for(n, m) if n == name else None)
+            out.setdefault(name, {})[str(bits)] = round(mean_loss(model, wins, cfg.batch_size) - base, 6)
+        finally:
+            setattr(parent, child, original)
     return base, out
 
 

@@ -3,7 +3,8 @@
 A file holds only tensors and a string header: format name, format version, artifact kind, the
 full model config (with per-layer shapes after pruning), the quantization config, the tokenizer's
 sha256, free-form meta (step, losses, parent artifact) and a sha256 over all tensor bytes.
-Loading rebuilds the model from the config, applies the quantization config as a module swap,
+Loading rebuilds the model from the config, applies the quantization config (uniform or mixed
+precision, by its stored format) as a module swap,
 then fills the tensors with strict shape checks. Nothing is ever unpickled.
 """
 from __future__ import annotations
@@ -64,6 +65,13 @@ def save_checkpoint(path, model, *, kind: str, tokenizer_sha256: str, meta: dict
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return Path(path).stat().st_size
+
+
+def header_bytes(path) -> int:
+    """Bytes before the tensor data: the 8-byte length prefix plus the JSON header (config, quant
+    config, meta, checksum). File size = header_bytes + the stored tensors' bytes, exactly."""
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
 def _read_header(path: Path) -> dict:
@@ -135,14 +143,17 @@ def read_checkpoint(path) -> Checkpoint:
 
 
 def build_model(ckpt: Checkpoint):
-    """Rebuild the model from the checkpoint's config (and quant config), then fill its tensors."""
+    """Rebuild the model from the checkpoint's config (and quant config: uniform `qmodules` or
+    per-tensor `mixed`, chosen by the config's format), then fill its tensors."""
     from .model import IteraLite
 
     model = IteraLite(ckpt.config)
     if ckpt.quant:
+        from .mixed import apply_mixed_config, is_mixed_config
         from .qmodules import apply_quant_config
+        apply = apply_mixed_config if is_mixed_config(ckpt.quant) else apply_quant_config
         try:
-            apply_quant_config(model, ckpt.quant)
+            apply(model, ckpt.quant)
         except IteraliteError as e:  # includes a ParamsError from an invalid stored spec
             raise CheckpointError(f"{ckpt.path}: quantization config is unusable: {e}") from None
         except (KeyError, TypeError, AttributeError, ValueError) as e:

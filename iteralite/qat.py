@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .params import check
 from .quantize import QuantSpec, fake_quantize
-from .qmodules import make_spec_for, quantize_model
+from .qmodules import kind_of, make_spec_for, quantize_model
 from .train import get_batch, lr_at, set_threads
 
 
@@ -80,11 +80,9 @@ def attach_fake_quant(model: nn.Module, spec: QuantSpec, keep_float=("dt_proj",)
         # fake_quantize has no range search, so only plain RTN export equals the QAT forward
         raise ValueError(f"QAT trains against plain round-to-nearest codes (method 'rtn', clip off); got {spec}")
     spec_for = make_spec_for(spec, keep_float)
-    from .qmodules import _kind_of  # the same target set as quantize_model
-
     chosen = {}
     for name, module in list(model.named_modules()):
-        if _kind_of(module) is None:
+        if kind_of(module) is None:
             continue
         s = spec_for(name, module)
         if s is None:

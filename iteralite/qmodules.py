@@ -242,11 +242,17 @@ def set_int4_kernel(model: nn.Module, enabled: bool) -> int:
 _KINDS = {"linear": nn.Linear, "experts": Experts, "embedding": TiedEmbedding}
 
 
-def _kind_of(module: nn.Module) -> str | None:
+def kind_of(module: nn.Module) -> str | None:
+    """'linear' | 'experts' | 'embedding' for a float module quantization can swap, else None."""
     for kind, cls in _KINDS.items():
         if isinstance(module, cls):
             return kind
     return None
+
+
+def quantizable_modules(model: nn.Module) -> list[str]:
+    """Names of the float modules `quantize_model` can swap (its target set), in model order."""
+    return [n for n, m in model.named_modules() if kind_of(m) is not None]
 
 
 def _stat_for(act_stats: dict | None, key: str):
@@ -255,7 +261,7 @@ def _stat_for(act_stats: dict | None, key: str):
 
 def _quantize_module(name: str, module: nn.Module, spec: QuantSpec, act_stats):
     """Float module -> its quantized twin (stats keys: see collect_act_stats)."""
-    kind = _kind_of(module)
+    kind = kind_of(module)
     if kind == "linear":
         return QuantLinear.from_linear(module, spec, _stat_for(act_stats, name), name)
     if kind == "experts":
@@ -266,7 +272,7 @@ def _quantize_module(name: str, module: nn.Module, spec: QuantSpec, act_stats):
 
 def _empty_module(name: str, module: nn.Module, spec: QuantSpec):
     """Float module -> an empty quantized twin with the right buffer shapes."""
-    kind = _kind_of(module)
+    kind = kind_of(module)
     if kind == "linear":
         return QuantLinear(module.in_features, module.out_features, spec, module.bias is not None, name)
     if kind == "experts":
@@ -288,7 +294,7 @@ def quantize_model(model: nn.Module, spec_for: Callable[[str, nn.Module], QuantS
                    act_stats: dict | None = None) -> nn.Module:
     """Replace every Linear / Experts / TiedEmbedding for which spec_for(name, module) returns a
     spec with its quantized twin, in place. act_stats: see collect_act_stats. Returns model."""
-    targets = [(n, m) for n, m in model.named_modules() if _kind_of(m) is not None]
+    targets = [(n, m) for n, m in model.named_modules() if kind_of(m) is not None]
     for name, module in targets:
         spec = spec_for(name, module)
         if spec is None:
@@ -312,7 +318,7 @@ def make_spec_for(spec: QuantSpec, keep_float: Iterable[str] = ("dt_proj",), fit
             return None
         if not fit_groups or spec.method not in INT_METHODS:
             return spec
-        kind = _kind_of(module)
+        kind = kind_of(module)
         dims = {"linear": lambda m: [m.in_features], "embedding": lambda m: [m.weight.shape[1]],
                 "experts": lambda m: [m.w1.shape[2], m.w2.shape[2]]}[kind](module)
         g = spec.group_size
@@ -377,7 +383,7 @@ def apply_quant_config(model: nn.Module, cfg: dict) -> nn.Module:
             module = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"quant config names module '{name}', which the model does not have") from None
-        if _kind_of(module) != kind:
+        if kind_of(module) != kind:
             raise CheckpointError(f"quant config: '{name}' is a {type(module).__name__}, config says {kind}")
         spec = QuantSpec.from_dict(entry, f"quant_config.{name}")
         _replace(model, name, _empty_module(name, module, spec))
@@ -438,7 +444,7 @@ def collect_act_stats(model: nn.Module, batches: Iterable[torch.Tensor], hessian
         return acc.setdefault(key, _Accum(hessian))
 
     for name, m in model.named_modules():
-        kind = _kind_of(m)
+        kind = kind_of(m)
         if kind == "linear":
             handles.append(m.register_forward_pre_hook(lambda mod, args, key=name: get(key).add(args[0])))
         elif kind == "embedding":
@@ -471,7 +477,7 @@ def _finish_stats(model: nn.Module, acc: dict, hessian: bool) -> dict:
     """Accumulators -> mean statistics, stacking experts into (e, ...)."""
     out = {}
     for name, m in model.named_modules():
-        kind = _kind_of(m)
+        kind = kind_of(m)
         if kind in ("linear", "embedding") and name in acc:
             width = m.in_features if kind == "linear" else m.weight.shape[1]
             out[name] = acc[name].mean(width)

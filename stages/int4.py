@@ -1,23 +1,19 @@
 """Stage `int4`: every 4-bit method as a packed artifact, its quality, size and decode speed."""
-import json
-
+from iteralite.baseline import FP32, load_baseline
 from iteralite.benchmark import decode_tok_s
 from iteralite.calibrate import load_stats
 from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.evaluate import EvalConfig, Evaluator, artifact_metrics
+from iteralite.evaluate import artifact_metrics
 from iteralite.int4 import Int4Config, quantize_int4
 from iteralite.params import load_section
 from iteralite.qmodules import quant_config, set_int4_kernel
 from iteralite.stage import run, write_metrics
 
-FP32 = "checkpoints/fp32.safetensors"
-
 
 def main():
     cfg = load_section(Int4Config, "int4")
-    evaluator = Evaluator(load_section(EvalConfig, "eval"))
-    fp32_model, fp32_ckpt = load_model(FP32)
-    fp32 = json.load(open("metrics/train.json"))
+    base = load_baseline(train_tokens=False)
+    evaluator, fp32_model, fp32_ckpt, fp32 = base.evaluator, base.model, base.ckpt, base.metrics
     stats = {kind: load_stats("checkpoints/calibration.safetensors", kind)[0] for kind in ("act_sq_mean", "hessian")}
     rows = {}
     for method in cfg.methods():

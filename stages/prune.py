@@ -1,10 +1,7 @@
 """Stage `prune@<ratio>`: iterative structured pruning of the QAT model with recovery, 4-bit export."""
-import json
-
-import torch
-
+from iteralite.baseline import load_baseline
 from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.evaluate import EvalConfig, Evaluator, artifact_metrics
+from iteralite.evaluate import artifact_metrics
 from iteralite.iterative import prune_with_recovery
 from iteralite.params import load_section
 from iteralite.prune import PruneConfig
@@ -12,29 +9,25 @@ from iteralite.qat import QATConfig
 from iteralite.quantize import QuantSpec
 from iteralite.qmodules import make_spec_for, quant_config, quantize_model
 from iteralite.stage import ratio_arg, run, write_metrics
-from iteralite.tokenizer import load_tokens
 
-FP32, QAT = "checkpoints/fp32.safetensors", "checkpoints/qat.safetensors"
+QAT = "checkpoints/qat.safetensors"
 
 
 def main():
     cfg = load_section(PruneConfig, "prune")
     text, ratio = ratio_arg(cfg.ratios, "stages/prune.py")
     ft = load_section(QATConfig, "finetune")
-    evaluator = Evaluator(load_section(EvalConfig, "eval"))
-    teacher, ckpt = load_model(FP32)
+    base = load_baseline()
     qat_model, _ = load_model(QAT)
-    data = torch.from_numpy(load_tokens("data/tokenizer/train.npy").astype("int64"))
     spec = QuantSpec(bits=4, group_size=ft.group_size, symmetric=ft.symmetric, method="rtn")
-    model, report, history = prune_with_recovery(qat_model, teacher, data, ratio, cfg, spec, ft)
+    model, report, history = prune_with_recovery(qat_model, base.model, base.train_tokens, ratio, cfg, spec, ft)
     packed = quantize_model(model, make_spec_for(spec, tuple(ft.keep_float)))
     out = f"checkpoints/prune/{text}.safetensors"
-    save_checkpoint(out, packed, kind="int4-pruned", tokenizer_sha256=ckpt.tokenizer_sha256,
+    save_checkpoint(out, packed, kind="int4-pruned", tokenizer_sha256=base.ckpt.tokenizer_sha256,
                     quant=quant_config(packed), meta={"stage": "prune", "parent": QAT, "ratio": ratio})
-    packed, _ = load_model(out)
-    fp32 = json.load(open("metrics/train.json"))
+    packed, _ = load_model(out)  # score what is on disk
     write_metrics(f"metrics/prune_{text}.json", {
-        **artifact_metrics(packed, out, fp32, evaluator(packed)), "ratio": ratio,
+        **artifact_metrics(packed, out, base.metrics, base.evaluator(packed)), "ratio": ratio,
         "prunable_params_removed_frac": round(report["prunable_params_removed_frac"], 5),
         "prunable_params": report["base_prunable"], "prunable_params_kept": report["prunable_after"],
         "layers": report["layers"], "sparsity": report["sparsity"], "schedule": history})

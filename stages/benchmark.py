@@ -1,0 +1,31 @@
+"""Stage `benchmark`: every artifact and its peers side by side in one process: size, quality,
+decode and prefill speed, peak memory, decode hotspots; the final report."""
+import json
+
+import iteralite.deploy  # noqa: F401  (registers the "fused" variant kind)
+from iteralite.baseline import load_baseline
+from iteralite.bench_report import write_bench_report
+from iteralite.bench_run import BenchmarkConfig, plan, rounded, run_benchmark
+from iteralite.int4 import Int4Config
+from iteralite.params import load_section
+from iteralite.prune import PruneConfig
+from iteralite.stage import run, write_metrics
+
+
+def main():
+    cfg = load_section(BenchmarkConfig, "benchmark")
+    ratios = load_section(PruneConfig, "prune").ratios
+    base = load_baseline(train_tokens=False)
+    variants = plan(ratios, Int4Config.methods(load_section(Int4Config, "int4")), cfg.peers)
+    results, hotspots = run_benchmark(variants, cfg, base.evaluator, base.metrics)
+    with open("metrics/fuse.json") as f:
+        fuse = json.load(f)
+    results["fused"].update({k: fuse[k] for k in ("greedy_match_unfused", "greedy_tokens", "compile_seconds")})
+    results = rounded(results)
+    write_metrics("metrics/benchmark.json", results)
+    write_bench_report(results, "metrics/report.md", "plots/bench_pareto.png", "plots/bench_speed.png",
+                       "plots/bench_pareto.csv", hotspots, title="iteralite: every variant side by side")
+
+
+if __name__ == "__main__":
+    run("benchmark", main)

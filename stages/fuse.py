@@ -1,0 +1,51 @@
+"""Stage `fuse`: the mixed-precision model as a fused, compiled CPU model; checks that it decodes
+exactly what the unfused model decodes, scores it, and times both in this process."""
+import time
+
+import torch
+
+from iteralite.baseline import load_baseline
+from iteralite.benchmark import decode_tok_s, peak_rss, prefill_ms
+from iteralite.checkpoint import load_model
+from iteralite.deploy import FuseConfig, fuse, save_fused
+from iteralite.evaluate import artifact_metrics
+from iteralite.generate import generate_ids
+from iteralite.params import load_section
+from iteralite.peers import state_bytes
+from iteralite.stage import run, write_metrics
+from iteralite.tokenizer import load_tokenizer
+
+SRC, OUT = "checkpoints/mixed.safetensors", "checkpoints/fused.safetensors"
+
+
+def main():
+    cfg = load_section(FuseConfig, "fuse")
+    base = load_baseline(train_tokens=False)
+    unfused, ckpt = load_model(SRC)
+    save_fused(OUT, unfused, ckpt, cfg, SRC)
+    t0 = time.perf_counter()
+    fused = fuse(load_model(OUT)[0], cfg.backend, cfg.prefill_lens)
+    compile_s = time.perf_counter() - t0
+    prompt = load_tokenizer("data/tokenizer/tokenizer.json").encode(cfg.prompt, add_special_tokens=False).ids
+    greedy = [list(generate_ids(m, prompt, cfg.greedy_tokens, temperature=0)) for m in (unfused, fused)]
+    with torch.no_grad():
+        idx = torch.tensor([prompt])
+        logit_diff = float((fused(idx)[0] - unfused(idx)[0]).abs().max())
+    speed = {"decode_tok_s_1thread": decode_tok_s(fused, cfg.speed_tokens, repeats=cfg.repeats, threads=1),
+             "decode_tok_s_1thread_unfused": decode_tok_s(unfused, cfg.speed_tokens, repeats=cfg.repeats, threads=1),
+             "decode_tok_s_1thread_fp32_eager": decode_tok_s(base.model, cfg.speed_tokens, repeats=cfg.repeats, threads=1),
+             "prefill_ms_128": prefill_ms(fused, 128, repeats=cfg.repeats, threads=1),
+             "prefill_ms_128_unfused": prefill_ms(unfused, 128, repeats=cfg.repeats, threads=1)}
+    speed = {k: round(v, 3) for k, v in speed.items()}
+    write_metrics("metrics/fuse.json", {
+        **artifact_metrics(unfused, OUT, base.metrics, base.evaluator(fused)), **speed,
+        "decode_speedup_vs_fp32_eager": round(speed["decode_tok_s_1thread"] / speed["decode_tok_s_1thread_fp32_eager"], 2),
+        "decode_speedup_vs_unfused": round(speed["decode_tok_s_1thread"] / speed["decode_tok_s_1thread_unfused"], 2),
+        "greedy_tokens": cfg.greedy_tokens, "greedy_match_unfused": greedy[0] == greedy[1],
+        "greedy_first_mismatch": next((i for i, (a, b) in enumerate(zip(*greedy)) if a != b), None),
+        "max_abs_logit_diff_prompt": round(logit_diff, 7), "compile_seconds": round(compile_s, 1),
+        "backend": cfg.backend, "resident_weight_bytes": state_bytes(fused), **peak_rss("fused", OUT)})
+
+
+if __name__ == "__main__":
+    run("fuse", main)

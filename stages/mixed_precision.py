@@ -1,0 +1,63 @@
+"""Stage `mixed_precision`: the smallest allocation of per-tensor precisions inside a quality budget,
+fine-tuned and packed, beside uniform precisions and the plan's manual map for comparison."""
+import dataclasses
+import math
+import os
+
+from iteralite.baseline import load_baseline
+from iteralite.checkpoint import header_bytes, load_model, save_checkpoint
+from iteralite.errors import ParamsError
+from iteralite.evaluate import artifact_metrics
+from iteralite.mixed import mixed_config, to_float
+from iteralite.mixed_plots import plot_allocation, write_pareto
+from iteralite.params import load_section
+from iteralite.precision import MixedConfig, run_mixed, sizes_table, summarize
+from iteralite.prune import PruneConfig
+from iteralite.qat import QATConfig
+from iteralite.stage import run, write_metrics
+
+OUT = "checkpoints/mixed.safetensors"
+
+
+def main():
+    cfg = load_section(MixedConfig, "mixed_precision")
+    ratios = load_section(PruneConfig, "prune").ratios
+    if cfg.from_ratio not in ratios:
+        raise ParamsError(f"params: 'mixed_precision.from_ratio' {cfg.from_ratio} is not in prune.ratios {ratios}")
+    ft = load_section(QATConfig, "finetune")
+    qcfg = dataclasses.replace(ft, steps=cfg.finetune_steps, seed=cfg.seed,
+                               warmup_steps=min(ft.warmup_steps, cfg.finetune_steps - 1))
+    base = load_baseline()
+    evaluator, fp32 = base.evaluator, base.metrics
+    src = f"checkpoints/finetune/{cfg.from_ratio}.safetensors"
+    start = to_float(load_model(src)[0])
+    res = run_mixed(base.model, start, base.train_tokens, cfg, qcfg)
+    sizes = sizes_table(start, cfg.precisions, cfg.group_size)
+
+    def save(path, model, alloc, kind):
+        save_checkpoint(path, model, kind=kind, tokenizer_sha256=base.ckpt.tokenizer_sha256,
+                        quant=mixed_config(alloc, cfg.group_size, start), meta={"stage": "mixed_precision", "parent": src})
+
+    rows = []
+    for name, (model, alloc) in res.candidates.items():
+        path = f"checkpoints/mixed/{name}.safetensors"
+        save(path, model, alloc, f"mixed-{name}")
+        rows.append({"name": name, "size_bytes": os.path.getsize(path), "val_ppl": math.exp(evaluator.valid_loss(model)),
+                     **summarize(alloc, sizes, start)})
+    save(OUT, res.model, res.allocation, f"mixed-{cfg.policy}")
+    model, _ = load_model(OUT)  # score what is on disk
+    metrics = artifact_metrics(model, OUT, fp32, evaluator(model))
+    headline = f"mixed_{cfg.policy}"
+    rows.append({"name": headline, "size_bytes": metrics["size_bytes"], "val_ppl": metrics["val_ppl"]})
+    write_pareto(rows, "plots/mixed_pareto.png", "plots/mixed_pareto.csv", fp32["val_ppl"], headline)
+    plot_allocation(res.allocation, res.info["profile"], "plots/mixed_allocation.png",
+                    f"{headline}: precision per unit (from finetune@{cfg.from_ratio})")
+    write_metrics("metrics/mixed_precision.json", {
+        **metrics, "policy": cfg.policy, "objective": cfg.objective, "max_ppl_delta_pct": cfg.max_ppl_delta_pct,
+        "from": src, "header_bytes": header_bytes(OUT), **summarize(res.allocation, sizes, start),
+        "allocation": res.allocation, "pareto": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows},
+        **res.info})
+
+
+if __name__ == "__main__":
+    run("mixed_precision", main)
