@@ -97,6 +97,10 @@ def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32
             row.update(_score_peer(SCORING_TWIN.get(v.kind, load_variant)(v.kind, v.path), evaluator, cfg,
                                    fp32_metrics), size_bytes=state_bytes(model), size_kind="memory",
                        quality_from="benchmark")
+        if "bits_per_weight" not in row:  # fp32's training metrics predate the size keys
+            from .evaluate import storage_bits
+            row["bits_per_weight"] = round(storage_bits(model) / row["params"], 4)
+            row["compression_vs_fp32"] = round(fp32_metrics["size_bytes"] / row["size_bytes"], 3)
         with torch.no_grad():
             logits = model(probe)[0]
         if fp32_logits is None:

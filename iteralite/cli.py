@@ -18,7 +18,21 @@ def _load(args):
     if ckpt.tokenizer_sha256 and ckpt.tokenizer_sha256 != file_sha256(args.tokenizer):
         raise IteraliteError(f"{args.checkpoint} was trained with another tokenizer than {args.tokenizer} "
                              "(sha256 differs); pass the matching --tokenizer")
-    return model, ckpt, tok
+    return _runtime(model, ckpt, args), ckpt, tok
+
+
+def _runtime(model, ckpt, args):
+    """The fuse stage's artifact runs through the fused model: eager fused ops by default, or
+    compiled (step + this prompt's prefill) with --compile."""
+    if ckpt.kind != "fused":
+        return model
+    from .deploy import fuse
+    from .tokenizer import load_tokenizer
+
+    if not getattr(args, "compile", False):
+        return fuse(model, "eager")
+    n = len(load_tokenizer(args.tokenizer).encode(args.prompt, add_special_tokens=False).ids) or 1
+    return fuse(model, ckpt.meta.get("runtime", {}).get("backend", "aoti"), [n])
 
 
 def cmd_generate(args) -> None:
@@ -64,6 +78,8 @@ def main(argv=None) -> int:
     g.add_argument("--top-k", type=int, default=40, help="0 = no top-k filter")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="0 = torch default")
+    g.add_argument("--compile", action="store_true",
+                   help="fused artifacts: compile the step and this prompt's prefill first (~40 s), then decode fast")
     g.set_defaults(func=cmd_generate)
     e = sub.add_parser("evaluate", help="validation ppl/bpb and WikiText-2 ppl of a checkpoint")
     e.add_argument("--checkpoint", default="checkpoints/fp32.safetensors")

@@ -12,7 +12,6 @@ from iteralite.mixed import mixed_config, to_float
 from iteralite.mixed_plots import plot_allocation, write_pareto
 from iteralite.params import load_section
 from iteralite.precision import MixedConfig, run_mixed, sizes_table, summarize
-from iteralite.prune import PruneConfig
 from iteralite.qat import QATConfig
 from iteralite.stage import run, write_metrics
 
@@ -21,15 +20,15 @@ OUT = "checkpoints/mixed.safetensors"
 
 def main():
     cfg = load_section(MixedConfig, "mixed_precision")
-    ratios = load_section(PruneConfig, "prune").ratios
-    if cfg.from_ratio not in ratios:
-        raise ParamsError(f"params: 'mixed_precision.from_ratio' {cfg.from_ratio} is not in prune.ratios {ratios}")
+    src = f"checkpoints/finetune/{cfg.from_ratio}.safetensors"
+    if not os.path.exists(src):  # prune.ratios is not a param of this stage: a ratio sweep must not rerun it
+        raise ParamsError(f"params: 'mixed_precision.from_ratio' {cfg.from_ratio}: {src} does not exist; "
+                          "use a ratio from prune.ratios (its finetune stage writes that file)")
     ft = load_section(QATConfig, "finetune")
     qcfg = dataclasses.replace(ft, steps=cfg.finetune_steps, seed=cfg.seed,
                                warmup_steps=min(ft.warmup_steps, cfg.finetune_steps - 1))
     base = load_baseline()
     evaluator, fp32 = base.evaluator, base.metrics
-    src = f"checkpoints/finetune/{cfg.from_ratio}.safetensors"
     start = to_float(load_model(src)[0])
     res = run_mixed(base.model, start, base.train_tokens, cfg, qcfg)
     sizes = sizes_table(start, cfg.precisions, cfg.group_size)

@@ -67,3 +67,29 @@ def test_console_script_entry_point(ckpt, tok_dir):
     r = subprocess.run([sys.executable, "-m", "iteralite.cli", *_gen(ckpt, tok_dir, "--max-new-tokens", "3")],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["mixed", "fused"])
+def test_generate_works_on_mixed_and_fused_artifacts(tok_dir, tmp_path, capsys, kind):
+    """The same greedy story from the FP32-free mixed artifact and from its fused twin."""
+    import copy
+
+    import torch
+
+    from iteralite.mixed import mixed_config, quantize_mixed, units
+
+    torch.manual_seed(0)
+    m = IteraLite(tiny_config())
+    alloc = {u: (2, 3, 4, 8, 16)[i % 5] for i, u in enumerate(units(m))}
+    q = quantize_mixed(copy.deepcopy(m), alloc, 8)
+    sha = file_sha256(tok_dir / "tokenizer.json")
+    paths = {}
+    for k in ("mixed", "fused"):
+        paths[k] = tmp_path / f"{k}.safetensors"
+        save_checkpoint(paths[k], q, kind=k, tokenizer_sha256=sha, quant=mixed_config(alloc, 8, m),
+                        meta={"runtime": {"backend": "eager"}} if k == "fused" else None)
+    outs = {}
+    for k, p in paths.items():
+        assert main(_gen(p, tok_dir, "--temperature", "0", "--max-new-tokens", "12")) == 0
+        outs[k] = capsys.readouterr().out
+    assert outs[kind].startswith("Once upon a time") and outs["mixed"] == outs["fused"]
