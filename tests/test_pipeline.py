@@ -40,15 +40,26 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(clone):
             assert m["size_bytes"] == (dst / "checkpoints" / stage / f"{r}.safetensors").stat().st_size
             assert 0 < m["prunable_params_removed_frac"] < 1
     assert (dst / "plots" / "prune_ratio.csv").read_text().startswith("ratio,")
-    for name in ("int4", "qat"):
+    for name in ("int4", "qat", "mixed_precision", "fuse"):
         m = json.loads((dst / "metrics" / f"{name}.json").read_text())
         assert m["compression_vs_fp32"] > 1 and "val_ppl_delta_pct" in m
+    mixed = json.loads((dst / "metrics" / "mixed_precision.json").read_text())
+    assert mixed["size_bytes"] == (dst / "checkpoints" / "mixed.safetensors").stat().st_size
+    bench = json.loads((dst / "metrics" / "benchmark.json").read_text())
+    for key in ("decode_tok_s_1thread", "decode_speedup_vs_fp32_eager", "prefill_ms_128", "greedy_match_unfused",
+                "size_bytes", "val_ppl", "peak_rss_mb"):
+        assert key in bench["fused"], key
+    assert bench["fused"]["greedy_match_unfused"] is True
+    assert {"fp32", "mixed", "fused", "finetune_0.4", "peer_int8_weight_only"} <= set(bench)
+    report = (dst / "metrics" / "report.md").read_text()
+    assert all(name in report for name in bench) and (dst / "plots" / "bench_pareto.png").exists()
 
 
 def test_sweeping_prune_ratios_reruns_only_prune_and_after(clone):
     dst, env = clone
     _run(["dvc", "repro"], dst, env)
-    r = _run(["dvc", "exp", "run", "-S", "prune.ratios=[0.3]"], dst, env)
+    # 0.4 stays in the list: it is mixed_precision.from_ratio, whose finetune output that stage reads
+    r = _run(["dvc", "exp", "run", "-S", "prune.ratios=[0.3,0.4]"], dst, env)
     ran = {line.split("'")[1] for line in r.stdout.splitlines() if line.startswith("Running stage")}
     # the benchmark table covers every ratio; mixed_precision (from_ratio 0.4), fuse and the rest do not rerun
     assert ran == {"prune@0.3", "finetune@0.3", "prune_report", "benchmark"}, r.stdout
