@@ -11,13 +11,9 @@ from conftest import tiny_config
 ATOL = 1e-5
 
 
-def _steps_match(ref, fused, idx, n_steps=6):
-    """Prefill both models on idx, then greedy-step both from their own states; compare logits."""
+def _greedy_steps_match(ref, fused, tok, sr, sf, n_steps):
+    """Greedy-step both models from their own states (ref picks the tokens); compare logits."""
     with torch.no_grad():
-        lr, _, sr = ref(idx, return_state=True)
-        lf, _, sf = fused(idx, return_state=True)
-        torch.testing.assert_close(lf, lr, atol=ATOL, rtol=1e-4)
-        tok = lr[:, -1].argmax(-1)
         for _ in range(n_steps):
             lr, sr = ref.step(tok, sr)
             lf, sf = fused.step(tok, sf)
@@ -25,16 +21,18 @@ def _steps_match(ref, fused, idx, n_steps=6):
             tok = lr.argmax(-1)
 
 
+def _steps_match(ref, fused, idx, n_steps=6):
+    """Prefill both models on idx, then greedy-step both from their own states; compare logits."""
+    with torch.no_grad():
+        lr, _, sr = ref(idx, return_state=True)
+        lf, _, sf = fused(idx, return_state=True)
+    torch.testing.assert_close(lf, lr, atol=ATOL, rtol=1e-4)
+    _greedy_steps_match(ref, fused, lr[:, -1].argmax(-1), sr, sf, n_steps)
+
+
 def test_step_equals_model_step_from_zero_state(model):
     fused = FusedIteraLite.from_model(model)
-    sr, sf = model.init_state(2), fused.init_state(2)
-    tok = torch.tensor([3, 7])
-    with torch.no_grad():
-        for _ in range(8):
-            lr, sr = model.step(tok, sr)
-            lf, sf = fused.step(tok, sf)
-            torch.testing.assert_close(lf, lr, atol=ATOL, rtol=1e-4)
-            tok = lr.argmax(-1)
+    _greedy_steps_match(model, fused, torch.tensor([3, 7]), model.init_state(2), fused.init_state(2), 8)
 
 
 def test_prefill_equals_forward_and_state_continues(model):
