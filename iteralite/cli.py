@@ -6,12 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import IteraliteError
+from iteralite.io.errors import IteraliteError
 
 
 def _load(args):
-    from .checkpoint import load_model
-    from .tokenizer import file_sha256, load_tokenizer
+    from iteralite.io.checkpoint import load_model
+    from iteralite.data.tokenizer import file_sha256, load_tokenizer
 
     model, ckpt = load_model(args.checkpoint)
     tok = load_tokenizer(args.tokenizer)
@@ -26,8 +26,8 @@ def _runtime(model, ckpt, args):
     compiled (step + this prompt's prefill) with --compile."""
     if ckpt.kind != "fused":
         return model
-    from .deploy import fuse
-    from .tokenizer import load_tokenizer
+    from iteralite.runtime.deploy import fuse
+    from iteralite.data.tokenizer import load_tokenizer
 
     if not getattr(args, "compile", False):
         return fuse(model, "eager")
@@ -38,7 +38,7 @@ def _runtime(model, ckpt, args):
 def cmd_generate(args) -> None:
     import torch
 
-    from .generate import stream_text
+    from iteralite.train.generate import stream_text
 
     if args.max_new_tokens < 0:
         raise IteraliteError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -59,7 +59,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import EvalConfig, Evaluator
+    from iteralite.train.evaluate import EvalConfig, Evaluator
 
     model, ckpt, _ = _load(args)
     ev = Evaluator(EvalConfig(max_tokens=args.max_tokens), Path(args.tokenizer).parent)

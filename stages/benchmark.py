@@ -2,14 +2,14 @@
 decode and prefill speed, peak memory, decode hotspots; the final report."""
 import json
 
-import iteralite.deploy  # noqa: F401  (registers the "fused" variant kind)
-from iteralite.baseline import load_baseline
-from iteralite.bench_report import write_bench_report
-from iteralite.bench_run import BenchmarkConfig, plan, rounded, run_benchmark
-from iteralite.int4 import Int4Config
-from iteralite.params import load_section
-from iteralite.prune import PruneConfig
-from iteralite.stage import run, write_metrics
+import iteralite.runtime.deploy  # noqa: F401  (registers the "fused" variant kind)
+from iteralite.pipeline.baseline import load_baseline
+from iteralite.bench.report import write_bench_report
+from iteralite.bench.suite import BenchmarkConfig, plan, rounded, run_benchmark
+from iteralite.pipeline.int4 import Int4Config
+from iteralite.io.params import load_section
+from iteralite.prune.prune import PruneConfig
+from iteralite.pipeline.stage import run, write_metrics
 
 
 def main():

@@ -1,11 +1,11 @@
 """Stage `calibrate`: activation statistics and per-tensor sensitivity of the FP32 model."""
 import torch
 
-from iteralite.calibrate import CalibrateConfig, calibrate, plot_sensitivity, save_stats
-from iteralite.checkpoint import load_model
-from iteralite.params import load_section
-from iteralite.stage import run, write_metrics
-from iteralite.tokenizer import load_tokens
+from iteralite.quant.calibrate import CalibrateConfig, calibrate, plot_sensitivity, save_stats
+from iteralite.io.checkpoint import load_model
+from iteralite.io.params import load_section
+from iteralite.pipeline.stage import run, write_metrics
+from iteralite.data.tokenizer import load_tokens
 
 
 def main():

@@ -1,7 +1,7 @@
 """Stage `data`: TinyStories train/valid and WikiText-2 test -> data/prepared/."""
-from iteralite.data import DataConfig, prepare
-from iteralite.params import load_section
-from iteralite.stage import run, write_metrics
+from iteralite.data.corpus import DataConfig, prepare
+from iteralite.io.params import load_section
+from iteralite.pipeline.stage import run, write_metrics
 
 
 def main():

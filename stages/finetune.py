@@ -1,15 +1,15 @@
 """Stage `finetune@<ratio>`: recovery fine-tuning of a pruned model (QAT on, distilled from FP32)."""
 import json
 
-from iteralite.baseline import load_baseline
-from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.evaluate import artifact_metrics
-from iteralite.params import load_section
-from iteralite.prune import PruneConfig
-from iteralite.qat import QATConfig, qat
-from iteralite.quantize import QuantSpec
-from iteralite.qmodules import dequantize_model, quant_config
-from iteralite.stage import ratio_arg, run, write_metrics
+from iteralite.pipeline.baseline import load_baseline
+from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.train.evaluate import artifact_metrics
+from iteralite.io.params import load_section
+from iteralite.prune.prune import PruneConfig
+from iteralite.quant.qat import QATConfig, qat
+from iteralite.quant.quantize import QuantSpec
+from iteralite.quant.qmodules import dequantize_model, quant_config
+from iteralite.pipeline.stage import ratio_arg, run, write_metrics
 
 
 def main():

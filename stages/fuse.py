@@ -4,16 +4,16 @@ import time
 
 import torch
 
-from iteralite.baseline import load_baseline
-from iteralite.benchmark import decode_tok_s, peak_rss, prefill_ms
-from iteralite.checkpoint import load_model
-from iteralite.deploy import FuseConfig, fuse, save_fused
-from iteralite.evaluate import artifact_metrics
-from iteralite.generate import generate_ids
-from iteralite.params import load_section
-from iteralite.peers import state_bytes
-from iteralite.stage import run, write_metrics
-from iteralite.tokenizer import load_tokenizer
+from iteralite.pipeline.baseline import load_baseline
+from iteralite.bench.benchmark import decode_tok_s, peak_rss, prefill_ms
+from iteralite.io.checkpoint import load_model
+from iteralite.runtime.deploy import FuseConfig, fuse, save_fused
+from iteralite.train.evaluate import artifact_metrics
+from iteralite.train.generate import generate_ids
+from iteralite.io.params import load_section
+from iteralite.bench.peers import state_bytes
+from iteralite.pipeline.stage import run, write_metrics
+from iteralite.data.tokenizer import load_tokenizer
 
 SRC, OUT = "checkpoints/mixed.safetensors", "checkpoints/fused.safetensors"
 

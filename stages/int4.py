@@ -1,13 +1,13 @@
 """Stage `int4`: every 4-bit method as a packed artifact, its quality, size and decode speed."""
-from iteralite.baseline import FP32, load_baseline
-from iteralite.benchmark import decode_tok_s
-from iteralite.calibrate import load_stats
-from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.evaluate import artifact_metrics
-from iteralite.int4 import Int4Config, quantize_int4
-from iteralite.params import load_section
-from iteralite.qmodules import quant_config, set_int4_kernel
-from iteralite.stage import run, write_metrics
+from iteralite.pipeline.baseline import FP32, load_baseline
+from iteralite.bench.benchmark import decode_tok_s
+from iteralite.quant.calibrate import load_stats
+from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.train.evaluate import artifact_metrics
+from iteralite.pipeline.int4 import Int4Config, quantize_int4
+from iteralite.io.params import load_section
+from iteralite.quant.qmodules import quant_config, set_int4_kernel
+from iteralite.pipeline.stage import run, write_metrics
 
 
 def main():

@@ -4,16 +4,16 @@ import dataclasses
 import math
 import os
 
-from iteralite.baseline import load_baseline
-from iteralite.checkpoint import header_bytes, load_model, save_checkpoint
-from iteralite.errors import ParamsError
-from iteralite.evaluate import artifact_metrics
-from iteralite.mixed import mixed_config, to_float
-from iteralite.mixed_plots import plot_allocation, write_pareto
-from iteralite.params import load_section
-from iteralite.precision import MixedConfig, run_mixed, sizes_table, summarize
-from iteralite.qat import QATConfig
-from iteralite.stage import run, write_metrics
+from iteralite.pipeline.baseline import load_baseline
+from iteralite.io.checkpoint import header_bytes, load_model, save_checkpoint
+from iteralite.io.errors import ParamsError
+from iteralite.train.evaluate import artifact_metrics
+from iteralite.quant.mixed import mixed_config, to_float
+from iteralite.pipeline.mixed_report import plot_allocation, write_pareto
+from iteralite.io.params import load_section
+from iteralite.quant.precision import MixedConfig, run_mixed, sizes_table, summarize
+from iteralite.quant.qat import QATConfig
+from iteralite.pipeline.stage import run, write_metrics
 
 OUT = "checkpoints/mixed.safetensors"
 

@@ -1,14 +1,14 @@
 """Stage `prune@<ratio>`: iterative structured pruning of the QAT model with recovery, 4-bit export."""
-from iteralite.baseline import load_baseline
-from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.evaluate import artifact_metrics
-from iteralite.iterative import prune_with_recovery
-from iteralite.params import load_section
-from iteralite.prune import PruneConfig
-from iteralite.qat import QATConfig
-from iteralite.quantize import QuantSpec
-from iteralite.qmodules import make_spec_for, quant_config, quantize_model
-from iteralite.stage import ratio_arg, run, write_metrics
+from iteralite.pipeline.baseline import load_baseline
+from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.train.evaluate import artifact_metrics
+from iteralite.prune.recovery import prune_with_recovery
+from iteralite.io.params import load_section
+from iteralite.prune.prune import PruneConfig
+from iteralite.quant.qat import QATConfig
+from iteralite.quant.quantize import QuantSpec
+from iteralite.quant.qmodules import make_spec_for, quant_config, quantize_model
+from iteralite.pipeline.stage import ratio_arg, run, write_metrics
 
 QAT = "checkpoints/qat.safetensors"
 

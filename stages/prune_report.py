@@ -1,10 +1,10 @@
 """Stage `prune_report`: the sweep across prune.ratios: sparsity chart and ppl-versus-ratio curve."""
 import json
 
-from iteralite.params import load_section
-from iteralite.prune import PruneConfig
-from iteralite.report import load_sweep, write_sweep
-from iteralite.stage import run
+from iteralite.io.params import load_section
+from iteralite.prune.prune import PruneConfig
+from iteralite.prune.report import load_sweep, write_sweep
+from iteralite.pipeline.stage import run
 
 
 def main():

@@ -1,12 +1,12 @@
 """Stage `qat`: quantization-aware training from FP32 (fake quant + distillation), packed export."""
-from iteralite.baseline import FP32, load_baseline
-from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.evaluate import artifact_metrics
-from iteralite.params import load_section
-from iteralite.qat import QATConfig, qat
-from iteralite.quantize import QuantSpec
-from iteralite.qmodules import quant_config
-from iteralite.stage import run, write_metrics
+from iteralite.pipeline.baseline import FP32, load_baseline
+from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.train.evaluate import artifact_metrics
+from iteralite.io.params import load_section
+from iteralite.quant.qat import QATConfig, qat
+from iteralite.quant.quantize import QuantSpec
+from iteralite.quant.qmodules import quant_config
+from iteralite.pipeline.stage import run, write_metrics
 
 OUT = "checkpoints/qat.safetensors"
 

@@ -1,7 +1,7 @@
 """Stage `tokenizer`: byte-level BPE on the training split; encode train/valid/WikiText-2."""
-from iteralite.params import load_section
-from iteralite.stage import run, write_metrics
-from iteralite.tokenizer import TokenizerConfig, build
+from iteralite.io.params import load_section
+from iteralite.pipeline.stage import run, write_metrics
+from iteralite.data.tokenizer import TokenizerConfig, build
 
 
 def main():

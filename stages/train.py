@@ -1,14 +1,14 @@
 """Stage `train`: the FP32 baseline checkpoint and its metrics (the base of every ratio later)."""
 from pathlib import Path
 
-from iteralite.checkpoint import save_checkpoint
-from iteralite.config import ModelConfig
-from iteralite.errors import ParamsError
-from iteralite.evaluate import EvalConfig, Evaluator
-from iteralite.params import from_dict, load_section, read_params
-from iteralite.stage import run, write_metrics
-from iteralite.tokenizer import file_sha256, load_tokenizer
-from iteralite.train import TrainConfig, train
+from iteralite.io.checkpoint import save_checkpoint
+from iteralite.core.config import ModelConfig
+from iteralite.io.errors import ParamsError
+from iteralite.train.evaluate import EvalConfig, Evaluator
+from iteralite.io.params import from_dict, load_section, read_params
+from iteralite.pipeline.stage import run, write_metrics
+from iteralite.data.tokenizer import file_sha256, load_tokenizer
+from iteralite.train.loop import TrainConfig, train
 
 TOKENIZER = "data/tokenizer/tokenizer.json"
 OUT = "checkpoints/fp32.safetensors"

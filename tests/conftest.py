@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iteralite.config import ModelConfig
+from iteralite.core.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def cfg() -> ModelConfig:
 
 @pytest.fixture
 def model(cfg):
-    from iteralite.model import IteraLite
+    from iteralite.core.model import IteraLite
 
     torch.manual_seed(0)
     return IteraLite(cfg).eval()
@@ -45,8 +45,8 @@ def model(cfg):
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory) -> Path:
     """A prepared corpus + trained tokenizer + token arrays, as the data/tokenizer stages write them."""
-    from iteralite.data import join_stories
-    from iteralite.tokenizer import TokenizerConfig, build
+    from iteralite.data.corpus import join_stories
+    from iteralite.data.tokenizer import TokenizerConfig, build
 
     root = tmp_path_factory.mktemp("corpus")
     prepared = root / "prepared"

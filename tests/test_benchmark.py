@@ -8,8 +8,9 @@ import csv
 import pytest
 import torch
 
-from iteralite import bench_report, benchmark
-from iteralite.checkpoint import save_checkpoint
+from iteralite.bench import benchmark
+from iteralite.bench import report as bench_report
+from iteralite.io.checkpoint import save_checkpoint
 
 
 @pytest.fixture

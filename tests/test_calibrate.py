@@ -1,6 +1,6 @@
 import torch
 
-from iteralite.calibrate import CalibrateConfig, calibrate, load_stats, plot_sensitivity, save_stats
+from iteralite.quant.calibrate import CalibrateConfig, calibrate, load_stats, plot_sensitivity, save_stats
 
 
 def test_calibrate_collects_stats_and_sensitivity(model, cfg, tmp_path):

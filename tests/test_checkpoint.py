@@ -5,8 +5,8 @@ import struct
 import pytest
 import torch
 
-from iteralite.checkpoint import load_model, read_checkpoint, save_checkpoint
-from iteralite.errors import CheckpointError
+from iteralite.io.checkpoint import load_model, read_checkpoint, save_checkpoint
+from iteralite.io.errors import CheckpointError
 
 
 @pytest.fixture

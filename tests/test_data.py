@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from iteralite.data import DataConfig, join_stories, prepare, split_stories
-from iteralite.errors import DataError
+from iteralite.data.corpus import DataConfig, join_stories, prepare, split_stories
+from iteralite.io.errors import DataError
 from tests.conftest import fake_stories
 
 

@@ -6,13 +6,13 @@ import copy
 import pytest
 import torch
 
-from iteralite.bench_run import BenchmarkConfig
-from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.deploy import FuseConfig, fuse, load_fused, save_fused
-from iteralite.errors import ParamsError
-from iteralite.generate import generate_ids
-from iteralite.mixed import mixed_config, quantize_mixed, units
-from iteralite.params import from_dict
+from iteralite.bench.suite import BenchmarkConfig
+from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.runtime.deploy import FuseConfig, fuse, load_fused, save_fused
+from iteralite.io.errors import ParamsError
+from iteralite.train.generate import generate_ids
+from iteralite.quant.mixed import mixed_config, quantize_mixed, units
+from iteralite.io.params import from_dict
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from iteralite.checkpoint import load_model
+from iteralite.io.checkpoint import load_model
 from tests.conftest import REPO
 from tests.pipeline_utils import clone_env, make_clone, run
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from iteralite.fused import (FusedIteraLite, moe_dense_gated, moe_ref, ssm_prefill, ssm_prefill_ref,
+from iteralite.runtime.fused import (FusedIteraLite, moe_dense_gated, moe_ref, ssm_prefill, ssm_prefill_ref,
                              ssm_step, ssm_step_ref)
-from iteralite.generate import generate_ids
-from iteralite.model import IteraLite
+from iteralite.train.generate import generate_ids
+from iteralite.core.model import IteraLite
 
 from conftest import tiny_config
 
@@ -70,8 +70,8 @@ def test_pruned_uneven_config():
 def test_quantized_model_matches_dequantized_float(model):
     import copy
 
-    from iteralite.qmodules import dequantize_model, make_spec_for, quantize_model
-    from iteralite.quantize import QuantSpec
+    from iteralite.quant.qmodules import dequantize_model, make_spec_for, quantize_model
+    from iteralite.quant.quantize import QuantSpec
 
     q = quantize_model(copy.deepcopy(model), make_spec_for(QuantSpec(bits=4, group_size=8)))
     fused = FusedIteraLite.from_model(q)

@@ -3,10 +3,10 @@ import sys
 
 import pytest
 
-from iteralite.checkpoint import save_checkpoint
+from iteralite.io.checkpoint import save_checkpoint
 from iteralite.cli import main
-from iteralite.model import IteraLite
-from iteralite.tokenizer import file_sha256
+from iteralite.core.model import IteraLite
+from iteralite.data.tokenizer import file_sha256
 from tests.conftest import REPO, tiny_config
 
 
@@ -76,7 +76,7 @@ def test_generate_works_on_mixed_and_fused_artifacts(tok_dir, tmp_path, capsys, 
 
     import torch
 
-    from iteralite.mixed import mixed_config, quantize_mixed, units
+    from iteralite.quant.mixed import mixed_config, quantize_mixed, units
 
     torch.manual_seed(0)
     m = IteraLite(tiny_config())

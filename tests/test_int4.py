@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.errors import ParamsError
-from iteralite.evaluate import storage_bits
-from iteralite.int4 import Int4Config, quantize_int4
-from iteralite.params import from_dict
-from iteralite.qmodules import QuantEmbedding, QuantExperts, QuantLinear, collect_act_stats, quant_config
+from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.io.errors import ParamsError
+from iteralite.train.evaluate import storage_bits
+from iteralite.pipeline.int4 import Int4Config, quantize_int4
+from iteralite.io.params import from_dict
+from iteralite.quant.qmodules import QuantEmbedding, QuantExperts, QuantLinear, collect_act_stats, quant_config
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ import struct
 import pytest
 import torch
 
-from iteralite.checkpoint import load_model as load_artifact
-from iteralite.checkpoint import header_bytes, save_checkpoint
-from iteralite.errors import CheckpointError, ParamsError
-from iteralite.mixed import (PRECISIONS, MixedExperts, allocation_bits, mixed_config, parse_precision,
+from iteralite.io.checkpoint import load_model as load_artifact
+from iteralite.io.checkpoint import header_bytes, save_checkpoint
+from iteralite.io.errors import CheckpointError, ParamsError
+from iteralite.quant.mixed import (PRECISIONS, MixedExperts, allocation_bits, mixed_config, parse_precision,
                              quantize_mixed, to_float, units, unit_bits)
-from iteralite.packing import pack_bits, unpack_bits
-from iteralite.precision import fake_weight
+from iteralite.quant.packing import pack_bits, unpack_bits
+from iteralite.quant.precision import fake_weight
 
 
 def _alloc(model, cycle=PRECISIONS):
@@ -60,7 +60,7 @@ def test_each_unit_computes_with_its_fake_quantized_weight(model):
     alloc = _alloc(model, (3, 16, 2, 8, 4))
     q = quantize_mixed(copy.deepcopy(model), alloc, 8)
     ref = copy.deepcopy(model)
-    from iteralite.precision import set_allocation_
+    from iteralite.quant.precision import set_allocation_
     set_allocation_(ref, alloc, 8)
     idx = torch.randint(0, model.cfg.vocab_size, (2, 12))
     torch.testing.assert_close(q(idx)[0], ref(idx)[0], atol=1e-5, rtol=1e-5)
@@ -129,8 +129,8 @@ def test_bad_mixed_quant_config_is_a_clear_checkpoint_error(model, tmp_path, edi
 
 
 def test_uniform_artifacts_still_load_through_the_same_loader(model, tmp_path):
-    from iteralite.qmodules import make_spec_for, quant_config, quantize_model
-    from iteralite.quantize import QuantSpec
+    from iteralite.quant.qmodules import make_spec_for, quant_config, quantize_model
+    from iteralite.quant.quantize import QuantSpec
     q = quantize_model(copy.deepcopy(model), make_spec_for(QuantSpec(bits=4, group_size=8)))
     save_checkpoint(tmp_path / "u.safetensors", q, kind="int4", tokenizer_sha256="t", quant=quant_config(q))
     loaded, _ = load_artifact(tmp_path / "u.safetensors")

@@ -1,6 +1,6 @@
 import torch
 
-from iteralite.model import IteraLite
+from iteralite.core.model import IteraLite
 from tests.conftest import tiny_config
 
 
@@ -38,7 +38,7 @@ def test_uneven_per_layer_sizes_build_and_run():
 
 
 def test_greedy_decode_is_deterministic(model):
-    from iteralite.generate import generate_ids
+    from iteralite.train.generate import generate_ids
 
     a = list(generate_ids(model, [1, 2, 3], 20, temperature=0))
     b = list(generate_ids(model, [1, 2, 3], 20, temperature=0))

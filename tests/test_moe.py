@@ -1,6 +1,6 @@
 import torch
 
-from iteralite.moe import MoE, moe_dense_ref
+from iteralite.core.moe import MoE, moe_dense_ref
 
 
 def test_dispatch_equals_dense_reference():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from iteralite.packing import (pack_bits, pack_bits_ref, packed_nbytes, unpack_bits,
+from iteralite.quant.packing import (pack_bits, pack_bits_ref, packed_nbytes, unpack_bits,
                                unpack_bits_ref)
 
 BITS = (2, 3, 4, 8)

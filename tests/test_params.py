@@ -1,10 +1,10 @@
 import pytest
 
-from iteralite.config import ModelConfig
-from iteralite.errors import ParamsError
-from iteralite.params import from_dict, load_section
-from iteralite.tokenizer import TokenizerConfig
-from iteralite.train import TrainConfig
+from iteralite.core.config import ModelConfig
+from iteralite.io.errors import ParamsError
+from iteralite.io.params import from_dict, load_section
+from iteralite.data.tokenizer import TokenizerConfig
+from iteralite.train.loop import TrainConfig
 
 
 def test_unknown_key_is_named_with_suggestion():
@@ -46,8 +46,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_repository_params_parse():
     from tests.conftest import REPO
-    from iteralite.data import DataConfig
-    from iteralite.evaluate import EvalConfig
+    from iteralite.data.corpus import DataConfig
+    from iteralite.train.evaluate import EvalConfig
 
     for cls, sec in ((DataConfig, "data"), (TokenizerConfig, "tokenizer"), (TrainConfig, "train"),
                      (EvalConfig, "eval"), (ModelConfig, "model")):

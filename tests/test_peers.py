@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iteralite import peers
-from iteralite.moe import Experts
+from iteralite.bench import peers
+from iteralite.core.moe import Experts
 
 
 def _rel_err(a, b) -> float:
@@ -18,7 +18,7 @@ def _rel_err(a, b) -> float:
 @pytest.fixture(scope="module")
 def compiled_peer():
     """The tiny model compiled once for the module (compiling costs seconds per shape)."""
-    from iteralite.model import IteraLite
+    from iteralite.core.model import IteraLite
 
     from conftest import tiny_config
 

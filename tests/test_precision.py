@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from iteralite.calibrate import mean_loss
-from iteralite.errors import IteraliteError, ParamsError
-from iteralite.mixed import allocation_bits, quantize_mixed, units
-from iteralite.params import from_dict
-from iteralite.precision import (MixedConfig, allocate, attach_allocation, manual_allocation, monotone, optimize,
+from iteralite.quant.calibrate import mean_loss
+from iteralite.io.errors import IteraliteError, ParamsError
+from iteralite.quant.mixed import allocation_bits, quantize_mixed, units
+from iteralite.io.params import from_dict
+from iteralite.quant.precision import (MixedConfig, allocate, attach_allocation, manual_allocation, monotone, optimize,
                                  profile, sizes_table)
-from iteralite.qat import QATConfig, distill_train, strip_fake_quant
+from iteralite.quant.qat import QATConfig, distill_train, strip_fake_quant
 
 SIZES = {"a": {2: 20, 4: 40, 16: 160}, "b": {2: 20, 4: 40, 16: 160}, "c": {2: 200, 4: 400, 16: 1600}}
 SENS = {"a": {2: 0.5, 4: 0.01, 16: 0.0}, "b": {2: 0.05, 4: 0.0, 16: 0.0}, "c": {2: 0.2, 4: 0.02, 16: 0.0}}

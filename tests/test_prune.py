@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.errors import IteraliteError, ParamsError
-from iteralite.model import IteraLite
-from iteralite.params import from_dict
-from iteralite.prune import (LayerPlan, PruneConfig, PrunePlan, apply_plan, head_params,
+from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.io.errors import IteraliteError, ParamsError
+from iteralite.core.model import IteraLite
+from iteralite.io.params import from_dict
+from iteralite.prune.prune import (LayerPlan, PruneConfig, PrunePlan, apply_plan, head_params,
                              iterative_schedule, layer_shapes, magnitude_scores, measure_sensitivity,
                              plan, prunable_params, prune, routing_stats, taylor_scores)
-from iteralite.quantize import QuantSpec
-from iteralite.qmodules import dequantize_model, make_spec_for, quantize_model
+from iteralite.quant.quantize import QuantSpec
+from iteralite.quant.qmodules import dequantize_model, make_spec_for, quantize_model
 from tests.conftest import tiny_config
 
 SHA = "0" * 64

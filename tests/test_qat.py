@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 
-from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.qat import QATConfig, attach_fake_quant, export, qat
-from iteralite.quantize import QuantSpec
-from iteralite.qmodules import quant_config
+from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.quant.qat import QATConfig, attach_fake_quant, export, qat
+from iteralite.quant.quantize import QuantSpec
+from iteralite.quant.qmodules import quant_config
 
 
 def test_fake_quant_forward_equals_exported_model(model, cfg):

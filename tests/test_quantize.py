@@ -9,13 +9,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from iteralite.config import ModelConfig
-from iteralite.errors import CheckpointError, ParamsError
-from iteralite.model import IteraLite
-from iteralite.moe import Experts
-from iteralite.qmodules import (QuantEmbedding, QuantExperts, QuantLinear, apply_quant_config, collect_act_stats,
+from iteralite.core.config import ModelConfig
+from iteralite.io.errors import CheckpointError, ParamsError
+from iteralite.core.model import IteraLite
+from iteralite.core.moe import Experts
+from iteralite.quant.qmodules import (QuantEmbedding, QuantExperts, QuantLinear, apply_quant_config, collect_act_stats,
                                 make_spec_for, quant_config, quantize_model)
-from iteralite.quantize import (NF4Tensor, QTensor, QuantSpec, QuantSpecError, dequantize, dequantize_nf4_ref,
+from iteralite.quant.quantize import (NF4Tensor, QTensor, QuantSpec, QuantSpecError, dequantize, dequantize_nf4_ref,
                                 fake_quantize, quantize_activations_int8, quantize_awq, quantize_gptq, quantize_nf4,
                                 quantize_rtn, quantize_tensor, weighted_error)
 

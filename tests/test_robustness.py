@@ -6,13 +6,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iteralite.checkpoint import load_model, save_checkpoint
-from iteralite.data import DataConfig, join_stories, prepare
-from iteralite.errors import CheckpointError
-from iteralite.qmodules import quant_config
-from iteralite.int4 import Int4Config, quantize_int4
-from iteralite.model import IteraLite
-from iteralite.tokenizer import TokenizerConfig, encode_stories, token_bytes, train_tokenizer
+from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.data.corpus import DataConfig, join_stories, prepare
+from iteralite.io.errors import CheckpointError
+from iteralite.quant.qmodules import quant_config
+from iteralite.pipeline.int4 import Int4Config, quantize_int4
+from iteralite.core.model import IteraLite
+from iteralite.data.tokenizer import TokenizerConfig, encode_stories, token_bytes, train_tokenizer
 from tests.conftest import fake_stories, tiny_config
 
 
@@ -83,8 +83,8 @@ def test_extremely_long_line_and_unseen_characters(tmp_path):
 
 
 def test_same_seed_same_metrics(tok_dir, tmp_path):
-    from iteralite.evaluate import EvalConfig, Evaluator
-    from iteralite.train import TrainConfig, train
+    from iteralite.train.evaluate import EvalConfig, Evaluator
+    from iteralite.train.loop import TrainConfig, train
 
     ev = EvalConfig(seq_len=32, batch_size=8, max_tokens=2048)
     tc = TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=1, eval_every=3, eval_tokens=512,

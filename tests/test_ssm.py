@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from iteralite.ssm import SSM, ssd_scan, ssd_scan_ref
+from iteralite.core.ssm import SSM, ssd_scan, ssd_scan_ref
 
 
 def _inputs(b=2, l=21, h=3, p=4, n=5, seed=0):

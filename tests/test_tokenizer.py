@@ -1,9 +1,9 @@
 import numpy as np
 
-from iteralite.data import EOT
-from iteralite.tokenizer import (TokenizerConfig, eot_id, load_tokenizer, load_tokens, token_bytes,
+from iteralite.data.corpus import EOT
+from iteralite.data.tokenizer import (TokenizerConfig, eot_id, load_tokenizer, load_tokens, token_bytes,
                                  train_tokenizer)
-from iteralite.data import join_stories
+from iteralite.data.corpus import join_stories
 from tests.conftest import fake_stories
 
 

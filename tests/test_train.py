@@ -1,7 +1,7 @@
 import torch
 
-from iteralite.evaluate import EvalConfig, Evaluator
-from iteralite.train import TrainConfig, get_batch, lr_at, train
+from iteralite.train.evaluate import EvalConfig, Evaluator
+from iteralite.train.loop import TrainConfig, get_batch, lr_at, train
 from tests.conftest import tiny_config
 
 TINY = dict(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=6,
@@ -12,7 +12,7 @@ EVAL = EvalConfig(seq_len=32, batch_size=8, max_tokens=2048)
 def test_training_reduces_loss_and_writes_curve(tok_dir, tmp_path):
     cfg = tiny_config()
     torch.manual_seed(0)
-    before = Evaluator(EVAL, tok_dir).valid_loss(__import__("iteralite.model", fromlist=["IteraLite"]).IteraLite(cfg))
+    before = Evaluator(EVAL, tok_dir).valid_loss(__import__("iteralite.core.model", fromlist=["IteraLite"]).IteraLite(cfg))
     model, stats = train(cfg, TrainConfig(**TINY), EVAL, tok_dir=tok_dir, resume_path=tmp_path / "r.st",
                          curve_path=tmp_path / "c.csv", progress=False)
     after = Evaluator(EVAL, tok_dir).valid_loss(model)
@@ -30,7 +30,7 @@ def test_resume_equals_uninterrupted(tok_dir, tmp_path):
     # A resume file written at step 8 by an identical run: simulate by training with checkpoint_every=4 and
     # copying the file the 12-step run writes at step 8.
     import shutil
-    from iteralite import train as train_mod
+    from iteralite.train import loop as train_mod
 
     saved = {}
     orig = train_mod.save_resume

@@ -1,0 +1,163 @@
+"""The benchmark stage's one-page report: a table of every variant, a size-versus-quality Pareto
+plot, a decode-speed chart, the profiler's hotspots, and the Pareto data as CSV for `dvc plots`.
+
+Size and speed stay separate columns and separate plots: a 4-bit file that decodes at FP32
+speed is 7x smaller, not 7x "effectively compressed", so the two are never multiplied. A metric
+a variant does not have is shown as "—" rather than dropped, so the table's shape never hides
+what was not measured.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from iteralite.io.atomic import atomic_path, write_text
+
+MISSING = "—"
+
+# (metric key, column header, formatter)
+COLUMNS = [
+    ("params", "params", lambda v: f"{int(v):,}"),
+    ("size_bytes", "size (bytes)", lambda v: f"{int(v):,}"),
+    ("bits_per_weight", "bits/weight", lambda v: f"{v:.2f}"),
+    ("compression_vs_fp32", "compression", lambda v: f"{v:.2f}x"),
+    ("val_ppl", "val ppl", lambda v: f"{v:.2f}"),
+    ("val_bpb", "val bpb", lambda v: f"{v:.4f}"),
+    ("wikitext2_ppl", "WikiText-2 ppl", lambda v: f"{v:.0f}"),
+    ("decode_tok_s_1thread", "decode tok/s (1 thread)", lambda v: f"{v:.0f}"),
+    ("decode_tok_s_all_threads", "decode tok/s (all threads)", lambda v: f"{v:.0f}"),
+    ("prefill_ms_128", "prefill 128 (ms)", lambda v: f"{v:.1f}"),
+    ("peak_rss_mb", "peak RSS (MiB)", lambda v: f"{v:.0f}"),
+    ("peak_minus_baseline_mb", "RSS over baseline (MiB)", lambda v: f"{v:.0f}"),
+]
+
+HOW_TO_READ = """\
+**How to read this.** Sizes are the artifact file's bytes for the pipeline's own artifacts, and
+in-memory bytes of the weight tensors (packed codes, scales and absmax included) for the peers
+that are never saved (bitsandbytes NF4, int8 weight-only, torch.compile). Perplexity is per BPE
+token of our tokenizer on the held-out TinyStories split; bits per byte does not depend on the
+tokenizer. Decode speed is batch-1 greedy generation with the recurrent step, the median of
+repeats after warm-up, measured in one process; prefill is one batch-1 forward over 128 tokens.
+Peak RSS is measured in a fresh process per variant (load, then decode a few tokens); the
+baseline is that process with torch imported, before loading. Speed and size are reported
+separately and never multiplied into an "effective compression". Speed numbers come from a
+shared 2-core machine and move by 10-20% between runs; differences smaller than that are noise.
+"""
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")  # no display on the pipeline's machines
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def _relpath(target, start_dir) -> str:
+    return Path(os.path.relpath(Path(target).resolve(), Path(start_dir).resolve())).as_posix()
+
+
+def _cell(metrics: dict, key: str, fmt) -> str:
+    v = metrics.get(key)
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return MISSING
+    return fmt(v)
+
+
+def variant_table(results: dict[str, dict]) -> str:
+    """Markdown table: one row per variant, one column per known metric ("—" when missing)."""
+    head = "| variant | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    rule = "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"
+    rows = [f"| {name} | " + " | ".join(_cell(m, k, f) for k, _, f in COLUMNS) + " |"
+            for name, m in results.items()]
+    return "\n".join([head, rule, *rows])
+
+
+def hotspot_table(rows: list[dict]) -> str:
+    """Markdown table of `benchmark.profile_hotspots` rows."""
+    out = ["| op | self CPU (ms, total) | self CPU per token (us) | calls | share |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+    out += [f"| `{r['op']}` | {r['self_cpu_ms_total']:.2f} | {r.get('self_cpu_us_per_token', MISSING)} | "
+            f"{r['calls']} | {r['pct']:.1f}% |" for r in rows]
+    return "\n".join(out)
+
+
+def write_pareto_csv(results: dict[str, dict], path) -> None:
+    """name,size_bytes,val_ppl,decode_tok_s_1thread (empty cell when missing), for `dvc plots`."""
+    cols = ["size_bytes", "val_ppl", "decode_tok_s_1thread"]
+    lines = ["name," + ",".join(cols)]
+    lines += [",".join([name] + ["" if m.get(c) is None else str(m[c]) for c in cols])
+              for name, m in results.items()]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def plot_pareto(results: dict[str, dict], path) -> None:
+    """Size in bytes (log x) against validation perplexity, one labelled point per variant."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = [(n, m["size_bytes"], m["val_ppl"]) for n, m in results.items()
+           if m.get("size_bytes") and m.get("val_ppl") is not None]
+    for name, size, ppl in pts:
+        ax.scatter(size, ppl, s=30)
+        ax.annotate(name, (size, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("size (bytes, log scale): file bytes for artifacts, in-memory bytes for peers")
+    ax.set_ylabel("TinyStories validation perplexity")
+    ax.set_title("Size versus quality (lower left is better)")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_speed(results: dict[str, dict], path) -> None:
+    """Grouped bars: batch-1 decode tok/s at 1 thread and at all threads, per variant."""
+    plt = _plt()
+    names = list(results)
+    keys = [("decode_tok_s_1thread", "1 thread"), ("decode_tok_s_all_threads", "all threads")]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4.5))
+    width = 0.4
+    values = []
+    for j, (key, label) in enumerate(keys):
+        ys = [results[n].get(key) or 0 for n in names]
+        values += [y for y in ys if y > 0]
+        ax.bar([i + (j - 0.5) * width for i in range(len(names))], ys, width, label=label)
+    if values and max(values) / min(values) > 20:  # one slow peer would flatten every other bar
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("decode tokens / s (batch 1, greedy)")
+    ax.set_title("Decode speed (higher is better; bar missing = not measured)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def render_report(results: dict[str, dict], pareto_rel: str, speed_rel: str,
+                  hotspots: dict[str, list[dict]] | None = None, title: str = "Benchmark") -> str:
+    """The markdown page; images are linked by the given relative paths."""
+    parts = [f"# {title}", "", variant_table(results), "", HOW_TO_READ,
+             f"![size versus validation perplexity]({pareto_rel})", "",
+             f"![decode speed]({speed_rel})", ""]
+    for label, rows in (hotspots or {}).items():
+        parts += [f"## Decode hotspots: {label}", "", hotspot_table(rows), ""]
+    return "\n".join(parts)
+
+
+def write_bench_report(results: dict[str, dict], report_md, pareto_png, speed_png, pareto_csv,
+                       hotspots: dict[str, list[dict]] | None = None, title: str = "Benchmark") -> None:
+    """Write the two plots, the Pareto CSV and the markdown report (each atomically).
+
+    results: {variant name: metrics}; hotspots: {label (e.g. "fp32 eager"): profile_hotspots rows}."""
+    plot_pareto(results, pareto_png)
+    plot_speed(results, speed_png)
+    write_pareto_csv(results, pareto_csv)
+    here = Path(report_md).parent
+    write_text(report_md, render_report(results, _relpath(pareto_png, here), _relpath(speed_png, here),
+                                        hotspots, title))

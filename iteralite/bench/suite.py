@@ -1,0 +1,156 @@
+"""The benchmark stage's plan: which variants, where their quality numbers come from, and the
+side-by-side measurement of all of them in one process.
+
+Variants are the pipeline's artifacts (fp32, int4 per method, qat, prune and finetune per ratio,
+mixed, fused) and peers built from the FP32 checkpoint (FP32 under torch.compile, a bitsandbytes
+NF4 swap, torch int8 weight-only). Quality of an artifact is read from the metrics file of the
+stage that wrote it (the same file scored by the same deterministic evaluation; `quality_from`
+names the file), so it is not recomputed; peers are scored here. Speed and peak memory are
+measured here for every variant, in this process (speed) and in a fresh process each (memory).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from iteralite.bench.benchmark import load_variant, measure_variant, peak_rss, profile_hotspots
+from iteralite.io.params import check
+from iteralite.bench.peers import PEERS, state_bytes
+
+QUALITY_KEYS = ("params", "bits_per_weight", "compression_vs_fp32", "val_ppl", "val_bpb", "val_ppl_delta_pct",
+                "wikitext2_ppl")
+
+
+@dataclass
+class BenchmarkConfig:
+    decode_tokens: int = 64  # greedy tokens timed per repeat
+    repeats: int = 3
+    rss_tokens: int = 32  # tokens decoded in the memory probe
+    profile_tokens: int = 32  # decode steps under the profiler (fp32 eager and fused)
+    hotspots_top: int = 10
+    peers: list[str] = field(default_factory=lambda: ["compiled", "bnb_nf4", "int8_weight_only"])
+    peer_eval_tokens: int = 0  # tokens of each split scored for a peer (0 = the whole split, as the stages)
+
+    def validate(self, section: str = "benchmark") -> None:
+        for key in ("decode_tokens", "repeats", "rss_tokens", "profile_tokens", "hotspots_top"):
+            check(getattr(self, key) >= 1, section, key, "must be >= 1")
+        check(self.peer_eval_tokens >= 0, section, "peer_eval_tokens", "must be >= 0 (0 = whole split)")
+        unknown = sorted(set(self.peers) - set(PEERS))
+        check(not unknown, section, "peers", f"has unknown peers {unknown}; allowed: {', '.join(PEERS)}")
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # a benchmark.VARIANT_KINDS key
+    path: str  # the checkpoint it is loaded from (a peer: the FP32 checkpoint)
+    quality: dict | None = None  # read from a stage's metrics (None: score it here)
+    quality_from: str = ""
+
+
+def _read(path: str, *keys) -> dict:
+    with open(path) as f:
+        d = json.load(f)
+    for k in keys:
+        d = d[k]
+    return {k: d[k] for k in QUALITY_KEYS if k in d}
+
+
+def plan(ratios: list[float], int4_methods: list[str], peers: list[str]) -> list[Variant]:
+    """Every variant in report order."""
+    v = [Variant("fp32", "artifact", "checkpoints/fp32.safetensors", _read("metrics/train.json"), "metrics/train.json")]
+    for m in int4_methods:
+        v.append(Variant(f"int4_{m}", "artifact", f"checkpoints/int4/{m}.safetensors",
+                         _read("metrics/int4.json", "methods", m), "metrics/int4.json"))
+    v.append(Variant("qat", "artifact", "checkpoints/qat.safetensors", _read("metrics/qat.json"), "metrics/qat.json"))
+    for r in ratios:
+        for stage in ("prune", "finetune"):
+            src = f"metrics/{stage}_{r}.json"
+            v.append(Variant(f"{stage}_{r}", "artifact", f"checkpoints/{stage}/{r}.safetensors", _read(src), src))
+    v.append(Variant("mixed", "artifact", "checkpoints/mixed.safetensors", _read("metrics/mixed_precision.json"),
+                     "metrics/mixed_precision.json"))
+    v.append(Variant("fused", "fused", "checkpoints/fused.safetensors", _read("metrics/fuse.json"), "metrics/fuse.json"))
+    for p in peers:
+        v.append(Variant(f"peer_{p}", p, "checkpoints/fp32.safetensors"))
+    return v
+
+
+def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32_metrics: dict) -> tuple[dict, dict]:
+    """-> ({variant: metrics}, {label: hotspot rows}). Speed of every variant is measured in this
+    process, one after another, with the same thread settings."""
+    results, hotspots = {}, {}
+    fp32_logits = None
+    # (1, 128): the prefill shape every compiled variant is warmed up for, so no new compile here
+    probe = torch.randint(0, 100, (1, 128), generator=torch.Generator().manual_seed(0))
+    for v in variants:
+        model = load_variant(v.kind, v.path)
+        row: dict = {"kind": v.kind}
+        if v.quality is not None:
+            row.update(v.quality, size_bytes=os.path.getsize(v.path), size_kind="file", quality_from=v.quality_from)
+        elif v.kind == "compiled":  # the FP32 weights and math: its logits are checked against fp32 below
+            row.update({k: results["fp32"][k] for k in QUALITY_KEYS if k in results["fp32"]}, size_bytes=state_bytes(model),
+                       size_kind="memory", quality_from="metrics/train.json (same weights as fp32)")
+        else:
+            row.update(_score_peer(SCORING_TWIN.get(v.kind, load_variant)(v.kind, v.path), evaluator, cfg,
+                                   fp32_metrics), size_bytes=state_bytes(model), size_kind="memory",
+                       quality_from="benchmark")
+        if "bits_per_weight" not in row:  # fp32's training metrics predate the size keys
+            from iteralite.train.evaluate import storage_bits
+            row["bits_per_weight"] = round(storage_bits(model) / row["params"], 4)
+            row["compression_vs_fp32"] = round(fp32_metrics["size_bytes"] / row["size_bytes"], 3)
+        with torch.no_grad():
+            logits = model(probe)[0]
+        if fp32_logits is None:
+            fp32_logits = logits
+        row["max_abs_logit_diff_vs_fp32"] = round(float((logits - fp32_logits).abs().max()), 6)
+        row.update(measure_variant(v.name, model, cfg.decode_tokens, cfg.repeats))
+        row.update(peak_rss(v.kind, v.path, cfg.rss_tokens))
+        if v.name in ("fp32", "fused"):
+            hotspots[f"{v.name} (1 thread, {cfg.profile_tokens} decode steps)"] = profile_hotspots(
+                model, cfg.profile_tokens, cfg.hotspots_top)
+        results[v.name] = row
+        del model
+    base = results["fp32"]
+    for row in results.values():
+        row["decode_speedup_vs_fp32_eager"] = round(row["decode_tok_s_1thread"] / base["decode_tok_s_1thread"], 2)
+        row["decode_speedup_vs_fp32_eager_all_threads"] = round(
+            row["decode_tok_s_all_threads"] / base["decode_tok_s_all_threads"], 2)
+    return results, hotspots
+
+
+def _int8_for_scoring(kind: str, path: str):
+    """The int8 peer's exact weights through F.linear: torch's int8 kernel has no fast path on
+    this CPU (~0.2 ms per input row), so scoring ~900k tokens through it would take over an hour;
+    the two agree to 1e-5 (tests/test_peers.py). Its speed is measured with the kernel."""
+    from iteralite.io.checkpoint import load_model
+    from iteralite.bench.peers import int8_weight_only
+
+    return int8_weight_only(load_model(path)[0], kernel=False).eval()
+
+
+SCORING_TWIN = {"int8_weight_only": _int8_for_scoring}
+
+
+def _score_peer(model, evaluator, cfg: BenchmarkConfig, fp32: dict) -> dict:
+    from iteralite.core.model import IteraLite
+
+    old = evaluator.cfg.max_tokens
+    evaluator.cfg.max_tokens = cfg.peer_eval_tokens
+    try:
+        q = evaluator(model)
+    finally:
+        evaluator.cfg.max_tokens = old
+    params = IteraLite(model.cfg).num_params()
+    return {**q, "params": params, "bits_per_weight": round(8 * state_bytes(model) / params, 4),
+            "compression_vs_fp32": round(fp32["size_bytes"] / state_bytes(model), 3),
+            "val_ppl_delta_pct": round(100 * (q["val_ppl"] / fp32["val_ppl"] - 1), 3),
+            "eval_tokens": cfg.peer_eval_tokens or "all"}
+
+
+def rounded(results: dict) -> dict:
+    def r(x):
+        return round(x, 4) if isinstance(x, float) else x
+    return {k: {kk: r(vv) for kk, vv in v.items()} for k, v in results.items()}

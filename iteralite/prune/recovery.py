@@ -1,0 +1,56 @@
+"""Iterative structured pruning with recovery: the prune stage's logic.
+
+From a quantized (QAT) artifact: dequantize to float, then for each cumulative ratio of the
+schedule (e.g. 0.1, 0.2, 0.3, 0.4) score units (Taylor or magnitude on calibration windows),
+remove them physically (`prune.prune`), and recover with a short fake-quantized distillation from
+the FP32 teacher, so the model stays fit for 4-bit export. The result is exported to the same
+packed 4-bit format as QAT.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from iteralite.quant.calibrate import windows
+from iteralite.prune.prune import (PruneConfig, iterative_schedule, layer_shapes, measure_sensitivity, importance_scores,
+                    prunable_params, prune, routing_stats)
+from iteralite.quant.qat import QATConfig, attach_fake_quant, distill_train, strip_fake_quant
+from iteralite.quant.quantize import QuantSpec
+from iteralite.quant.qmodules import dequantize_model
+
+
+def calibration_batches(data: torch.Tensor, cfg: PruneConfig, seq_len: int = 256, batch_size: int = 8,
+                        seed: int = 23) -> list[torch.Tensor]:
+    wins = windows(data, cfg.calib_batches * batch_size, seq_len + 1, seed)
+    return [wins[i:i + batch_size] for i in range(0, len(wins), batch_size)]
+
+
+def prune_with_recovery(quantized_model, teacher, data: torch.Tensor, ratio: float, cfg: PruneConfig,
+                        spec: QuantSpec, recovery: QATConfig, progress: bool = True):
+    """-> (pruned float model with its cfg updated, final prune report, per-step history)."""
+    model = dequantize_model(quantized_model)
+    batches = calibration_batches(data, cfg, seq_len=recovery.seq_len)
+    base, shapes = prunable_params(model), layer_shapes(model)
+    sens = None
+    if cfg.allocation == "sensitivity":
+        scores = importance_scores(model, cfg.importance, batches=batches)
+        sens = measure_sensitivity(model, batches, scores, cfg.probe_ratio, cfg.channel_multiple)
+    history, report = [], None
+    for k, r in enumerate(iterative_schedule(ratio, cfg.steps)):
+        routing = routing_stats(model, batches) if cfg.expert_removal else None
+        report = prune(model, r, cfg.importance, batches=batches, routing=routing, base_prunable=base,
+                       base_shapes=shapes, layer_sensitivity=sens, **cfg.plan_kwargs())
+        step = {"target": r, "removed_frac": round(report["prunable_params_removed_frac"], 5),
+                "params": report["params_after"]}
+        if cfg.recovery_steps:
+            attach_fake_quant(model, spec, tuple(recovery.keep_float))
+            rcfg = dataclasses.replace(recovery, steps=cfg.recovery_steps, seed=recovery.seed + k,
+                                       warmup_steps=min(recovery.warmup_steps, cfg.recovery_steps - 1))
+            stats = distill_train(model, teacher, data, rcfg, progress, desc=f"recover {r:g}")
+            strip_fake_quant(model)
+            step["recovery_ce"] = stats["final_train_ce"]
+        history.append(step)
+    if sens is not None:
+        report["layer_sensitivity"] = sens
+    return model, report, history

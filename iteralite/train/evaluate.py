@@ -1,0 +1,105 @@
+"""Held-out quality: perplexity and bits per byte on the TinyStories validation split, and
+perplexity on WikiText-2 test, all with the pipeline's own tokenizer.
+
+Text is cut into non-overlapping windows of `seq_len` tokens; inside each window every token but
+the first is predicted from the ones before it. bits per byte = summed negative log-likelihood
+(in bits) / summed UTF-8 bytes of the predicted tokens, so it does not depend on the tokenizer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from iteralite.io.params import check
+from iteralite.data.tokenizer import load_tokenizer, load_tokens, token_bytes
+
+
+@dataclass
+class EvalConfig:
+    seq_len: int = 256
+    batch_size: int = 16
+    max_tokens: int = 0  # 0 = the whole split
+
+    def validate(self, section: str = "eval") -> None:
+        check(self.seq_len >= 2, section, "seq_len", "must be >= 2")
+        check(self.batch_size >= 1, section, "batch_size", "must be >= 1")
+        check(self.max_tokens >= 0, section, "max_tokens", "must be >= 0 (0 = all)")
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokens: np.ndarray, nbytes: np.ndarray, seq_len: int, batch_size: int,
+                    max_tokens: int = 0) -> dict:
+    """NLL over `tokens` (1-D) in windows; returns loss (nats/token), ppl, bpb, tokens scored."""
+    if max_tokens:
+        tokens = tokens[:max_tokens]
+    n_win = len(tokens) // seq_len
+    if n_win == 0:
+        raise ValueError(f"need at least {seq_len} tokens to evaluate, got {len(tokens)}")
+    windows = torch.from_numpy(tokens[: n_win * seq_len].astype(np.int64)).view(n_win, seq_len)
+    nb = torch.from_numpy(nbytes)
+    was_training = model.training
+    model.eval()
+    nll, count, nbyte = 0.0, 0, 0
+    for i in range(0, n_win, batch_size):
+        w = windows[i:i + batch_size]
+        logits = model(w[:, :-1])[0]
+        tgt = w[:, 1:]
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="sum").item()
+        count += tgt.numel()
+        nbyte += int(nb[tgt].sum())
+    model.train(was_training)
+    loss = nll / count
+    return {"loss": loss, "ppl": math.exp(loss), "bpb": nll / math.log(2) / nbyte, "tokens": count}
+
+
+class Evaluator:
+    """Loads the validation and WikiText-2 token arrays once; `__call__` scores a model."""
+
+    def __init__(self, cfg: EvalConfig, tok_dir: str | Path = "data/tokenizer"):
+        tok_dir = Path(tok_dir)
+        self.cfg = cfg
+        self.nbytes = token_bytes(load_tokenizer(tok_dir / "tokenizer.json"))
+        self.valid = load_tokens(tok_dir / "valid.npy")
+        self.wiki = load_tokens(tok_dir / "wikitext2.npy")
+
+    def valid_loss(self, model, max_tokens: int | None = None) -> float:
+        mt = self.cfg.max_tokens if max_tokens is None else max_tokens
+        return evaluate_tokens(model, self.valid, self.nbytes, self.cfg.seq_len, self.cfg.batch_size, mt)["loss"]
+
+    def __call__(self, model) -> dict:
+        c = self.cfg
+        v = evaluate_tokens(model, self.valid, self.nbytes, c.seq_len, c.batch_size, c.max_tokens)
+        w = evaluate_tokens(model, self.wiki, self.nbytes, c.seq_len, c.batch_size, c.max_tokens)
+        return {"val_loss": round(v["loss"], 5), "val_ppl": round(v["ppl"], 4), "val_bpb": round(v["bpb"], 5),
+                "wikitext2_ppl": round(w["ppl"], 3), "wikitext2_bpb": round(w["bpb"], 5)}
+
+
+def storage_bits(model) -> int:
+    """Bits of every tensor the model stores (packed codes, scales, zero-points, float tensors)."""
+    return sum(t.numel() * t.element_size() * 8 for t in model.state_dict().values())
+
+
+def artifact_metrics(model, path, fp32: dict, quality: dict) -> dict:
+    """The common keys every model-producing stage reports.
+
+    fp32: metrics/train.json of the baseline; quality: Evaluator output for `model`.
+    `params` counts the logical weights (those of the float architecture with the same shapes),
+    and bits_per_weight divides all stored tensor bits by it.
+    """
+    from iteralite.core.model import IteraLite
+
+    size = Path(path).stat().st_size
+    params = IteraLite(model.cfg).num_params()
+    return {
+        "size_bytes": size,
+        "params": params,
+        "bits_per_weight": round(storage_bits(model) / params, 4),
+        "compression_vs_fp32": round(fp32["size_bytes"] / size, 3),
+        **quality,
+        "val_ppl_delta_pct": round(100.0 * (quality["val_ppl"] / fp32["val_ppl"] - 1.0), 3),
+    }

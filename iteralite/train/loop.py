@@ -1,0 +1,194 @@
+"""Language-model training: AdamW, linear warm-up + cosine decay, gradient clipping, fixed seed,
+periodic validation, a CSV training curve, and resumption after an interruption.
+
+Resumption: every `checkpoint_every` steps the model, optimizer moments, step, elapsed time and
+curve so far go atomically to a resume file. A restarted run with the same params continues from
+it; with different params it starts over. Batches depend only on (seed, step), so a resumed run
+sees the same data as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from iteralite.core.config import ModelConfig
+from iteralite.train.evaluate import EvalConfig, Evaluator
+from iteralite.io.atomic import atomic_path, write_text
+from iteralite.core.model import IteraLite
+from iteralite.io.params import check
+from iteralite.data.tokenizer import load_tokens
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    steps: int = 1500
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01
+    eval_every: int = 250
+    eval_tokens: int = 65536  # validation tokens scored at each periodic evaluation
+    checkpoint_every: int = 100
+    threads: int = 0  # 0 = all cores
+
+    def validate(self, section: str = "train") -> None:
+        for key in ("steps", "batch_size", "eval_every", "checkpoint_every"):
+            check(getattr(self, key) >= 1, section, key, "must be >= 1")
+        check(self.seq_len >= 2, section, "seq_len", "must be >= 2")
+        check(self.lr > 0, section, "lr", "must be > 0")
+        check(0 <= self.min_lr <= self.lr, section, "min_lr", "must be in [0, lr]")
+        check(0 <= self.warmup_steps < self.steps, section, "warmup_steps", "must be in [0, steps)")
+        check(self.weight_decay >= 0, section, "weight_decay", "must be >= 0")
+        check(self.grad_clip > 0, section, "grad_clip", "must be > 0")
+        check(self.aux_loss_coef >= 0, section, "aux_loss_coef", "must be >= 0")
+        check(self.threads >= 0, section, "threads", "must be >= 0 (0 = all cores)")
+
+
+def lr_at(cfg, step: int) -> float:
+    """Linear warm-up to cfg.lr over cfg.warmup_steps, then cosine decay to cfg.min_lr at cfg.steps
+    (any config with those four fields: training, QAT, fine-tuning)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def set_threads(threads: int) -> int:
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
+    """(batch_size, seq_len + 1) random windows; a pure function of (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    ix = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=g)
+    return torch.stack([data[i:i + seq_len + 1] for i in ix.tolist()])
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Weight decay on matrices only (not on norms, biases, A_log, D)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def _run_hash(*objs) -> str:
+    return hashlib.sha256(json.dumps(objs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_resume(path: Path, model, opt, step: int, elapsed: float, curve: list, run_hash: str) -> None:
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        st = opt.state.get(p)
+        if st:
+            tensors[f"opt.{i}.exp_avg"] = st["exp_avg"].contiguous()
+            tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+            tensors[f"opt.{i}.step"] = st["step"].reshape(1).float()
+    meta = {"step": str(step), "elapsed": repr(elapsed), "curve": json.dumps(curve), "run_hash": run_hash}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_resume(path: Path, model, opt, run_hash: str):
+    """(step, elapsed, curve) from a matching resume file, or None to start fresh."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("run_hash") != run_hash:
+                print(f"[train] {path} belongs to other params: starting fresh")
+                return None
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a damaged resume file is not fatal: start over
+        print(f"[train] ignoring unreadable resume file {path}: {e}")
+        return None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        if f"opt.{i}.exp_avg" in tensors:
+            opt.state[p] = {"step": tensors[f"opt.{i}.step"][0].clone(),
+                            "exp_avg": tensors[f"opt.{i}.exp_avg"], "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"]}
+    return int(meta["step"]), float(meta["elapsed"]), json.loads(meta["curve"])
+
+
+def write_curve(path: Path, curve: list) -> None:
+    def fmt(v):
+        return "" if v is None else f"{v:.5f}"
+    lines = ["step,train_loss,val_loss,lr"] + [
+        f"{r['step']},{r['train_loss']:.5f},{fmt(r['val_loss'])},{r['lr']:.6g}" for r in curve]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok_dir="data/tokenizer",
+          resume_path="checkpoints/train_resume.safetensors", curve_path="plots/train_curve.csv",
+          progress: bool = True):
+    """Train from scratch (or resume); returns (model, stats)."""
+    threads = set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = torch.from_numpy(load_tokens(Path(tok_dir) / "train.npy").astype("int64"))
+    model = IteraLite(model_cfg)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    evaluator = Evaluator(eval_cfg, tok_dir)
+    resume_path, curve_path = Path(resume_path), Path(curve_path)
+    run_hash = _run_hash(model_cfg.to_dict(), asdict(cfg), asdict(eval_cfg), int(len(data)))
+    start, elapsed, curve = 0, 0.0, []
+    resumed = load_resume(resume_path, model, opt, run_hash)
+    if resumed:
+        start, elapsed, curve = resumed
+        print(f"[train] resuming at step {start} from {resume_path}")
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+               desc="train", dynamic_ncols=True)
+    t0 = time.perf_counter() - elapsed
+    loss_ema = None
+    for step in bar:
+        lr = lr_at(cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step)
+        logits, aux = model(batch[:, :-1])
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss = ce + cfg.aux_loss_coef * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        loss_ema = ce.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * ce.item()
+        done = step + 1
+        val = None
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val = evaluator.valid_loss(model, cfg.eval_tokens)
+            model.train()
+        if done % 10 == 0 or val is not None:
+            curve.append({"step": done, "train_loss": loss_ema, "val_loss": val, "lr": lr})
+        bar.set_postfix(loss=f"{loss_ema:.3f}", **({"val": f"{val:.3f}"} if val is not None else {}))
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            save_resume(resume_path, model, opt, done, time.perf_counter() - t0, curve, run_hash)
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    write_curve(curve_path, curve)
+    tokens_seen = cfg.steps * cfg.batch_size * cfg.seq_len
+    stats = {"steps": cfg.steps, "tokens_seen": tokens_seen, "threads": threads,
+             "train_seconds": round(train_seconds, 1),
+             "train_tokens_per_s": round((cfg.steps - start) * cfg.batch_size * cfg.seq_len
+                                         / max(1e-9, train_seconds - elapsed), 1),
+             "final_train_loss": round(loss_ema, 5), "resumed_from_step": start}
+    model.eval()
+    return model, stats
