@@ -2,13 +2,13 @@
 decode and prefill speed, peak memory, decode hotspots; the final report."""
 import json
 
-import iteralite.runtime.deploy  # noqa: F401  (registers the "fused" variant kind)
 from iteralite.pipeline.baseline import load_baseline
 from iteralite.bench.report import write_bench_report
 from iteralite.bench.suite import BenchmarkConfig, plan, rounded, run_benchmark
 from iteralite.pipeline.int4 import Int4Config
 from iteralite.io.params import load_section
-from iteralite.prune.prune import PruneConfig
+from iteralite.prune.config import PruneConfig
+from iteralite.pipeline import paths
 from iteralite.pipeline.stage import run, write_metrics
 
 
@@ -16,15 +16,15 @@ def main():
     cfg = load_section(BenchmarkConfig, "benchmark")
     ratios = load_section(PruneConfig, "prune").ratios
     base = load_baseline(train_tokens=False)
-    variants = plan(ratios, Int4Config.methods(load_section(Int4Config, "int4")), cfg.peers)
+    variants = plan(ratios, Int4Config.methods(load_section(Int4Config, "int4")), cfg.peers, paths)
     results, hotspots = run_benchmark(variants, cfg, base.evaluator, base.metrics)
-    with open("metrics/fuse.json") as f:
+    with open(paths.FUSE_METRICS) as f:
         fuse = json.load(f)
     results["fused"].update({k: fuse[k] for k in ("greedy_match_unfused", "greedy_tokens", "compile_seconds")})
     results = rounded(results)
-    write_metrics("metrics/benchmark.json", results)
-    write_bench_report(results, "metrics/report.md", "plots/bench_pareto.png", "plots/bench_speed.png",
-                       "plots/bench_pareto.csv", hotspots, title="iteralite: every variant side by side")
+    write_metrics(paths.BENCH_METRICS, results)
+    write_bench_report(results, paths.BENCH_REPORT, paths.BENCH_PARETO_PNG, paths.BENCH_SPEED_PNG,
+                       paths.BENCH_PARETO_CSV, hotspots, title="iteralite: every variant side by side")
 
 
 if __name__ == "__main__":

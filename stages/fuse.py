@@ -5,17 +5,19 @@ import time
 import torch
 
 from iteralite.pipeline.baseline import load_baseline
-from iteralite.bench.benchmark import decode_tok_s, peak_rss, prefill_ms
+from iteralite.bench.memory import peak_rss
+from iteralite.bench.timing import decode_tok_s, prefill_ms
 from iteralite.io.checkpoint import load_model
 from iteralite.runtime.deploy import FuseConfig, fuse, save_fused
 from iteralite.train.evaluate import artifact_metrics
 from iteralite.train.generate import generate_ids
 from iteralite.io.params import load_section
 from iteralite.bench.peers import state_bytes
+from iteralite.pipeline import paths
 from iteralite.pipeline.stage import run, write_metrics
 from iteralite.data.tokenizer import load_tokenizer
 
-SRC, OUT = "checkpoints/mixed.safetensors", "checkpoints/fused.safetensors"
+SRC, OUT = paths.MIXED_CKPT, paths.FUSED_CKPT
 
 
 def main():
@@ -26,7 +28,7 @@ def main():
     t0 = time.perf_counter()
     fused = fuse(load_model(OUT)[0], cfg.backend, cfg.prefill_lens)
     compile_s = time.perf_counter() - t0
-    prompt = load_tokenizer("data/tokenizer/tokenizer.json").encode(cfg.prompt, add_special_tokens=False).ids
+    prompt = load_tokenizer(paths.TOKENIZER_JSON).encode(cfg.prompt, add_special_tokens=False).ids
     greedy = [list(generate_ids(m, prompt, cfg.greedy_tokens, temperature=0)) for m in (unfused, fused)]
     with torch.no_grad():
         idx = torch.tensor([prompt])
@@ -37,7 +39,7 @@ def main():
              "prefill_ms_128": prefill_ms(fused, 128, repeats=cfg.repeats, threads=1),
              "prefill_ms_128_unfused": prefill_ms(unfused, 128, repeats=cfg.repeats, threads=1)}
     speed = {k: round(v, 3) for k, v in speed.items()}
-    write_metrics("metrics/fuse.json", {
+    write_metrics(paths.FUSE_METRICS, {
         **artifact_metrics(unfused, OUT, base.metrics, base.evaluator(fused)), **speed,
         "decode_speedup_vs_fp32_eager": round(speed["decode_tok_s_1thread"] / speed["decode_tok_s_1thread_fp32_eager"], 2),
         "decode_speedup_vs_unfused": round(speed["decode_tok_s_1thread"] / speed["decode_tok_s_1thread_unfused"], 2),

@@ -2,16 +2,18 @@
 import json
 
 from iteralite.io.params import load_section
-from iteralite.prune.prune import PruneConfig
-from iteralite.prune.report import load_sweep, write_sweep
+from iteralite.pipeline import paths
 from iteralite.pipeline.stage import run
+from iteralite.prune.config import PruneConfig
+from iteralite.prune.report import load_sweep, write_sweep
 
 
 def main():
     ratios = load_section(PruneConfig, "prune").ratios
     rows = load_sweep(ratios)
-    fp32 = json.load(open("metrics/train.json"))
-    write_sweep(rows, fp32["val_ppl"], "plots/prune_ratio.csv", "plots/prune_ratio.png", "plots/prune_sparsity.png")
+    with open(paths.TRAIN_METRICS) as f:
+        fp32 = json.load(f)
+    write_sweep(rows, fp32["val_ppl"], paths.PRUNE_RATIO_CSV, paths.PRUNE_RATIO_PNG, paths.PRUNE_SPARSITY_PNG)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Each peer is a module swap on a deep copy, so it keeps IteraLite's interface (`m
 on all of them. `dt_proj` stays FP32 everywhere: its input dim is dt_rank (4-8), too small for a
 quantization block, and it feeds exp(dt * A), where errors grow (the int4 stage's policy too).
 Peers are never written to disk, so their size is `state_bytes`: in-memory bytes of the tensors
-holding their weights (packed codes, scales and absmax included), not a file size.
+holding their weights (packed codes, scales and absmax included), not a file size. The
+benchmark loads peers by kind name through `variants.VARIANTS`, which lists every peer here.
 """
 from __future__ import annotations
 
@@ -75,12 +76,19 @@ def _nf4(weight: torch.Tensor, bias: torch.Tensor | None = None):
     bitsandbytes quantizes only inside `.to(device)`: constructing or loading a Linear4bit leaves
     FP32 data, so the no-op `.to("cpu")` is what packs it. compress_statistics=False keeps the
     absmax in fp32 (transformers' default; double quantization would save 0.4 bit/weight but
-    dequantize the absmax again on every call)."""
+    dequantize the absmax again on every call).
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks the weight into a CPU-specific layout at
+    the first no-grad forward; that layout needs out % 32 == 0 and in >= 64 (our router, 4 outputs,
+    fails it) and changes what `weight.data` holds. We keep its portable NF4 layout on every CPU
+    (`support_avx512bf16_for_cpu`), so the peer runs, and is measured, the same code path
+    everywhere."""
     import bitsandbytes as bnb
 
     out_f, in_f = weight.shape
     q = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=torch.float32,
                           compress_statistics=False, quant_type="nf4")
+    q.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         q.weight.data = weight.detach().float().contiguous().clone()
         if bias is not None:
@@ -222,6 +230,14 @@ def int8_weight_only(model: nn.Module, kernel: bool = True) -> nn.Module:
                  lambda m: Int8Embedding(m, kernel))
 
 
+def int8_weight_only_for_scoring(model: nn.Module) -> nn.Module:
+    """The int8 peer's exact weights through F.linear (`int8_weight_only(model, kernel=False)`),
+    the model its quality is scored on: torch's int8 kernel has no fast path on this CPU (~0.2 ms
+    per input row), so scoring ~900k tokens through it would take over an hour; the two agree to
+    1e-5 (tests/bench/test_peers.py). Its speed is measured with the kernel."""
+    return int8_weight_only(model, kernel=False)
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 
@@ -261,5 +277,3 @@ def compiled(model: nn.Module, prefill_len: int = 128, warm_steps: int = 32) -> 
         m(torch.zeros(1, prefill_len, dtype=torch.long))
     return m
 
-
-PEERS = {"bnb_nf4": bnb_nf4, "int8_weight_only": int8_weight_only, "compiled": compiled}

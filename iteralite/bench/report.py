@@ -12,7 +12,8 @@ import math
 import os
 from pathlib import Path
 
-from iteralite.io.atomic import atomic_path, write_text
+from iteralite.io.atomic import write_text
+from iteralite.io.plotting import pyplot, save_png
 
 MISSING = "—"
 
@@ -46,18 +47,6 @@ shared 2-core machine and move by 10-20% between runs; differences smaller than 
 """
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")  # no display on the pipeline's machines
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-
-
 def _relpath(target, start_dir) -> str:
     return Path(os.path.relpath(Path(target).resolve(), Path(start_dir).resolve())).as_posix()
 
@@ -79,7 +68,7 @@ def variant_table(results: dict[str, dict]) -> str:
 
 
 def hotspot_table(rows: list[dict]) -> str:
-    """Markdown table of `benchmark.profile_hotspots` rows."""
+    """Markdown table of `timing.profile_hotspots` rows."""
     out = ["| op | self CPU (ms, total) | self CPU per token (us) | calls | share |",
            "| --- | ---: | ---: | ---: | ---: |"]
     out += [f"| `{r['op']}` | {r['self_cpu_ms_total']:.2f} | {r.get('self_cpu_us_per_token', MISSING)} | "
@@ -98,7 +87,7 @@ def write_pareto_csv(results: dict[str, dict], path) -> None:
 
 def plot_pareto(results: dict[str, dict], path) -> None:
     """Size in bytes (log x) against validation perplexity, one labelled point per variant."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = [(n, m["size_bytes"], m["val_ppl"]) for n, m in results.items()
            if m.get("size_bytes") and m.get("val_ppl") is not None]
@@ -111,13 +100,12 @@ def plot_pareto(results: dict[str, dict], path) -> None:
     ax.set_title("Size versus quality (lower left is better)")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_speed(results: dict[str, dict], path) -> None:
     """Grouped bars: batch-1 decode tok/s at 1 thread and at all threads, per variant."""
-    plt = _plt()
+    plt = pyplot()
     names = list(results)
     keys = [("decode_tok_s_1thread", "1 thread"), ("decode_tok_s_all_threads", "all threads")]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4.5))
@@ -135,8 +123,7 @@ def plot_speed(results: dict[str, dict], path) -> None:
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def render_report(results: dict[str, dict], pareto_rel: str, speed_rel: str,

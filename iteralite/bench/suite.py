@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from iteralite.bench.benchmark import load_variant, measure_variant, peak_rss, profile_hotspots
+from iteralite.bench.memory import peak_rss
+from iteralite.bench.peers import state_bytes
+from iteralite.bench.timing import measure_variant, profile_hotspots
+from iteralite.bench.variants import PEER_KINDS, load_variant, variant_kind
 from iteralite.io.params import check
-from iteralite.bench.peers import PEERS, state_bytes
 
 QUALITY_KEYS = ("params", "bits_per_weight", "compression_vs_fp32", "val_ppl", "val_bpb", "val_ppl_delta_pct",
                 "wikitext2_ppl")
@@ -38,14 +40,14 @@ class BenchmarkConfig:
         for key in ("decode_tokens", "repeats", "rss_tokens", "profile_tokens", "hotspots_top"):
             check(getattr(self, key) >= 1, section, key, "must be >= 1")
         check(self.peer_eval_tokens >= 0, section, "peer_eval_tokens", "must be >= 0 (0 = whole split)")
-        unknown = sorted(set(self.peers) - set(PEERS))
-        check(not unknown, section, "peers", f"has unknown peers {unknown}; allowed: {', '.join(PEERS)}")
+        unknown = sorted(set(self.peers) - set(PEER_KINDS))
+        check(not unknown, section, "peers", f"has unknown peers {unknown}; allowed: {', '.join(PEER_KINDS)}")
 
 
 @dataclass
 class Variant:
     name: str
-    kind: str  # a benchmark.VARIANT_KINDS key
+    kind: str  # a variants.VARIANTS key
     path: str  # the checkpoint it is loaded from (a peer: the FP32 checkpoint)
     quality: dict | None = None  # read from a stage's metrics (None: score it here)
     quality_from: str = ""
@@ -59,22 +61,23 @@ def _read(path: str, *keys) -> dict:
     return {k: d[k] for k in QUALITY_KEYS if k in d}
 
 
-def plan(ratios: list[float], int4_methods: list[str], peers: list[str]) -> list[Variant]:
-    """Every variant in report order."""
-    v = [Variant("fp32", "artifact", "checkpoints/fp32.safetensors", _read("metrics/train.json"), "metrics/train.json")]
-    for m in int4_methods:
-        v.append(Variant(f"int4_{m}", "artifact", f"checkpoints/int4/{m}.safetensors",
-                         _read("metrics/int4.json", "methods", m), "metrics/int4.json"))
-    v.append(Variant("qat", "artifact", "checkpoints/qat.safetensors", _read("metrics/qat.json"), "metrics/qat.json"))
-    for r in ratios:
-        for stage in ("prune", "finetune"):
-            src = f"metrics/{stage}_{r}.json"
-            v.append(Variant(f"{stage}_{r}", "artifact", f"checkpoints/{stage}/{r}.safetensors", _read(src), src))
-    v.append(Variant("mixed", "artifact", "checkpoints/mixed.safetensors", _read("metrics/mixed_precision.json"),
-                     "metrics/mixed_precision.json"))
-    v.append(Variant("fused", "fused", "checkpoints/fused.safetensors", _read("metrics/fuse.json"), "metrics/fuse.json"))
-    for p in peers:
-        v.append(Variant(f"peer_{p}", p, "checkpoints/fp32.safetensors"))
+def _stage_output(name: str, kind: str, ckpt: str, metrics: str, *keys) -> Variant:
+    """A pipeline artifact whose quality is read from its stage's metrics file (at `keys`)."""
+    return Variant(name, kind, ckpt, _read(metrics, *keys), metrics)
+
+
+def plan(ratios: list[float], int4_methods: list[str], peers: list[str], paths) -> list[Variant]:
+    """Every variant in report order. `paths` names the pipeline's files (the attributes and
+    functions of `iteralite.pipeline.paths`: FP32_CKPT, TRAIN_METRICS, int4_ckpt(method), ...)."""
+    v = [_stage_output("fp32", "artifact", paths.FP32_CKPT, paths.TRAIN_METRICS)]
+    v += [_stage_output(f"int4_{m}", "artifact", paths.int4_ckpt(m), paths.INT4_METRICS, "methods", m)
+          for m in int4_methods]
+    v.append(_stage_output("qat", "artifact", paths.QAT_CKPT, paths.QAT_METRICS))
+    v += [_stage_output(f"{stage}_{r}", "artifact", paths.ratio_ckpt(stage, r), paths.ratio_metrics(stage, r))
+          for r in ratios for stage in ("prune", "finetune")]
+    v.append(_stage_output("mixed", "artifact", paths.MIXED_CKPT, paths.MIXED_METRICS))
+    v.append(_stage_output("fused", "fused", paths.FUSED_CKPT, paths.FUSE_METRICS))
+    v += [Variant(f"peer_{p}", p, paths.FP32_CKPT) for p in peers]
     return v
 
 
@@ -90,13 +93,13 @@ def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32
         row: dict = {"kind": v.kind}
         if v.quality is not None:
             row.update(v.quality, size_bytes=os.path.getsize(v.path), size_kind="file", quality_from=v.quality_from)
-        elif v.kind == "compiled":  # the FP32 weights and math: its logits are checked against fp32 below
-            row.update({k: results["fp32"][k] for k in QUALITY_KEYS if k in results["fp32"]}, size_bytes=state_bytes(model),
-                       size_kind="memory", quality_from="metrics/train.json (same weights as fp32)")
+        elif variant_kind(v.kind).same_weights_as_fp32:  # its logits are checked against fp32 below
+            fp32 = results["fp32"]
+            row.update({k: fp32[k] for k in QUALITY_KEYS if k in fp32}, size_bytes=state_bytes(model),
+                       size_kind="memory", quality_from=f"{fp32['quality_from']} (same weights as fp32)")
         else:
-            row.update(_score_peer(SCORING_TWIN.get(v.kind, load_variant)(v.kind, v.path), evaluator, cfg,
-                                   fp32_metrics), size_bytes=state_bytes(model), size_kind="memory",
-                       quality_from="benchmark")
+            row.update(_score_peer(load_variant(v.kind, v.path, for_scoring=True), evaluator, cfg, fp32_metrics),
+                       size_bytes=state_bytes(model), size_kind="memory", quality_from="benchmark")
         if "bits_per_weight" not in row:  # fp32's training metrics predate the size keys
             from iteralite.train.evaluate import storage_bits
             row["bits_per_weight"] = round(storage_bits(model) / row["params"], 4)
@@ -119,19 +122,6 @@ def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32
         row["decode_speedup_vs_fp32_eager_all_threads"] = round(
             row["decode_tok_s_all_threads"] / base["decode_tok_s_all_threads"], 2)
     return results, hotspots
-
-
-def _int8_for_scoring(kind: str, path: str):
-    """The int8 peer's exact weights through F.linear: torch's int8 kernel has no fast path on
-    this CPU (~0.2 ms per input row), so scoring ~900k tokens through it would take over an hour;
-    the two agree to 1e-5 (tests/test_peers.py). Its speed is measured with the kernel."""
-    from iteralite.io.checkpoint import load_model
-    from iteralite.bench.peers import int8_weight_only
-
-    return int8_weight_only(load_model(path)[0], kernel=False).eval()
-
-
-SCORING_TWIN = {"int8_weight_only": _int8_for_scoring}
 
 
 def _score_peer(model, evaluator, cfg: BenchmarkConfig, fp32: dict) -> dict:

@@ -143,17 +143,15 @@ def read_checkpoint(path) -> Checkpoint:
 
 
 def build_model(ckpt: Checkpoint):
-    """Rebuild the model from the checkpoint's config (and quant config: uniform `qmodules` or
-    per-tensor `mixed`, chosen by the config's format), then fill its tensors."""
+    """Rebuild the model from the checkpoint's config (and its quant config, through the format
+    registry `quant.config.CONFIG_FORMATS`), then fill its tensors."""
     from iteralite.core.model import IteraLite
 
     model = IteraLite(ckpt.config)
     if ckpt.quant:
-        from iteralite.quant.mixed import apply_mixed_config, is_mixed_config
-        from iteralite.quant.qmodules import apply_quant_config
-        apply = apply_mixed_config if is_mixed_config(ckpt.quant) else apply_quant_config
+        from iteralite.quant.config import apply_config
         try:
-            apply(model, ckpt.quant)
+            apply_config(model, ckpt.quant)
         except IteraliteError as e:  # includes a ParamsError from an invalid stored spec
             raise CheckpointError(f"{ckpt.path}: quantization config is unusable: {e}") from None
         except (KeyError, TypeError, AttributeError, ValueError) as e:

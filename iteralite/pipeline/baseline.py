@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from iteralite.io.checkpoint import Checkpoint, load_model
-from iteralite.train.evaluate import EvalConfig, Evaluator
-from iteralite.io.params import load_section
 from iteralite.data.tokenizer import load_tokens
-
-FP32 = "checkpoints/fp32.safetensors"
+from iteralite.io.checkpoint import Checkpoint, load_model
+from iteralite.io.params import load_section
+from iteralite.pipeline import paths
+from iteralite.train.evaluate import EvalConfig, Evaluator
 
 
 @dataclass
@@ -25,10 +24,14 @@ class Baseline:
     train_tokens: torch.Tensor | None = None  # int64 (n,)
 
 
-def load_baseline(train_tokens: bool = True) -> Baseline:
-    evaluator = Evaluator(load_section(EvalConfig, "eval"))
-    model, ckpt = load_model(FP32)
-    with open("metrics/train.json") as f:
+def load_baseline(train_tokens: bool = True, *, fp32=paths.FP32_CKPT, train_metrics=paths.TRAIN_METRICS,
+                  tok_dir=paths.TOKENIZER_DIR, params=paths.PARAMS) -> Baseline:
+    """The baseline from the pipeline's files (paths default to `pipeline.paths`)."""
+    evaluator = Evaluator(load_section(EvalConfig, "eval", params), tok_dir)
+    model, ckpt = load_model(fp32)
+    with open(train_metrics) as f:
         metrics = json.load(f)
-    tokens = torch.from_numpy(load_tokens("data/tokenizer/train.npy").astype("int64")) if train_tokens else None
+    tokens = None
+    if train_tokens:
+        tokens = torch.from_numpy(load_tokens(f"{tok_dir}/train.npy").astype("int64"))
     return Baseline(evaluator, model, ckpt, metrics, tokens)

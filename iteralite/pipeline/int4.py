@@ -12,8 +12,9 @@ import copy
 from dataclasses import dataclass, field
 
 from iteralite.io.params import check
-from iteralite.quant.quantize import ALL_METHODS, QuantSpec
-from iteralite.quant.qmodules import make_spec_for, quantize_model
+from iteralite.quant.methods import METHODS
+from iteralite.quant.spec import ALL_METHODS, QuantSpec
+from iteralite.quant.swap import make_spec_for, quantize
 
 
 @dataclass
@@ -54,12 +55,9 @@ class Int4Config:
         return tuple(self.keep_float) + (("embedding",) if self.embedding == "float" else ())
 
 
-STAT_FOR = {"rtn": "act_sq_mean", "awq": "act_sq_mean", "gptq": "hessian", "nf4": None}
-
-
 def quantize_int4(fp32_model, method: str, cfg: Int4Config, stats: dict, act_int8: bool = False):
     """A quantized copy of `fp32_model`. stats: {'act_sq_mean': {...}, 'hessian': {...}}."""
     model = copy.deepcopy(fp32_model)
     spec_for = make_spec_for(cfg.spec(method, act_int8), keep_float=cfg.keep())
-    kind = STAT_FOR[method]
-    return quantize_model(model, spec_for, stats.get(kind) if kind else None)
+    kind = METHODS[method].stat  # rtn and nf4 need none (rtn's clip search is off here)
+    return quantize(model, spec_for, stats.get(kind) if kind else None)

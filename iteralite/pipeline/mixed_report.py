@@ -2,27 +2,16 @@
 allocation sits against uniform precisions on size versus validation perplexity."""
 from __future__ import annotations
 
-from iteralite.io.atomic import atomic_path, write_text
+from iteralite.io.atomic import write_text
+from iteralite.io.plotting import pyplot, save_png
 
 COLORS = {2: "#d62728", 3: "#ff7f0e", 4: "#2ca02c", 8: "#1f77b4", 16: "#9467bd"}
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
 
 
 def plot_allocation(allocation: dict, profile: dict, png_path, title: str = "Mixed-precision allocation") -> None:
     """One bar per unit: its precision (bits), coloured by precision, labelled with the profiled
     calibration-loss increase of that unit alone at that precision."""
-    plt = _plt()
+    plt = pyplot()
     names = list(allocation)
     fig, ax = plt.subplots(figsize=(9, max(4, 0.26 * len(names))))
     bits = [allocation[n] for n in names]
@@ -38,15 +27,14 @@ def plot_allocation(allocation: dict, profile: dict, png_path, title: str = "Mix
     ax.set_xlim(0, 19)
     ax.set_title(title)
     fig.tight_layout()
-    _save(fig, png_path)
-    plt.close(fig)
+    save_png(fig, png_path)
 
 
 def write_pareto(rows: list[dict], png_path, csv_path, fp32_ppl: float | None = None, headline: str = "") -> None:
     """rows: [{name, size_bytes, val_ppl}] -> a CSV for `dvc plots` and a labelled scatter (log size)."""
     lines = ["name,size_bytes,val_ppl"] + [f"{r['name']},{r['size_bytes']},{r['val_ppl']:.4f}" for r in rows]
     write_text(csv_path, "\n".join(lines) + "\n")
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         star = r["name"] == headline
@@ -62,5 +50,4 @@ def write_pareto(rows: list[dict], png_path, csv_path, fp32_ppl: float | None = 
     ax.set_title("Size versus quality: mixed precision against uniform precisions")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, png_path)
-    plt.close(fig)
+    save_png(fig, png_path)

@@ -2,7 +2,7 @@
 
 From a quantized (QAT) artifact: dequantize to float, then for each cumulative ratio of the
 schedule (e.g. 0.1, 0.2, 0.3, 0.4) score units (Taylor or magnitude on calibration windows),
-remove them physically (`prune.prune`), and recover with a short fake-quantized distillation from
+remove them physically (`apply.prune`), and recover with a short fake-quantized distillation from
 the FP32 teacher, so the model stays fit for 4-bit export. The result is exported to the same
 packed 4-bit format as QAT.
 """
@@ -12,12 +12,16 @@ import dataclasses
 
 import torch
 
+from iteralite.prune.apply import prune
+from iteralite.prune.config import PruneConfig, iterative_schedule
+from iteralite.prune.counting import layer_shapes, prunable_params
+from iteralite.prune.importance import importance_scores, routing_stats
+from iteralite.prune.sensitivity import measure_sensitivity
 from iteralite.quant.calibrate import windows
-from iteralite.prune.prune import (PruneConfig, iterative_schedule, layer_shapes, measure_sensitivity, importance_scores,
-                    prunable_params, prune, routing_stats)
-from iteralite.quant.qat import QATConfig, attach_fake_quant, distill_train, strip_fake_quant
-from iteralite.quant.quantize import QuantSpec
-from iteralite.quant.qmodules import dequantize_model
+from iteralite.quant.qat import QATConfig, attach_fake_quant, rtn_spec_for, strip_fake_quant
+from iteralite.train.distill import distill_train
+from iteralite.quant.spec import QuantSpec
+from iteralite.quant.swap import dequantize_model
 
 
 def calibration_batches(data: torch.Tensor, cfg: PruneConfig, seq_len: int = 256, batch_size: int = 8,
@@ -44,7 +48,7 @@ def prune_with_recovery(quantized_model, teacher, data: torch.Tensor, ratio: flo
         step = {"target": r, "removed_frac": round(report["prunable_params_removed_frac"], 5),
                 "params": report["params_after"]}
         if cfg.recovery_steps:
-            attach_fake_quant(model, spec, tuple(recovery.keep_float))
+            attach_fake_quant(model, rtn_spec_for(spec, tuple(recovery.keep_float)))
             rcfg = dataclasses.replace(recovery, steps=cfg.recovery_steps, seed=recovery.seed + k,
                                        warmup_steps=min(recovery.warmup_steps, cfg.recovery_steps - 1))
             stats = distill_train(model, teacher, data, rcfg, progress, desc=f"recover {r:g}")

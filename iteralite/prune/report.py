@@ -5,19 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from iteralite.io.atomic import atomic_path, write_text
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+from iteralite.io.atomic import write_text
+from iteralite.io.plotting import pyplot, save_png
 
 
 def load_sweep(ratios: list[float], metrics_dir="metrics") -> list[dict]:
@@ -37,7 +26,7 @@ def write_sweep(rows: list[dict], fp32_ppl: float, csv_path, curve_png, sparsity
     cols = ["ratio", "removed_frac", "params", "size_bytes", "compression_vs_fp32", "prune_val_ppl",
             "finetune_val_ppl", "finetune_val_ppl_delta_pct"]
     write_text(csv_path, "\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n")
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["ratio"] for r in rows]
     ax.plot(xs, [r["prune_val_ppl"] for r in rows], "o--", label="after pruning (+ recovery)")
@@ -48,8 +37,7 @@ def write_sweep(rows: list[dict], fp32_ppl: float, csv_path, curve_png, sparsity
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, curve_png)
-    plt.close(fig)
+    save_png(fig, curve_png)
 
     kinds = ["heads", "d_ff", "experts", "prunable_params"]
     n_layers = len(rows[0]["sparsity"]) if rows else 0
@@ -67,5 +55,4 @@ def write_sweep(rows: list[dict], fp32_ppl: float, csv_path, curve_png, sparsity
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Per-layer structured sparsity (heads, expert width, experts, all prunable params)")
     fig.tight_layout()
-    _save(fig, sparsity_png)
-    plt.close(fig)
+    save_png(fig, sparsity_png)

@@ -1,1 +1,27 @@
-"""TODO"""
+"""Quantization: how weights are stored in fewer bits, and trained to survive it.
+
+One path serves every format. A `QuantSpec` (spec) says how one tensor is stored: an integer
+method (rtn, awq, gptq) at 2/3/4/8 bits, bitsandbytes' nf4, or fp16. `swap.quantize(model,
+spec_for)` turns a float model into a stored one, `swap.build_empty` rebuilds the empty stored
+modules for a strict load, and `swap.dequantize_model` turns any stored model back into floats.
+Uniform int4 is a spec_for that returns one spec everywhere; mixed precision is a spec_for that
+returns each unit's spec (a list of per-expert specs for experts).
+
+Modules:
+    spec         QuantSpec, its validation and group-size rules
+    packing      b-bit codes in a dense bitstream (and its bit-by-bit reference twin)
+    intcodes     integer group quantization: codes, scales, zero-points, QTensor, round to nearest
+    awq, gptq    the activation-aware and error-feedback integer quantizers
+    nf4          bitsandbytes' NormalFloat4 in its own packed form, and a plain-torch twin
+    methods      the tensor-level registry: method -> storage class, quantizer, calibration statistic
+    modules      stored modules (QuantLinear/Experts/Embedding, HalfLinear/Embedding, MixedExperts)
+    kernels      torch's packed int4 CPU matmul (opt-in, measured)
+    swap         the module-level registry (method -> stored class per module kind) and the swap
+    config       the quant config stored in checkpoint headers and its reader registry
+    calib_stats  per-weight activation statistics (mean x^2, X^T X) for awq, gptq and clipping
+    calibrate    the calibrate stage's statistics and per-tensor sensitivity
+    fake         fake quantization with a straight-through gradient (QAT's forward)
+    qat          attaching fake quantization, distilling, exporting: quantization-aware training
+    units        mixed precision's vocabulary: precisions, allocation units, exact stored bits
+    allocate     the sensitivity profile and the budgeted greedy allocator
+"""

@@ -14,17 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from iteralite.io.errors import CheckpointError
-from iteralite.io.atomic import atomic_path
+from iteralite.io.atomic import atomic_path, write_text
 from iteralite.io.params import check
-from iteralite.quant.quantize import QuantSpec
-from iteralite.quant.qmodules import collect_act_stats, make_spec_for, quantizable_modules, quantize_model
+from iteralite.io.plotting import pyplot, save_png
+from iteralite.quant.calib_stats import collect_act_stats
+from iteralite.quant.spec import QuantSpec
+from iteralite.quant.swap import make_spec_for, quantizable_modules, quantize
 from iteralite.train.loop import get_batch
+from iteralite.train.losses import next_token_loss
 
 STATS_FORMAT = "iteralite-calibration"
 
@@ -53,11 +55,11 @@ def windows(data: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor
 
 @torch.no_grad()
 def mean_loss(model, wins: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy (nats/token) over windows (n, l), in batches."""
     total, count = 0.0, 0
     for i in range(0, len(wins), batch_size):
         w = wins[i:i + batch_size]
-        logits = model(w[:, :-1])[0]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum").item()
+        total += next_token_loss(model, w, reduction="sum")[0].item()
         count += w[:, 1:].numel()
     return total / count
 
@@ -76,7 +78,7 @@ def sensitivity(model, wins: torch.Tensor, cfg: CalibrateConfig, progress: bool 
         original = getattr(parent, child)
         spec_for = make_spec_for(QuantSpec(bits=bits, group_size=cfg.group_size), keep_float=())
         try:
-            quantize_model(model, lambda n, m: spec_for(n, m) if n == name else None)
+            quantize(model, lambda n, m: spec_for(n, m) if n == name else None)
             out.setdefault(name, {})[str(bits)] = round(mean_loss(model, wins, cfg.batch_size) - base, 6)
         finally:
             setattr(parent, child, original)
@@ -130,12 +132,7 @@ def load_stats(path, kind: str = "act_sq_mean") -> tuple[dict, dict]:
 
 
 def plot_sensitivity(summary: dict, png_path, csv_path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from iteralite.io.atomic import write_text
-
+    plt = pyplot()
     sens = summary["sensitivity"]
     names = list(sens)
     bits = sorted({b for v in sens.values() for b in v}, key=int)
@@ -154,6 +151,4 @@ def plot_sensitivity(summary: dict, png_path, csv_path) -> None:
     ax.set_title("Per-tensor quantization sensitivity")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, png_path)

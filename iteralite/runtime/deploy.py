@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from iteralite.bench.benchmark import register_variant
 from iteralite.io.checkpoint import load_model, save_checkpoint
 from iteralite.runtime.fused import FusedIteraLite
-from iteralite.quant.mixed import to_float
 from iteralite.io.params import check
 
 BACKENDS = ("aoti", "inductor", "eager")
@@ -37,15 +35,10 @@ class FuseConfig:
 
 def fuse(model, backend: str = "aoti", prefill_lens=(128,)) -> FusedIteraLite:
     """Float, uniform or mixed IteraLite -> FusedIteraLite (compiled unless backend is eager)."""
-    fused = FusedIteraLite.from_model(to_float(_copy(model)))
+    fused = FusedIteraLite.from_model(model)
     if backend != "eager":
         fused.compile(batch=1, prefill_lens=tuple(prefill_lens), backend=backend)
     return fused
-
-
-def _copy(model):
-    import copy
-    return copy.deepcopy(model)
 
 
 def save_fused(path, model, ckpt, cfg: FuseConfig, parent: str) -> int:
@@ -60,6 +53,3 @@ def load_fused(path, backend: str | None = None) -> FusedIteraLite:
     model, ckpt = load_model(path)
     runtime = ckpt.meta.get("runtime", {})
     return fuse(model, backend or runtime.get("backend", "aoti"), runtime.get("prefill_lens", [128])).eval()
-
-
-register_variant("fused", load_fused)

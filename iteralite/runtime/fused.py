@@ -183,10 +183,11 @@ class FusedIteraLite(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_model(cls, model) -> "FusedIteraLite":
-        """Build from a float or quantized `IteraLite`; quantized weights are dequantized once here."""
-        from iteralite.quant.qmodules import QuantEmbedding, QuantExperts, QuantLinear, dequantize_model
+        """Build from a float or stored `IteraLite` (any format: uniform, mixed, fp16); stored weights
+        are dequantized once here, on a copy."""
+        from iteralite.quant.swap import dequantize_model
 
-        if any(isinstance(m, (QuantLinear, QuantExperts, QuantEmbedding)) for m in model.modules()):
+        if any(hasattr(m, "to_float") for m in model.modules()):
             model = dequantize_model(copy.deepcopy(model))
         return cls(model).eval()
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from iteralite.io.params import check
+from iteralite.train.losses import next_token_loss
 from iteralite.data.tokenizer import load_tokenizer, load_tokens, token_bytes
 
 
@@ -47,9 +47,8 @@ def evaluate_tokens(model, tokens: np.ndarray, nbytes: np.ndarray, seq_len: int,
     nll, count, nbyte = 0.0, 0, 0
     for i in range(0, n_win, batch_size):
         w = windows[i:i + batch_size]
-        logits = model(w[:, :-1])[0]
         tgt = w[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="sum").item()
+        nll += next_token_loss(model, w, reduction="sum")[0].item()
         count += tgt.numel()
         nbyte += int(nb[tgt].sum())
     model.train(was_training)

@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from iteralite.core.config import ModelConfig
 from iteralite.train.evaluate import EvalConfig, Evaluator
+from iteralite.train.losses import next_token_loss
 from iteralite.io.atomic import atomic_path, write_text
 from iteralite.core.model import IteraLite
 from iteralite.io.params import check
@@ -30,7 +30,10 @@ from iteralite.data.tokenizer import load_tokens
 
 
 @dataclass
-class TrainConfig:
+class ScheduleConfig:
+    """The optimizer schedule every training loop shares (training and distillation): batches,
+    linear warm-up then cosine decay from lr to min_lr, gradient clipping, the MoE auxiliary loss."""
+
     seed: int = 1337
     steps: int = 1500
     batch_size: int = 16
@@ -38,25 +41,34 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 100
-    weight_decay: float = 0.1
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.01
-    eval_every: int = 250
-    eval_tokens: int = 65536  # validation tokens scored at each periodic evaluation
-    checkpoint_every: int = 100
     threads: int = 0  # 0 = all cores
 
-    def validate(self, section: str = "train") -> None:
-        for key in ("steps", "batch_size", "eval_every", "checkpoint_every"):
-            check(getattr(self, key) >= 1, section, key, "must be >= 1")
+    def validate(self, section: str) -> None:
+        check(self.steps >= 1, section, "steps", "must be >= 1")
+        check(self.batch_size >= 1, section, "batch_size", "must be >= 1")
         check(self.seq_len >= 2, section, "seq_len", "must be >= 2")
         check(self.lr > 0, section, "lr", "must be > 0")
         check(0 <= self.min_lr <= self.lr, section, "min_lr", "must be in [0, lr]")
         check(0 <= self.warmup_steps < self.steps, section, "warmup_steps", "must be in [0, steps)")
-        check(self.weight_decay >= 0, section, "weight_decay", "must be >= 0")
         check(self.grad_clip > 0, section, "grad_clip", "must be > 0")
         check(self.aux_loss_coef >= 0, section, "aux_loss_coef", "must be >= 0")
         check(self.threads >= 0, section, "threads", "must be >= 0 (0 = all cores)")
+
+
+@dataclass
+class TrainConfig(ScheduleConfig):
+    weight_decay: float = 0.1
+    eval_every: int = 250
+    eval_tokens: int = 65536  # validation tokens scored at each periodic evaluation
+    checkpoint_every: int = 100
+
+    def validate(self, section: str = "train") -> None:
+        super().validate(section)
+        for key in ("eval_every", "checkpoint_every"):
+            check(getattr(self, key) >= 1, section, key, "must be >= 1")
+        check(self.weight_decay >= 0, section, "weight_decay", "must be >= 0")
 
 
 def lr_at(cfg, step: int) -> float:
@@ -163,8 +175,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok
         for g in opt.param_groups:
             g["lr"] = lr
         batch = get_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step)
-        logits, aux = model(batch[:, :-1])
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        ce, aux = next_token_loss(model, batch)
         loss = ce + cfg.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,116 @@
+"""The mixed_precision stage's computation: profile, allocate under the budget, fine-tune the
+allocation with its own fake quantization, export, and the comparison candidates. The
+library pieces live in `quant.units` (vocabulary), `quant.allocate` (profile and allocator) and
+`quant.qat` (fake-quantized distillation)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from iteralite.io.params import check
+from iteralite.quant.allocate import (UNIT_TYPES, manual_allocation, monotone, optimize, profile, sizes_table,
+                                      uniform_allocation)
+from iteralite.quant.calibrate import mean_loss, windows
+from iteralite.quant.qat import distill_quantized
+from iteralite.quant.units import allocation_spec_for, parse_precision, precision_name, quantize_allocation, units
+
+POLICIES = ("optimized", "manual")
+OBJECTIVES = ("ppl_budget", "bits_target")
+# The original plan's fixed map. The head is tied to the embedding here, so one precision serves both.
+DEFAULT_MANUAL = {"embedding": 8, "in_proj": 8, "out_proj": 8, "x_proj": 16, "dt_proj": 16,
+                  "router": 16, "experts": 4}
+
+
+@dataclass
+class MixedConfig:
+    from_ratio: float = 0.4  # start from checkpoints/finetune/<from_ratio>
+    policy: str = "optimized"  # optimized | manual: the headline artifact
+    objective: str = "ppl_budget"  # ppl_budget | bits_target
+    max_ppl_delta_pct: float = 15.0  # versus FP32 perplexity
+    target_bits_per_weight: float = 3.5  # bits of the allocated weights / their count
+    precisions: list[int | str] = field(default_factory=lambda: [2, 3, 4, 8, 16])
+    group_size: int = 64
+    sens_samples: int = 32  # calibration windows (training split) for the profile and the budget
+    seq_len: int = 256
+    batch_size: int = 16
+    seed: int = 23
+    max_refits: int = 4  # allocator reruns with a smaller budget when the measured loss exceeds it
+    finetune_steps: int = 150  # distillation steps after assignment (optimizer settings: `finetune`)
+    manual: dict = field(default_factory=lambda: dict(DEFAULT_MANUAL))
+    compare: list[int | str] = field(default_factory=lambda: [8, 4])  # uniform precisions on the Pareto plot
+    control_finetune: bool = True  # also fine-tune uniform int4 for the same steps (a fair control)
+
+    def validate(self, section: str = "mixed_precision") -> None:
+        check(0.0 <= self.from_ratio < 1.0, section, "from_ratio", f"must be in [0, 1); got {self.from_ratio}")
+        check(self.policy in POLICIES, section, "policy", f"must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        check(self.objective in OBJECTIVES, section, "objective",
+              f"must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        check(self.max_ppl_delta_pct > 0, section, "max_ppl_delta_pct",
+              f"(the quality budget) must be > 0; got {self.max_ppl_delta_pct}")
+        check(self.target_bits_per_weight > 0, section, "target_bits_per_weight",
+              f"must be > 0; got {self.target_bits_per_weight}")
+        check(len(self.precisions) > 0, section, "precisions", "must list at least one precision")
+        self.precisions = sorted({parse_precision(p, f"{section}.precisions") for p in self.precisions})
+        self.compare = [parse_precision(p, f"{section}.compare") for p in self.compare]
+        for key in ("group_size", "sens_samples", "batch_size", "finetune_steps"):
+            check(getattr(self, key) >= 1, section, key, "must be >= 1")
+        check(self.seq_len >= 2, section, "seq_len", "must be >= 2")
+        check(self.max_refits >= 0, section, "max_refits", "must be >= 0")
+        unknown = sorted(set(self.manual) - set(UNIT_TYPES))
+        check(not unknown, section, "manual", f"has unknown unit types {unknown}; allowed: {', '.join(UNIT_TYPES)}")
+        missing = sorted(set(UNIT_TYPES) - set(self.manual))
+        check(not missing, section, "manual", f"must give a precision for every unit type; missing {missing}")
+        self.manual = {k: parse_precision(v, f"{section}.manual.{k}") for k, v in self.manual.items()}
+
+
+
+def finetune_allocation(start: nn.Module, teacher: nn.Module, data: torch.Tensor, allocation: dict,
+                        group_size: int, qat_cfg, progress: bool = True, desc: str = "mixed finetune"):
+    """(packed mixed model, stats): distill a fake-quantized copy of `start`, then export."""
+    return distill_quantized(copy.deepcopy(start), teacher, data, allocation_spec_for(allocation, group_size),
+                             qat_cfg, progress, desc)
+
+
+@dataclass
+class MixedRun:
+    allocation: dict  # the headline allocation {unit: precision}
+    model: nn.Module  # the headline artifact (packed, fine-tuned)
+    candidates: dict  # {name: (packed model, allocation)} for the Pareto comparison
+    info: dict  # JSON-able: losses, budget, refits, profile, fine-tune stats
+
+
+def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: MixedConfig, qat_cfg,
+              progress: bool = True) -> MixedRun:
+    """The whole stage's computation on a float starting model (see the module docstring)."""
+    wins = windows(data, cfg.sens_samples, cfg.seq_len, cfg.seed)
+    teacher_loss = mean_loss(teacher, wins, cfg.batch_size)
+    base, sens = profile(start, wins, cfg.precisions, cfg.group_size, cfg.batch_size, progress)
+    sizes = sizes_table(start, cfg.precisions, cfg.group_size)
+    shapes = units(start)
+    info = {"calib_loss_fp32": round(teacher_loss, 6), "calib_loss_start": round(base, 6),
+            "profile": {u: {str(p): round(v, 6) for p, v in by_p.items()} for u, by_p in sens.items()}}
+    opt = optimize(start, wins, sizes, monotone(sens), cfg, base, teacher_loss)
+    info.update(budget_nats=None if opt.budget is None else round(opt.budget, 6), refits=opt.refits)
+    headline = opt.allocation if cfg.policy == "optimized" else manual_allocation(shapes, cfg.manual)
+
+    candidates = {}
+    for p in cfg.compare:
+        alloc = uniform_allocation(shapes, p)
+        candidates[f"uniform_{precision_name(p)}"] = (quantize_allocation(copy.deepcopy(start), alloc, cfg.group_size), alloc)
+    manual = manual_allocation(shapes, cfg.manual)
+    candidates["manual"] = (quantize_allocation(copy.deepcopy(start), manual, cfg.group_size), manual)
+    candidates["optimized_before_finetune"] = (quantize_allocation(copy.deepcopy(start), opt.allocation, cfg.group_size),
+                                               opt.allocation)
+    model, stats = finetune_allocation(start, teacher, data, headline, cfg.group_size, qat_cfg, progress)
+    info["finetune"] = stats
+    info["calib_loss_final"] = round(mean_loss(model, wins, cfg.batch_size), 6)
+    if cfg.control_finetune:
+        alloc = uniform_allocation(shapes, 4)
+        ctl, ctl_stats = finetune_allocation(start, teacher, data, alloc, cfg.group_size, qat_cfg, progress,
+                                             desc="control int4 finetune")
+        candidates["uniform_int4_finetuned"] = (ctl, alloc)
+        info["control_finetune"] = ctl_stats
+    return MixedRun(headline, model, candidates, info)

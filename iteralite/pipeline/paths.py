@@ -1,0 +1,56 @@
+"""Every artifact path of the pipeline, in one place (relative to the repository root, where DVC
+runs the stages). `dvc.yaml` names the same files; library functions take paths as arguments,
+and only the stage scripts and the CLI's defaults read them from here."""
+from __future__ import annotations
+
+PARAMS = "params.yaml"
+RAW_DIR = "data/raw"
+PREPARED_DIR = "data/prepared"
+TOKENIZER_DIR = "data/tokenizer"
+TOKENIZER_JSON = f"{TOKENIZER_DIR}/tokenizer.json"
+TRAIN_TOKENS = f"{TOKENIZER_DIR}/train.npy"
+
+FP32_CKPT = "checkpoints/fp32.safetensors"
+TRAIN_RESUME = "checkpoints/train_resume.safetensors"
+CALIBRATION = "checkpoints/calibration.safetensors"
+QAT_CKPT = "checkpoints/qat.safetensors"
+MIXED_CKPT = "checkpoints/mixed.safetensors"
+MIXED_CANDIDATES_DIR = "checkpoints/mixed"
+FUSED_CKPT = "checkpoints/fused.safetensors"
+
+DATA_METRICS = "metrics/data.json"
+TOKENIZER_METRICS = "metrics/tokenizer.json"
+TRAIN_METRICS = "metrics/train.json"
+CALIBRATE_METRICS = "metrics/calibrate.json"
+INT4_METRICS = "metrics/int4.json"
+QAT_METRICS = "metrics/qat.json"
+MIXED_METRICS = "metrics/mixed_precision.json"
+FUSE_METRICS = "metrics/fuse.json"
+BENCH_METRICS = "metrics/benchmark.json"
+BENCH_REPORT = "metrics/report.md"
+
+TRAIN_CURVE = "plots/train_curve.csv"
+SENSITIVITY_PNG, SENSITIVITY_CSV = "plots/sensitivity.png", "plots/sensitivity.csv"
+PRUNE_RATIO_CSV, PRUNE_RATIO_PNG, PRUNE_SPARSITY_PNG = \
+    "plots/prune_ratio.csv", "plots/prune_ratio.png", "plots/prune_sparsity.png"
+MIXED_PARETO_PNG, MIXED_PARETO_CSV, MIXED_ALLOCATION_PNG = \
+    "plots/mixed_pareto.png", "plots/mixed_pareto.csv", "plots/mixed_allocation.png"
+BENCH_PARETO_PNG, BENCH_SPEED_PNG, BENCH_PARETO_CSV = \
+    "plots/bench_pareto.png", "plots/bench_speed.png", "plots/bench_pareto.csv"
+
+
+def int4_ckpt(method: str) -> str:
+    return f"checkpoints/int4/{method}.safetensors"
+
+
+def ratio_ckpt(stage: str, ratio) -> str:
+    """checkpoints/<prune|finetune>/<ratio>.safetensors (the ratio as written in params)."""
+    return f"checkpoints/{stage}/{ratio}.safetensors"
+
+
+def ratio_metrics(stage: str, ratio) -> str:
+    return f"metrics/{stage}_{ratio}.json"
+
+
+def mixed_candidate(name: str) -> str:
+    return f"{MIXED_CANDIDATES_DIR}/{name}.safetensors"

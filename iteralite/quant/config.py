@@ -1,0 +1,98 @@
+"""The quant config stored in a checkpoint header, and the registry that rebuilds a model from it.
+
+Two stored formats, one rebuild path (`quant.swap.build_empty`):
+- "iteralite-quant": {"format", "version", "modules": {name: {"kind", **QuantSpec}}}, one spec per
+  module (uniform int4 and its methods, QAT, pruned and fine-tuned artifacts);
+- "iteralite-mixed": {"format", "version", "group_size", "allocation": {unit: precision}, "bias"},
+  a precision per allocation unit (see `quant.units`).
+`CONFIG_FORMATS` maps the format name to its reader (stored config + float model -> spec_for);
+`apply_config` is what the checkpoint loader calls.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from iteralite.io.errors import CheckpointError, ParamsError
+from iteralite.quant.modules import HalfEmbedding, HalfLinear, MixedExperts
+from iteralite.quant.spec import CONFIG_FORMAT, CONFIG_VERSION, QuantSpec
+from iteralite.quant.swap import build_empty, kind_of
+from iteralite.quant.units import allocation_spec_for, check_allocation, split_expert
+
+MIXED_FORMAT, MIXED_VERSION = "iteralite-mixed", 1
+_STORED_KINDS = {"QuantLinear": "linear", "QuantExperts": "experts", "QuantEmbedding": "embedding"}
+
+
+def quant_config(model: nn.Module) -> dict:
+    """The "iteralite-quant" description of a model's stored modules (one spec each)."""
+    modules = {}
+    for name, m in model.named_modules():
+        kind = _STORED_KINDS.get(type(m).__name__)
+        if kind is not None:
+            modules[name] = {"kind": kind, **m.spec.to_dict()}
+        elif isinstance(m, (HalfLinear, HalfEmbedding, MixedExperts)):
+            raise ValueError(f"'{name}' is a {type(m).__name__}: describe a mixed-precision model with mixed_config")
+    return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "modules": modules}
+
+
+def mixed_config(allocation: dict, group_size: int, model: nn.Module) -> dict:
+    """The "iteralite-mixed" description of an allocation on float model `model`."""
+    alloc = check_allocation(model, allocation)
+    biases = {n: getattr(model.get_submodule(n), "bias", None) is not None
+              for n in alloc if split_expert(n)[1] is None and n != "embedding"}
+    return {"format": MIXED_FORMAT, "version": MIXED_VERSION, "group_size": group_size,
+            "allocation": alloc, "bias": biases}
+
+
+def _check_version(cfg: dict, version: int, what: str) -> None:
+    if cfg.get("version") != version:
+        raise CheckpointError(f"{what} version {cfg.get('version')!r} is not supported "
+                              f"(this code reads version {version})")
+
+
+def _read_uniform(cfg: dict, model: nn.Module) -> Callable:
+    _check_version(cfg, CONFIG_VERSION, "quant config")
+    specs = {}
+    for name, entry in cfg["modules"].items():
+        entry = dict(entry)
+        kind = entry.pop("kind", None)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"quant config names module '{name}', which the model does not have") from None
+        if kind_of(module) != kind:
+            raise CheckpointError(f"quant config: '{name}' is a {type(module).__name__}, config says {kind}")
+        specs[name] = QuantSpec.from_dict(entry, f"quant_config.{name}")
+    return lambda name, module: specs.get(name)
+
+
+def _read_mixed(cfg: dict, model: nn.Module) -> Callable:
+    _check_version(cfg, MIXED_VERSION, "mixed quant config")
+    g = cfg.get("group_size")
+    if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+        raise CheckpointError(f"mixed quant config: group_size {g!r} is not a positive integer")
+    try:
+        alloc = check_allocation(model, cfg.get("allocation") or {})
+    except ParamsError as e:
+        raise CheckpointError(f"mixed quant config: {e}") from None
+    for name, has_bias in (cfg.get("bias") or {}).items():
+        if name in alloc and bool(has_bias) != (getattr(model.get_submodule(name), "bias", None) is not None):
+            raise CheckpointError(f"mixed quant config: bias of '{name}' disagrees with the model config")
+    return allocation_spec_for(alloc, g)
+
+
+CONFIG_FORMATS: dict[str, Callable[[dict, nn.Module], Callable]] = {
+    CONFIG_FORMAT: _read_uniform,
+    MIXED_FORMAT: _read_mixed,
+}
+
+
+def apply_config(model: nn.Module, cfg: dict) -> nn.Module:
+    """Swap empty stored modules into a freshly built float model as the stored `cfg` describes,
+    ready for load_state_dict(strict=True). The format picks the reader from CONFIG_FORMATS."""
+    fmt = cfg.get("format") if isinstance(cfg, dict) else cfg
+    reader = CONFIG_FORMATS.get(fmt)
+    if reader is None:
+        raise CheckpointError(f"quant config: unknown format {fmt!r}; known: {', '.join(CONFIG_FORMATS)}")
+    return build_empty(model, reader(cfg, model))

@@ -1,0 +1,92 @@
+"""The benchmark plan and run: paths come from the `paths` object given to `plan`, and peer
+behaviour (quality shared with FP32, a separate model for scoring) comes from the registry."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from iteralite.bench import suite, variants
+from iteralite.io.checkpoint import save_checkpoint
+
+
+def _paths(root):
+    """A stand-in for iteralite.pipeline.paths that puts every file under `root`."""
+    return SimpleNamespace(
+        FP32_CKPT=f"{root}/ck/fp32.st", TRAIN_METRICS=f"{root}/m/train.json", INT4_METRICS=f"{root}/m/int4.json",
+        QAT_CKPT=f"{root}/ck/qat.st", QAT_METRICS=f"{root}/m/qat.json", MIXED_CKPT=f"{root}/ck/mixed.st",
+        MIXED_METRICS=f"{root}/m/mixed.json", FUSED_CKPT=f"{root}/ck/fused.st", FUSE_METRICS=f"{root}/m/fuse.json",
+        int4_ckpt=lambda m: f"{root}/ck/int4-{m}.st",
+        ratio_ckpt=lambda stage, r: f"{root}/ck/{stage}-{r}.st",
+        ratio_metrics=lambda stage, r: f"{root}/m/{stage}-{r}.json")
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def test_plan_takes_every_path_from_the_paths_object(tmp_path):
+    p = _paths(tmp_path)
+    q = {"val_ppl": 16.0, "params": 10, "not_a_quality_key": 1}
+    for f in (p.TRAIN_METRICS, p.QAT_METRICS, p.MIXED_METRICS, p.FUSE_METRICS,
+              p.ratio_metrics("prune", 0.3), p.ratio_metrics("finetune", 0.3)):
+        _write(tmp_path / f, q)
+    _write(tmp_path / p.INT4_METRICS, {"methods": {"rtn": {"val_ppl": 17.0}, "gptq": {"val_ppl": 16.5}}})
+    plan = suite.plan([0.3], ["rtn", "gptq"], ["int8_weight_only", "compiled"], p)
+    got = [(v.name, v.kind, v.path, v.quality_from) for v in plan]
+    assert got == [
+        ("fp32", "artifact", p.FP32_CKPT, p.TRAIN_METRICS),
+        ("int4_rtn", "artifact", p.int4_ckpt("rtn"), p.INT4_METRICS),
+        ("int4_gptq", "artifact", p.int4_ckpt("gptq"), p.INT4_METRICS),
+        ("qat", "artifact", p.QAT_CKPT, p.QAT_METRICS),
+        ("prune_0.3", "artifact", p.ratio_ckpt("prune", 0.3), p.ratio_metrics("prune", 0.3)),
+        ("finetune_0.3", "artifact", p.ratio_ckpt("finetune", 0.3), p.ratio_metrics("finetune", 0.3)),
+        ("mixed", "artifact", p.MIXED_CKPT, p.MIXED_METRICS),
+        ("fused", "fused", p.FUSED_CKPT, p.FUSE_METRICS),
+        ("peer_int8_weight_only", "int8_weight_only", p.FP32_CKPT, ""),
+        ("peer_compiled", "compiled", p.FP32_CKPT, ""),
+    ]
+    assert plan[0].quality == {"val_ppl": 16.0, "params": 10}  # quality keys only
+    assert plan[2].quality == {"val_ppl": 16.5}  # the method's own entry
+    assert plan[-1].quality is None  # peers are measured, not read
+
+
+class _Evaluator:
+    """Records the models it scores; returns fixed quality numbers."""
+
+    def __init__(self):
+        self.cfg = SimpleNamespace(max_tokens=123)
+        self.scored = []
+
+    def __call__(self, model):
+        self.scored.append((model, self.cfg.max_tokens))
+        return {"val_ppl": 20.0, "val_bpb": 1.3}
+
+
+def test_run_benchmark_takes_peer_behaviour_from_the_registry(model, tmp_path, monkeypatch):
+    path = tmp_path / "fp32.safetensors"
+    save_checkpoint(path, model, kind="fp32", tokenizer_sha256="x")
+    # a kind with FP32's weights that costs no compile: its quality must be FP32's, not scored
+    monkeypatch.setitem(variants.VARIANTS, "twin",
+                        variants.VariantKind("copy:deepcopy", from_fp32=True, same_weights_as_fp32=True))
+    monkeypatch.setattr(suite, "peak_rss", lambda kind, p, n: {"peak_rss_mb": 1.0})  # no child knows "twin"
+    fp32_quality = {"params": model.num_params(), "val_ppl": 16.0, "val_bpb": 1.1}
+    plan = [suite.Variant("fp32", "artifact", str(path), fp32_quality, "m/train.json"),
+            suite.Variant("peer_twin", "twin", str(path)),
+            suite.Variant("peer_int8_weight_only", "int8_weight_only", str(path))]
+    cfg = suite.BenchmarkConfig(decode_tokens=2, repeats=1, profile_tokens=2, hotspots_top=3)
+    evaluator = _Evaluator()
+    results, hotspots = suite.run_benchmark(plan, cfg, evaluator, {"size_bytes": path.stat().st_size, "val_ppl": 16.0})
+
+    twin = results["peer_twin"]
+    assert twin["val_ppl"] == 16.0 and twin["quality_from"] == "m/train.json (same weights as fp32)"
+    assert twin["max_abs_logit_diff_vs_fp32"] == 0.0
+    int8 = results["peer_int8_weight_only"]
+    assert int8["quality_from"] == "benchmark" and int8["val_ppl_delta_pct"] == pytest.approx(25.0)
+    [(scored, max_tokens)] = evaluator.scored  # only the int8 peer is scored ...
+    assert {m.kernel for m in scored.modules() if hasattr(m, "kernel")} == {False}  # ... on its scoring twin
+    assert max_tokens == 0 and evaluator.cfg.max_tokens == 123
+    assert results["fp32"]["decode_speedup_vs_fp32_eager"] == 1.0
+    assert list(hotspots) == ["fp32 (1 thread, 2 decode steps)"]

@@ -1,0 +1,62 @@
+"""prune_with_recovery, one step on the tiny model: a dequantized, physically pruned float model
+whose config records its sizes, recovered by distillation, ready for the stage's 4-bit packing."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from iteralite.io.errors import IteraliteError
+from iteralite.prune.config import PruneConfig
+from iteralite.prune.counting import layer_shapes, prunable_params, require_float
+from iteralite.prune.recovery import prune_with_recovery
+from iteralite.quant.qat import QATConfig
+from iteralite.quant.spec import QuantSpec
+from iteralite.quant.swap import make_spec_for, quantize
+from tests.prune.helpers import bigger, logits, tokens
+
+RATIO = 0.3
+
+
+def run(recovery_steps: int):
+    cfg = PruneConfig(ratios=[RATIO], importance="magnitude", steps=1, recovery_steps=recovery_steps,
+                      calib_batches=1, channel_multiple=8)
+    recovery = QATConfig(steps=1, batch_size=2, seq_len=16, warmup_steps=0, group_size=8)
+    spec = QuantSpec(bits=4, group_size=8, method="rtn")
+    quantized = quantize(bigger(), make_spec_for(spec, tuple(recovery.keep_float)))
+    data = torch.randint(0, 300, (2000,), generator=torch.Generator().manual_seed(5))
+    model, report, history = prune_with_recovery(quantized, bigger(), data, RATIO, cfg, spec, recovery,
+                                                 progress=False)
+    return model, report, history, spec, recovery
+
+
+def test_one_step_prunes_recovers_and_packs():
+    model, report, history, spec, recovery = run(recovery_steps=1)
+    unpruned = bigger()
+    # pruned to the ratio, and the config records the new per-layer sizes
+    assert abs(report["prunable_params_removed_frac"] - RATIO) < 0.02
+    shapes = layer_shapes(model)
+    assert report["layers"] == shapes
+    assert model.cfg.layer_n_heads == [s["n_heads"] for s in shapes.values()]
+    assert model.cfg.layer_n_experts == [s["n_experts"] for s in shapes.values()]
+    assert model.cfg.layer_d_ff == [s["d_ff"] for s in shapes.values()]
+    assert all(s["d_ff"] % 8 == 0 for s in shapes.values())
+    assert prunable_params(model) < prunable_params(unpruned)
+    assert report["params_after"] == model.num_params() < unpruned.num_params()
+    # one schedule step with its recovery
+    assert len(history) == 1 and history[0]["target"] == RATIO and math.isfinite(history[0]["recovery_ce"])
+    # a plain float model: dequantized, fake quant stripped
+    require_float(model)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    idx = tokens()
+    out = logits(model, idx)
+    assert torch.isfinite(out).all()
+    # recovery trained the pruned weights (same pruning without recovery gives other logits)
+    assert not torch.allclose(out, logits(run(recovery_steps=0)[0], idx))
+    # the stage's export: every pruned width still packs into 4-bit groups of 8
+    packed = quantize(model, make_spec_for(spec, tuple(recovery.keep_float)))
+    with pytest.raises(IteraliteError, match="dequantize"):
+        require_float(packed)
+    assert torch.isfinite(logits(packed, idx)).all()

@@ -1,0 +1,142 @@
+"""Mixed-precision storage: exact packing at every precision, byte accounting, loading and errors."""
+from __future__ import annotations
+
+import copy
+import json
+import struct
+
+import pytest
+import torch
+
+from iteralite.io.checkpoint import load_model as load_artifact
+from iteralite.io.checkpoint import header_bytes, save_checkpoint
+from iteralite.io.errors import CheckpointError, ParamsError
+from iteralite.quant.config import mixed_config
+from iteralite.quant.modules import MixedExperts
+from iteralite.quant.swap import dequantize_model
+from iteralite.quant.units import (PRECISIONS, allocation_bits, parse_precision, precision_spec, quantize_allocation,
+                                   unit_bits, units)
+from iteralite.quant.packing import pack_bits, unpack_bits
+from iteralite.quant.fake import fake_weight
+
+
+def _alloc(model, cycle=PRECISIONS):
+    return {u: cycle[i % len(cycle)] for i, u in enumerate(units(model))}
+
+
+def _save(model, path, alloc, g=8):
+    q = quantize_allocation(copy.deepcopy(model), alloc, g)
+    save_checkpoint(path, q, kind="mixed", tokenizer_sha256="t", quant=mixed_config(alloc, g, model))
+    return q
+
+
+def test_precision_names_and_unknown_precision_error():
+    assert [parse_precision(x) for x in ("int2", "INT3", "int4", "int8", "fp16", 2, 16)] == [2, 3, 4, 8, 16, 2, 16]
+    for bad in (5, "int5", "bf16", 4.0, True, None):
+        with pytest.raises(ParamsError, match=r"unknown precision .*allowed: 2, 3, 4, 8, 16"):
+            parse_precision(bad, "mixed_precision.precisions")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_every_code_width_round_trips_exactly(bits):
+    g = torch.Generator().manual_seed(bits)
+    for n in (1, 7, 8, 9, 24, 1001):
+        codes = torch.randint(0, 2 ** bits, (n,), generator=g, dtype=torch.uint8)
+        packed = pack_bits(codes, bits)
+        assert packed.numel() == (n * bits + 7) // 8
+        assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+def test_saved_mixed_artifact_reloads_bit_for_bit(model, tmp_path):
+    alloc = _alloc(model)
+    q = _save(model, tmp_path / "m.safetensors", alloc)
+    loaded, ckpt = load_artifact(tmp_path / "m.safetensors")
+    assert ckpt.quant["allocation"] == alloc
+    a, b = q.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    assert torch.equal(q(idx)[0], loaded(idx)[0])
+    assert isinstance(loaded.layers[0].moe.experts, MixedExperts)
+
+
+def test_each_unit_computes_with_its_fake_quantized_weight(model):
+    alloc = _alloc(model, (3, 16, 2, 8, 4))
+    q = quantize_allocation(copy.deepcopy(model), alloc, 8)
+    ref = copy.deepcopy(model)
+    from iteralite.quant.allocate import set_allocation_
+    set_allocation_(ref, alloc, 8)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    torch.testing.assert_close(q(idx)[0], ref(idx)[0], atol=1e-5, rtol=1e-5)
+    w = model.layers[0].mixer.in_proj.weight
+    torch.testing.assert_close(q.layers[0].mixer.in_proj.dequantized_weight(), fake_weight(w, precision_spec(alloc["layers.0.mixer.in_proj"], w.shape[-1], 8)))
+
+
+def test_bits_accounted_equal_the_file_bytes_minus_header_and_float_leftovers(model, tmp_path):
+    """File = 8-byte length + JSON header + tensor bytes; tensor bytes = the allocation's exact
+    stored bits / 8 + the FP32 leftovers (norms, conv, A_log, D, dt bias). Nothing else."""
+    alloc = _alloc(model)
+    path = tmp_path / "m.safetensors"
+    q = _save(model, path, alloc)
+    with open(path, "rb") as f:
+        header = 8 + struct.unpack("<Q", f.read(8))[0]
+    assert header == header_bytes(path)
+    packed_names = ("_codes", "_scales", "_zeros", "weight_half")
+    leftovers = sum(t.numel() * t.element_size() for k, t in q.state_dict().items()
+                    if not any(s in k for s in packed_names))
+    assert allocation_bits(model, alloc, 8) % 8 == 0
+    assert path.stat().st_size == header + allocation_bits(model, alloc, 8) // 8 + leftovers
+    assert leftovers < 0.1 * path.stat().st_size
+
+
+def test_lower_precision_is_smaller_for_every_unit(model):
+    for u, shape in units(model).items():
+        sizes = [unit_bits(u, shape, p, 8) for p in PRECISIONS]
+        assert sizes == sorted(sizes), (u, sizes)
+
+
+def test_to_float_matches_the_mixed_model(model):
+    q = quantize_allocation(copy.deepcopy(model), _alloc(model), 8)
+    f = dequantize_model(copy.deepcopy(q))
+    assert not any("Quant" in type(m).__name__ or "Half" in type(m).__name__ or isinstance(m, MixedExperts)
+                   for m in f.modules())
+    idx = torch.randint(0, model.cfg.vocab_size, (1, 10))
+    torch.testing.assert_close(f(idx)[0], q(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def _rewrite_quant(src, dst, edit):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    quant = json.loads(meta["quant"])
+    edit(quant)
+    meta["quant"] = json.dumps(quant)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda q: q["allocation"].update({"embedding": 5}), "unknown precision 5"),
+    (lambda q: q.update(version=99), "version 99 is not supported"),
+    (lambda q: q["allocation"].pop("embedding"), "missing"),
+    (lambda q: q["allocation"].update({"embedding": 8 if q["allocation"]["embedding"] != 8 else 4}),
+     "tensors disagree with the stored config"),
+])
+def test_bad_mixed_quant_config_is_a_clear_checkpoint_error(model, tmp_path, edit, match):
+    src = tmp_path / "m.safetensors"
+    _save(model, src, _alloc(model))
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_quant(src, bad, edit)
+    with pytest.raises(CheckpointError, match=match):
+        load_artifact(bad)
+
+
+def test_uniform_artifacts_still_load_through_the_same_loader(model, tmp_path):
+    from iteralite.quant.config import quant_config
+    from iteralite.quant.swap import make_spec_for, quantize
+    from iteralite.quant.spec import QuantSpec
+    q = quantize(copy.deepcopy(model), make_spec_for(QuantSpec(bits=4, group_size=8)))
+    save_checkpoint(tmp_path / "u.safetensors", q, kind="int4", tokenizer_sha256="t", quant=quant_config(q))
+    loaded, _ = load_artifact(tmp_path / "u.safetensors")
+    idx = torch.randint(0, model.cfg.vocab_size, (1, 8))
+    assert torch.equal(loaded(idx)[0], q(idx)[0])
