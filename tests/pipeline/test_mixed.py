@@ -1,0 +1,28 @@
+"""`run_mixed` end to end on a tiny model: the headline artifact, the candidates, the info."""
+from __future__ import annotations
+
+import torch
+
+from iteralite.io.params import from_dict
+from iteralite.pipeline.mixed import MixedConfig, run_mixed
+from iteralite.quant.qat import QATConfig
+from iteralite.quant.units import allocation_bits, check_allocation
+
+
+def test_run_mixed_on_a_tiny_model(model):
+    cfg = from_dict(MixedConfig, {"group_size": 8, "sens_samples": 4, "seq_len": 17, "batch_size": 4,
+                                  "finetune_steps": 2, "max_ppl_delta_pct": 50.0}, "mixed_precision")
+    qcfg = QATConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, threads=1)
+    data = torch.randint(0, model.cfg.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
+    res = run_mixed(model, model, data, cfg, qcfg, progress=False)
+    check_allocation(model, res.allocation)  # one known precision for every unit
+    assert set(res.candidates) == {"uniform_int8", "uniform_int4", "manual", "optimized_before_finetune",
+                                   "uniform_int4_finetuned"}
+    for packed, alloc in res.candidates.values():
+        assert any(type(m).__name__ == "MixedExperts" for m in packed.modules())
+        assert allocation_bits(model, alloc, 8) > 0
+    assert allocation_bits(model, res.allocation, 8) < allocation_bits(model, {u: 16 for u in res.allocation}, 8)
+    assert res.info["refits"] and res.info["budget_nats"] > 0 and res.info["finetune"]["steps"] == 2
+    assert res.info["calib_loss_final"] > 0
+    idx = torch.randint(0, model.cfg.vocab_size, (1, 8))
+    assert torch.isfinite(res.model(idx)[0]).all()
