@@ -12,7 +12,7 @@ from iteralite.runtime.deploy import FuseConfig, fuse, save_fused
 from iteralite.train.evaluate import artifact_metrics
 from iteralite.train.generate import generate_ids
 from iteralite.io.params import load_section
-from iteralite.bench.peers import state_bytes
+from iteralite.bench.memory import state_bytes
 from iteralite.pipeline import paths
 from iteralite.pipeline.stage import run, write_metrics
 from iteralite.data.tokenizer import load_tokenizer

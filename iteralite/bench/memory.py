@@ -18,6 +18,26 @@ import torch
 
 from iteralite.bench import variants
 from iteralite.bench.timing import greedy_steps
+from torch import nn
+
+
+def state_bytes(model: nn.Module) -> int:
+    """In-memory bytes of every tensor that holds the model's weights: parameters, buffers and
+    bitsandbytes quant states (absmax, code book), each storage counted once. Not a file size."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        tensors += _quant_state_tensors(getattr(getattr(m, "weight", None), "quant_state", None))
+    seen: dict[int, int] = {}
+    for t in tensors:
+        seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
+    return sum(seen.values())
+
+
+def _quant_state_tensors(qs) -> list[torch.Tensor]:
+    if qs is None:
+        return []
+    own = [v for v in vars(qs).values() if isinstance(v, torch.Tensor)]
+    return own + _quant_state_tensors(getattr(qs, "state2", None))
 
 
 def _maxrss_mb() -> float:

@@ -13,7 +13,7 @@ Each peer is a module swap on a deep copy, so it keeps IteraLite's interface (`m
 `model(idx, return_state=True)`, `init_state`, `step`) and the same quality and speed code runs
 on all of them. `dt_proj` stays FP32 everywhere: its input dim is dt_rank (4-8), too small for a
 quantization block, and it feeds exp(dt * A), where errors grow (the int4 stage's policy too).
-Peers are never written to disk, so their size is `state_bytes`: in-memory bytes of the tensors
+Peers are never written to disk, so their size is `memory.state_bytes`: in-memory bytes of the tensors
 holding their weights (packed codes, scales and absmax included), not a file size. The
 benchmark loads peers by kind name through `variants.VARIANTS`, which lists every peer here.
 """
@@ -27,44 +27,21 @@ from torch import nn
 
 from iteralite.core.model import TiedEmbedding
 from iteralite.core.moe import Experts, MoE
+from iteralite.quant.swap import kind_of, replace_module
 
 KEEP_FLOAT = ("dt_proj",)
 
 
 def _swap(model: nn.Module, on_linear, on_experts, on_embedding=None) -> nn.Module:
     """Replace Linear / Experts / TiedEmbedding submodules in place with the given builders' output."""
+    build = {"linear": on_linear, "experts": on_experts, "embedding": on_embedding}
     targets = [(n, m) for n, m in model.named_modules() if n]
     for name, module in targets:
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in KEEP_FLOAT:
-            new = on_linear(module)
-        elif isinstance(module, Experts):
-            new = on_experts(module)
-        elif isinstance(module, TiedEmbedding) and on_embedding is not None:
-            new = on_embedding(module)
-        else:
+        kind = kind_of(module)
+        if kind is None or build[kind] is None or (kind == "linear" and name.rsplit(".", 1)[-1] in KEEP_FLOAT):
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        replace_module(model, name, build[kind](module))
     return model
-
-
-def state_bytes(model: nn.Module) -> int:
-    """In-memory bytes of every tensor that holds the model's weights: parameters, buffers and
-    bitsandbytes quant states (absmax, code book), each storage counted once. Not a file size."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    for m in model.modules():
-        tensors += _quant_state_tensors(getattr(getattr(m, "weight", None), "quant_state", None))
-    seen: dict[int, int] = {}
-    for t in tensors:
-        seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.numel() * t.element_size())
-    return sum(seen.values())
-
-
-def _quant_state_tensors(qs) -> list[torch.Tensor]:
-    if qs is None:
-        return []
-    own = [v for v in vars(qs).values() if isinstance(v, torch.Tensor)]
-    return own + _quant_state_tensors(getattr(qs, "state2", None))
 
 
 # --------------------------------------------------------------------------- bitsandbytes NF4

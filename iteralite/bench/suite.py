@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from iteralite.bench.memory import peak_rss
-from iteralite.bench.peers import state_bytes
+from iteralite.bench.memory import state_bytes
 from iteralite.bench.timing import measure_variant, profile_hotspots
 from iteralite.bench.variants import PEER_KINDS, load_variant, variant_kind
 from iteralite.io.params import check

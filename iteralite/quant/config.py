@@ -15,20 +15,20 @@ from typing import Callable
 from torch import nn
 
 from iteralite.io.errors import CheckpointError, ParamsError
-from iteralite.quant.modules import HalfEmbedding, HalfLinear, MixedExperts
+from iteralite.quant.modules import HalfEmbedding, HalfLinear, MixedExperts, QuantEmbedding, QuantExperts, QuantLinear
 from iteralite.quant.spec import CONFIG_FORMAT, CONFIG_VERSION, QuantSpec
 from iteralite.quant.swap import build_empty, kind_of
 from iteralite.quant.units import allocation_spec_for, check_allocation, split_expert
 
 MIXED_FORMAT, MIXED_VERSION = "iteralite-mixed", 1
-_STORED_KINDS = {"QuantLinear": "linear", "QuantExperts": "experts", "QuantEmbedding": "embedding"}
+_STORED_KINDS = {QuantLinear: "linear", QuantExperts: "experts", QuantEmbedding: "embedding"}
 
 
 def quant_config(model: nn.Module) -> dict:
     """The "iteralite-quant" description of a model's stored modules (one spec each)."""
     modules = {}
     for name, m in model.named_modules():
-        kind = _STORED_KINDS.get(type(m).__name__)
+        kind = _STORED_KINDS.get(type(m))
         if kind is not None:
             modules[name] = {"kind": kind, **m.spec.to_dict()}
         elif isinstance(m, (HalfLinear, HalfEmbedding, MixedExperts)):

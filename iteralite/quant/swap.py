@@ -19,11 +19,10 @@ from torch import nn
 
 from iteralite.core.model import TiedEmbedding
 from iteralite.core.moe import Experts
-from iteralite.io.errors import CheckpointError
 from iteralite.quant.methods import METHODS
 from iteralite.quant.modules import (HalfEmbedding, HalfLinear, MixedExperts, QuantEmbedding, QuantExperts,
                                      QuantLinear)
-from iteralite.quant.spec import INT_METHODS, QuantSpec, fit_group_size
+from iteralite.quant.spec import INT_METHODS, QuantSpec, QuantSpecError, fit_group_size
 
 KINDS = {"linear": nn.Linear, "experts": Experts, "embedding": TiedEmbedding}
 FORMATS: dict[str, dict[str, type]] = {
@@ -50,11 +49,11 @@ def stored_class(name: str, kind: str, spec) -> type:
     """The stored module class for a float module of `kind` under `spec` (registry lookup)."""
     if isinstance(spec, (list, tuple)):
         if kind != "experts":
-            raise CheckpointError(f"'{name}': a list of per-expert specs only applies to experts, not a {kind}")
+            raise QuantSpecError(f"'{name}': a list of per-expert specs only applies to experts, not a {kind}")
         return MixedExperts
     cls = FORMATS.get(spec.method, {}).get(kind)
     if cls is None:
-        raise CheckpointError(f"'{name}': method '{spec.method}' cannot store a {kind}")
+        raise QuantSpecError(f"'{name}': method '{spec.method}' cannot store a {kind}")
     return cls
 
 
@@ -63,7 +62,8 @@ def _validate(spec) -> None:
         s.validate()
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` is (same place in its parent's order)."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -76,7 +76,7 @@ def _swap(model: nn.Module, spec_for: SpecFor, make: Callable) -> nn.Module:
             continue
         _validate(spec)
         with torch.no_grad():
-            _replace(model, name, make(stored_class(name, kind_of(module), spec), name, module, spec))
+            replace_module(model, name, make(stored_class(name, kind_of(module), spec), name, module, spec))
     return model
 
 
@@ -97,7 +97,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, m in list(model.named_modules()):
             if hasattr(m, "to_float") and not any(name.startswith(d + ".") for d in done):
-                _replace(model, name, m.to_float())
+                replace_module(model, name, m.to_float())
                 done.append(name)
     return model
 

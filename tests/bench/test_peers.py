@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iteralite.bench import peers
+from iteralite.bench import memory, peers
 from iteralite.core.moe import Experts
 
 
@@ -96,7 +96,7 @@ def test_int8_state_bytes_is_a_quarter_of_fp32_for_quantized_weights(model):
     fp32_bytes = 4 * sum(p.numel() for p in quantized)
     rows = sum(p.shape[:-1].numel() for p in quantized)
     int8_bytes = fp32_bytes // 4 + 4 * rows  # codes + one fp32 scale per output row
-    assert peers.state_bytes(peer) == peers.state_bytes(model) - fp32_bytes + int8_bytes
+    assert memory.state_bytes(peer) == memory.state_bytes(model) - fp32_bytes + int8_bytes
     # a quarter, plus the scales (4 bytes per row of K >= 16 inputs in the tiny model)
     assert int8_bytes / fp32_bytes < 0.25 + 1 / 16 + 1e-9
 
@@ -106,9 +106,9 @@ def test_nf4_state_bytes_counts_packed_codes_and_absmax(model):
     four_bit = [m for m in peer.modules() if type(m).__name__ == "Linear4bit"]
     assert four_bit and all(m.weight.dtype == torch.uint8 for m in four_bit)
     packed = sum(m.weight.numel() + 4 * m.weight.quant_state.absmax.numel() for m in four_bit)
-    fp32_rest = peers.state_bytes(model) - 4 * sum(m.in_features * m.out_features for m in four_bit)
+    fp32_rest = memory.state_bytes(model) - 4 * sum(m.in_features * m.out_features for m in four_bit)
     # fp32 rest + codes + absmax, and at most the 16-entry NF4 code book per module on top
-    assert packed + fp32_rest <= peers.state_bytes(peer) <= packed + fp32_rest + 64 * len(four_bit)
+    assert packed + fp32_rest <= memory.state_bytes(peer) <= packed + fp32_rest + 64 * len(four_bit)
 
 
 def test_expert_weights_are_the_dequantized_weights(model):
