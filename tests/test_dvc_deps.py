@@ -3,12 +3,15 @@
 DVC reruns a stage only when a listed dep changes, so a module missing from the list is an edit
 that silently leaves stale outputs. The import closure is computed statically with `ast` (no
 iteralite import): absolute and relative imports, imports inside functions (lazy) and under `if`,
-`from pkg import submodule`, and the `__init__.py` of every package on the way. A dep that is a
-directory covers the files below it. Templated deps (`${...}`) are ignored.
+`from pkg import submodule`, the `__init__.py` of every package on the way, and lazy-registry
+entries: a string constant "iteralite.x.y:attr" (how `bench.variants` names its loaders) is an
+import of iteralite.x.y. A dep that is a directory covers the files below it. Templated deps
+(`${...}`) are ignored.
 """
 from __future__ import annotations
 
 import ast
+import re
 import shlex
 from collections import deque
 from pathlib import Path
@@ -19,6 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "iteralite"
 DVC_YAML = ROOT / "dvc.yaml"
+REGISTRY_ENTRY = re.compile(rf"^({PKG}(?:\.\w+)+):\w+$")  # "module:attr", imported on use
 
 
 def module_file(root: Path, dotted: str) -> Path | None:
@@ -59,6 +63,8 @@ def imports_of(root: Path, path: Path) -> set[str]:
             found.add(base)  # `from base import name`: name may itself be a submodule
             found.update(f"{base}.{a.name}" for a in node.names
                          if a.name != "*" and module_file(root, f"{base}.{a.name}"))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and REGISTRY_ENTRY.match(node.value):
+            found.add(REGISTRY_ENTRY.match(node.value)[1])
     return {m for m in found if m == PKG or m.startswith(PKG + ".")}
 
 
@@ -194,6 +200,13 @@ def test_relative_imports_resolve(tmp_path):
     parent, _ = closure(tmp_path, tmp_path / "s.py")
     assert {f"{PKG}/core/model.py", f"{PKG}/core/util.py", f"{PKG}/core/__init__.py"} <= set(parent)
     assert parent[f"{PKG}/core/model.py"] == f"{PKG}/quant/gptq.py"
+
+
+def test_registry_strings_count_as_imports(tmp_path):
+    root = _tree(tmp_path, {"iteralite/__init__.py": "", "iteralite/reg.py": 'KINDS = {"a": "iteralite.impl:load"}\n',
+                            "iteralite/impl.py": "", "iteralite/other.py": 'X = "iteralite.impl is not an entry"\n'})
+    assert "iteralite.impl" in imports_of(root, root / "iteralite/reg.py")
+    assert "iteralite.impl" not in imports_of(root, root / "iteralite/other.py")
 
 
 def test_directory_deps_cover_files():
