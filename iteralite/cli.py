@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,14 +11,14 @@ from iteralite.io.errors import IteraliteError
 
 
 def _load(args):
-    from iteralite.io.checkpoint import load_model
-    from iteralite.data.tokenizer import file_sha256, load_tokenizer
+    from iteralite.io.checkpoint import check_tokenizer, load_model
+    from iteralite.data.tokenizer import load_tokenizer
 
     model, ckpt = load_model(args.checkpoint)
+    # Before the tokenizer is parsed: a directory, a missing file, another tokenizer or another
+    # vocabulary size are each one clear line, not a library error or silently wrong text.
+    check_tokenizer(ckpt, args.tokenizer)
     tok = load_tokenizer(args.tokenizer)
-    if ckpt.tokenizer_sha256 and ckpt.tokenizer_sha256 != file_sha256(args.tokenizer):
-        raise IteraliteError(f"{args.checkpoint} was trained with another tokenizer than {args.tokenizer} "
-                             "(sha256 differs); pass the matching --tokenizer")
     return _runtime(model, ckpt, args), ckpt, tok
 
 
@@ -35,39 +36,106 @@ def _runtime(model, ckpt, args):
     return fuse(model, ckpt.meta.get("runtime", {}).get("backend", "aoti"), [n])
 
 
+def _cpu_count() -> int:
+    """CPUs this process may run on (the affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def cmd_generate(args) -> None:
+    from iteralite.train.generate import check_prompt, check_sampling, stream_text
+
+    # Every argument is checked before anything is loaded.
+    check_sampling(temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                   max_new_tokens=args.max_new_tokens)
+    cpus = _cpu_count()
+    if not 0 <= args.threads <= cpus:  # torch overflows, or crashes, on absurd thread counts
+        raise IteraliteError(f"--threads must be in [0, {cpus}] (0 = torch default; at most the "
+                             f"{cpus} CPUs here), got {args.threads}")
+    check_prompt(args.prompt)
     import torch
 
-    from iteralite.train.generate import stream_text
-
-    if args.max_new_tokens < 0:
-        raise IteraliteError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise IteraliteError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, ckpt, tok = _load(args)
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    stream_text(tok, model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, write)
+    write(args.prompt)
+    try:
+        stream_text(tok, model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                    write)
+    except KeyboardInterrupt:
+        # Ctrl-C ends the story where it is: keep what was shown, end the line, no traceback.
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        raise
     sys.stdout.write("\n")
 
 
-def cmd_evaluate(args) -> None:
-    from iteralite.train.evaluate import EvalConfig, Evaluator
+def _eval_config(args):
+    """The `eval` section of --params (the settings the pipeline's stages score with), with the
+    --seq-len/--batch-size/--max-tokens overrides; validated before anything is loaded."""
+    import dataclasses
 
+    from iteralite.io.errors import ParamsError
+    from iteralite.io.params import load_section
+    from iteralite.train.evaluate import EvalConfig
+
+    path = Path(args.params)
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a directory, not a params file (pass --params params.yaml)")
+    if path.exists():
+        try:
+            cfg, source = load_section(EvalConfig, "eval", path), str(path)
+        except UnicodeDecodeError as e:
+            raise ParamsError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        except OSError as e:
+            raise ParamsError(f"{path}: cannot read the params file: {e.strerror}") from None
+    else:
+        cfg, source = EvalConfig(), None
+        print(f"iteralite: {path} not found; using the default eval settings "
+              f"{dataclasses.asdict(cfg)} (pass --params to use the pipeline's)", file=sys.stderr)
+    overrides = {k: v for k, v in (("seq_len", args.seq_len), ("batch_size", args.batch_size),
+                                   ("max_tokens", args.max_tokens)) if v is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    try:
+        cfg.validate("eval")
+    except ParamsError as e:
+        # The file's values were validated on loading, so an override is out of range: name the flag.
+        flags = [f"--{k.replace('_', '-')} {v}" for k, v in overrides.items() if f"'eval.{k}'" in str(e)]
+        raise ParamsError(f"{e} (from {', '.join(flags)})" if flags else str(e)) from None
+    return cfg, source
+
+
+def cmd_evaluate(args) -> None:
+    import dataclasses
+
+    from iteralite.train.evaluate import Evaluator
+
+    cfg, source = _eval_config(args)
     model, ckpt, _ = _load(args)
-    ev = Evaluator(EvalConfig(max_tokens=args.max_tokens), Path(args.tokenizer).parent)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "kind": ckpt.kind, **ev(model)}, indent=2))
+    ev = Evaluator(cfg, Path(args.tokenizer).parent)
+    scores = ev(model)
+    settings = {**dataclasses.asdict(cfg), "params": source}
+    print(json.dumps({"checkpoint": str(args.checkpoint), "kind": ckpt.kind, "eval": settings, **scores},
+                     indent=2))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `iteralite: error: ...` line like every other error
+    (the subcommand parsers are made by this class too)."""
+
+    def error(self, message):
+        self.exit(2, f"iteralite: error: {message} (see `{self.prog} --help`)\n")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="iteralite", description=__doc__)
+    p = _Parser(prog="iteralite", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="stream a story from a checkpoint (any artifact kind)")
     g.add_argument("--checkpoint", default="checkpoints/fp32.safetensors")
@@ -84,7 +152,12 @@ def main(argv=None) -> int:
     e = sub.add_parser("evaluate", help="validation ppl/bpb and WikiText-2 ppl of a checkpoint")
     e.add_argument("--checkpoint", default="checkpoints/fp32.safetensors")
     e.add_argument("--tokenizer", default="data/tokenizer/tokenizer.json")
-    e.add_argument("--max-tokens", type=int, default=0)
+    e.add_argument("--params", default="params.yaml",
+                   help="its `eval` section gives the settings the pipeline's stages score with")
+    e.add_argument("--seq-len", type=int, default=None, help="override eval.seq_len")
+    e.add_argument("--batch-size", type=int, default=None, help="override eval.batch_size")
+    e.add_argument("--max-tokens", type=int, default=None,
+                   help="override eval.max_tokens: tokens scored per split (0 = all)")
     e.set_defaults(func=cmd_evaluate)
     args = p.parse_args(argv)
     try:
@@ -94,6 +167,8 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        return 130  # the shell's status for SIGINT; cmd_generate already ended the line
     return 0
 
 

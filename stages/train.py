@@ -7,6 +7,8 @@ from iteralite.io.checkpoint import save_checkpoint
 from iteralite.io.errors import ParamsError
 from iteralite.io.params import from_dict, load_section, read_params
 from iteralite.pipeline import paths
+from iteralite.pipeline.artifacts import artifact_meta
+from iteralite.pipeline.dvcfile import code_digest
 from iteralite.pipeline.stage import run, write_metrics
 from iteralite.train.evaluate import EvalConfig, Evaluator
 from iteralite.train.loop import TrainConfig, train
@@ -21,10 +23,10 @@ def main():
     cfg = load_section(TrainConfig, "train")
     eval_cfg = load_section(EvalConfig, "eval")
     model, stats = train(model_cfg, cfg, eval_cfg, tok_dir=paths.TOKENIZER_DIR, resume_path=paths.TRAIN_RESUME,
-                         curve_path=paths.TRAIN_CURVE)
+                         curve_path=paths.TRAIN_CURVE, code=code_digest("train"))
     quality = Evaluator(eval_cfg, paths.TOKENIZER_DIR)(model)
     size = save_checkpoint(paths.FP32_CKPT, model, kind="fp32", tokenizer_sha256=file_sha256(paths.TOKENIZER_JSON),
-                           meta={"stage": "train", **stats, **quality})
+                           meta=artifact_meta({"stage": "train", **stats, **quality}))
     Path(paths.TRAIN_RESUME).unlink(missing_ok=True)
     write_metrics(paths.TRAIN_METRICS, {"params": model.num_params(), "size_bytes": size, **quality, **stats})
 

@@ -94,7 +94,9 @@ def prepare(cfg: DataConfig, out_dir: str | Path = "data/prepared") -> dict:
     wiki = Path(cfg.wikitext)
     if not wiki.exists():
         raise _missing_raw(wiki)
-    read_utf8(wiki)  # fail early on bad bytes
+    if not read_utf8(wiki).strip():  # fail early on bad bytes or no text: it is scored after training
+        raise DataError(f"{wiki}: holds no text ({wiki.stat().st_size} bytes); WikiText-2 perplexity needs the "
+                        "WikiText-2 test split there (run `dvc pull`, or point data.wikitext at it)")
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {}
     for split, stories in (("train", train), ("valid", valid)):

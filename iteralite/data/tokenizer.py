@@ -41,6 +41,16 @@ def train_tokenizer(cfg: TokenizerConfig, train_text: str) -> Tokenizer:
     if not stories:
         raise DataError("cannot train a tokenizer on an empty corpus")
     tok.train_from_iterator(stories, trainer=trainer)
+    # BPE stops early when no pair is seen min_frequency times: the model would then silently get
+    # a smaller vocabulary than params.yaml asks for. Say what is too small instead.
+    got = tok.get_vocab_size()
+    if got < cfg.vocab_size:
+        n_bytes = sum(len(s.encode("utf-8")) for s in stories)
+        raise DataError(
+            f"the training split ({len(stories)} {'story' if len(stories) == 1 else 'stories'}, {n_bytes} bytes) "
+            f"is too small for 'tokenizer.vocab_size' = {cfg.vocab_size}: byte-level BPE found only {got} tokens "
+            f"(merges need pairs seen >= tokenizer.min_frequency = {cfg.min_frequency} times); add training "
+            f"stories (data.max_train_stories, data.source) or lower tokenizer.vocab_size to <= {got}")
     return tok
 
 

@@ -2,30 +2,37 @@
 
 A file holds only tensors and a string header: format name, format version, artifact kind, the
 full model config (with per-layer shapes after pruning), the quantization config, the tokenizer's
-sha256, free-form meta (step, losses, parent artifact) and a sha256 over all tensor bytes.
-Loading rebuilds the model from the config, applies the quantization config (uniform or mixed
-precision, by its stored format) as a module swap,
-then fills the tensors with strict shape checks. Nothing is ever unpickled.
+sha256, free-form meta (step, losses, parent artifact) and a checksum: a sha256 over every other
+header field and over the tensors (names, dtypes, shapes, bytes), so a changed config is caught as
+surely as a changed weight. Loading checks the path is a readable regular file (never opening a
+FIFO), verifies the checksum before any header field is trusted, rebuilds the model from the
+config, applies the quantization config (uniform or mixed precision, by its stored format) as a
+module swap, then fills the tensors with strict shape checks. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from iteralite.core.config import ModelConfig
 from iteralite.io.errors import CheckpointError, IteraliteError
-from iteralite.io.atomic import atomic_path
+from iteralite.io.stfile import save_tensors
 
 FORMAT = "iteralite"
-VERSION = 1
+VERSION = 2  # 2: the checksum covers the header fields too (1: tensor bytes only)
 _MAX_HEADER = 100 * 1024 * 1024
+_CHECKSUM_KEY = "sha256"
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass
@@ -48,9 +55,28 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def checkpoint_checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """The checksum stored under "sha256": sha256 over every metadata field except the checksum
+    itself (sorted keys; each key and value length-prefixed, so no two headers frame alike) and the
+    tensor digest. It detects corruption; it is not a signature (anyone can recompute it)."""
+    fields = sorted((k, v) for k, v in metadata.items() if k != _CHECKSUM_KEY)
+    h = hashlib.sha256(b"iteralite-checksum-v2\0")
+    h.update(struct.pack("<Q", len(fields)))
+    for key, value in fields:
+        for s in (key, value):
+            b = s.encode("utf-8", "surrogatepass")  # a JSON "\ud800" escape must not raise here
+            h.update(struct.pack("<Q", len(b)))
+            h.update(b)
+    h.update(bytes.fromhex(tensor_digest(tensors)))
+    return h.hexdigest()
+
+
 def save_checkpoint(path, model, *, kind: str, tokenizer_sha256: str, meta: dict | None = None,
                     quant: dict | None = None) -> int:
-    """Write `model` atomically to `path`; returns the file's size in bytes."""
+    """Write `model` atomically to `path`; returns the file's size in bytes.
+
+    An empty `tokenizer_sha256` is allowed (unit tests save models with no tokenizer); such a file
+    loads, but `check_tokenizer` refuses it."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     header = {
         "format": FORMAT,
@@ -60,10 +86,9 @@ def save_checkpoint(path, model, *, kind: str, tokenizer_sha256: str, meta: dict
         "quant": json.dumps(quant or {}),
         "tokenizer_sha256": tokenizer_sha256,
         "meta": json.dumps(meta or {}),
-        "sha256": tensor_digest(tensors),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+    header[_CHECKSUM_KEY] = checkpoint_checksum(header, tensors)
+    save_tensors(path, tensors, header)
     return Path(path).stat().st_size
 
 
@@ -74,9 +99,55 @@ def header_bytes(path) -> int:
         return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
+_FILE_TYPES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _check_regular_file(path: Path, what: str, missing: str) -> None:
+    """Raise a one-line CheckpointError unless `path` (after symlinks) is a regular file.
+    `missing` is the hint for a path that does not exist. Only stats: never opens the path."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):  # the link itself exists: its target (a DVC cache file) is gone
+            raise CheckpointError(
+                f"{path}: is a symlink to {os.readlink(path)!r}, which does not exist (a broken DVC "
+                "cache link): run `dvc pull` or `dvc checkout`") from None
+        raise CheckpointError(f"{path}: no such {what} {missing}") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{path}: symlink loop (too many levels of symbolic links): "
+                                  f"fix or remove the link; it is not a {what}") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise CheckpointError(f"{path}: permission denied: cannot reach the {what} "
+                                  "(check the permissions of its folders)") from None
+        raise CheckpointError(f"{path}: cannot access the {what}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{path}: is a directory, not a {what} file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_TYPES if test(st.st_mode)), "not a regular file")
+        raise CheckpointError(f"{path}: is {kind}, not a {what} file")
+
+
+def _open_regular(path: Path, what: str):
+    """Open a file already checked by `_check_regular_file` for reading. O_NONBLOCK keeps the open
+    from hanging if the path was swapped for a FIFO meanwhile; fstat then refuses it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied: cannot read the {what} "
+                              "(check the file's mode and owner)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open the {what}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: is not a regular file (it changed while being opened)")
+    return os.fdopen(fd, "rb")
+
+
 def _read_header(path: Path) -> dict:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with _open_regular(path, "checkpoint") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
             raise CheckpointError(f"{path}: file is empty or truncated ({size} bytes): not an iteralite checkpoint")
@@ -87,7 +158,7 @@ def _read_header(path: Path) -> dict:
                 "iteralite checkpoints are safetensors files written by its stages")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise CheckpointError(f"{path}: header is not valid JSON: the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object: the file is corrupt")
@@ -108,10 +179,11 @@ def _read_header(path: Path) -> dict:
 
 
 def read_checkpoint(path) -> Checkpoint:
-    """Read and verify a checkpoint's header and tensors (no model is built)."""
+    """Read and verify a checkpoint's header and tensors (no model is built). Only the format name
+    and version are read before the checksum is verified; nothing else in the header is used
+    unverified."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint (run `dvc repro` or `dvc pull` to create it)")
+    _check_regular_file(path, "checkpoint", "(run `dvc repro` or `dvc pull` to create it)")
     meta = _read_header(path)
     fmt = meta.get("format")
     if fmt != FORMAT:
@@ -124,12 +196,15 @@ def read_checkpoint(path) -> Checkpoint:
     try:
         tensors = {}
         with safe_open(str(path), framework="pt") as f:
+            stored = f.metadata() or {}
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{path}: cannot read tensors ({e}): the file is corrupt") from None
-    if tensor_digest(tensors) != meta.get("sha256"):
-        raise CheckpointError(f"{path}: tensor checksum mismatch: the file is corrupt (re-create or re-pull it)")
+    # Our JSON parser and safetensors' must agree on the header (they could differ on odd JSON).
+    if stored != meta or checkpoint_checksum(meta, tensors) != meta.get(_CHECKSUM_KEY):
+        raise CheckpointError(f"{path}: checksum mismatch: header or tensors were changed: "
+                              "the file is corrupt (re-create or re-pull it)")
     try:
         config = ModelConfig.from_dict(json.loads(meta["config"]))
         quant = json.loads(meta.get("quant", "{}"))
@@ -140,6 +215,41 @@ def read_checkpoint(path) -> Checkpoint:
         raise CheckpointError(f"{path}: config in header is unusable: {e}") from None
     return Checkpoint(path, meta.get("kind", "?"), config, quant, meta.get("tokenizer_sha256", ""),
                       info, tensors)
+
+
+def check_tokenizer(ckpt: Checkpoint, tokenizer_path) -> None:
+    """Raise a one-line CheckpointError unless `tokenizer_path` is the tokenizer `ckpt` was trained
+    with: the checkpoint must record a tokenizer sha256, the file must be a readable tokenizer JSON
+    with that sha256, and its vocabulary size must equal the model's `config.vocab_size`."""
+    from iteralite.data.tokenizer import file_sha256, load_tokenizer
+
+    tok_path = Path(tokenizer_path)
+    recorded = ckpt.tokenizer_sha256
+    if not (isinstance(recorded, str) and _SHA256_HEX.fullmatch(recorded)):
+        raise CheckpointError(
+            f"{ckpt.path}: records no tokenizer id (tokenizer_sha256 {recorded!r}), so it cannot be "
+            f"checked against {tok_path}; re-create it with `dvc repro`")
+    _check_regular_file(tok_path, "tokenizer", "(run `dvc repro tokenizer` or `dvc pull`)")
+    with _open_regular(tok_path, "tokenizer"):
+        pass  # a readable file: permission problems get their own line, not a library error
+    try:
+        vocab = load_tokenizer(tok_path).get_vocab_size()
+    except IteraliteError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # `tokenizers` raises a bare Exception for a file it cannot parse
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{tok_path}: not a tokenizer JSON file ({reason}); "
+                              f"{ckpt.path} needs the tokenizer.json it was trained with") from None
+    try:
+        actual = file_sha256(tok_path)
+    except OSError as e:
+        raise CheckpointError(f"{tok_path}: cannot read the tokenizer: {e.strerror}") from None
+    if actual != recorded.lower():
+        raise CheckpointError(f"{ckpt.path} was trained with another tokenizer than {tok_path} "
+                              "(sha256 differs); pass the matching tokenizer")
+    if vocab != ckpt.config.vocab_size:
+        raise CheckpointError(f"{ckpt.path}: the model's vocab_size is {ckpt.config.vocab_size} but "
+                              f"tokenizer {tok_path} has {vocab} tokens; re-create them together with `dvc repro`")
 
 
 def build_model(ckpt: Checkpoint):

@@ -15,3 +15,7 @@ class CheckpointError(IteraliteError):
 
 class DataError(IteraliteError):
     """Input data is missing or unusable."""
+
+
+class DivergedError(IteraliteError):
+    """A training loop met a non-finite loss or gradient norm: nothing was written."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -32,40 +33,167 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     return data
 
 
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
-        return all(_type_ok(v, inner) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
+def _describe(value: Any) -> str:
+    """How a wrong value is named in a message: "the string '0.1'", "the int 3", "None"."""
+    if value is None:
+        return "None"
+    if isinstance(value, (list, tuple)):
+        return f"a list {value!r}"
+    if isinstance(value, dict):
+        return f"a mapping {value!r}"
+    kind = {str: "string", bool: "boolean"}.get(type(value), type(value).__name__)
+    return f"the {kind} {value!r}"
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _item_noun(tp: Any) -> str:
+    """'numbers' for float, 'integers' for int, ...: what a list's items must be."""
+    return {float: "numbers", int: "integers", str: "strings", bool: "booleans"}.get(tp) or _type_name(tp)
+
+
+class _Mismatch(Exception):
+    """`value` is not of the expected type; the caller words the message (it knows the key)."""
+
+
+def _to_float(value: Any) -> float:
+    """int, float, or a string that parses as a float -> float. YAML 1.1 (PyYAML) reads `3e-3` (no
+    dot) as the string '3e-3', so a numeric string is taken as the number it spells."""
+    if isinstance(value, bool):
+        raise _Mismatch
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise _Mismatch from None
+    raise _Mismatch
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """`value` as type `tp` (floats from ints and numeric strings), or _Mismatch. Lists are checked
+    item by item by `_check_value`, which names the offending item."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        # An exact match first, so '8' stays a string in list[int | str]; then conversions.
+        for a in args:
+            if a is not float and _exact(value, a):
+                return value
+        for a in args:
+            try:
+                return _convert(value, a)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        args = typing.get_args(tp)
+        return [_convert(v, args[0] if args else Any) for v in value]
+    if origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if tp is float:
+        return _to_float(value)
+    if not isinstance(tp, type):  # a typing construct params never use: not checked here
+        return value
+    if _exact(value, tp):
+        return value
+    raise _Mismatch
+
+
+def _exact(value: Any, tp: Any) -> bool:
+    """`value` is already of the plain type `tp` (a bool is not an int)."""
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type) and typing.get_origin(tp) is None:
+        return isinstance(value, tp)
+    return False
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """Every float a field holds (itself or its list items) must be finite: `.inf` and `.nan` are
+    valid YAML but never a valid setting."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamsError(f"params: '{key}' must be a finite number, got {value}")
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ParamsError(f"params: '{key}' items must be finite numbers; item {i} is {v}")
+
+
+def _check_value(value: Any, tp: Any, key: str, meta: typing.Mapping = types.MappingProxyType({})) -> Any:
+    """`value` converted to the field type `tp`, or a ParamsError naming `key` (and, for a list,
+    the first item of a wrong type). `meta`: the field's metadata; "items" names a list's items in
+    messages; "as_written": True refuses numeric strings as items (their text names outputs)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(rest) < len(typing.get_args(tp)):
+            return None
+        if len(rest) == 1:  # `X | None`: a value is checked (and worded) as an X
+            return _check_value(value, rest[0], key, meta)
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        if not isinstance(value, (list, tuple)):
+            what = f"params: '{key}' must be a list of {meta.get('items') or _item_noun(inner)}"
+            if isinstance(value, (str, int, float)):  # e.g. `dvc exp run -S key=0.3` writes a scalar
+                example = f"[{value}]"
+                raise ParamsError(f"{what}, e.g. {example} (with dvc exp run: -S '{key}={example}'); "
+                                  f"got {_describe(value)}")
+            raise ParamsError(f"{what}, got {_describe(value)}")
+        out = []
+        for i, v in enumerate(value):
+            if meta.get("as_written") and isinstance(v, str):
+                raise ParamsError(
+                    f"params: '{key}' items must be {_item_noun(inner)}; item {i} is {_describe(v)} (each one "
+                    "names its DVC outputs as written, so it must be a plain YAML number such as 0.1, "
+                    "not quoted and without an exponent)")
+            try:
+                out.append(_convert(v, inner))
+            except _Mismatch:
+                raise ParamsError(f"params: '{key}' items must be {_item_noun(inner)}; item {i} is "
+                                  f"{_describe(v)}") from None
+        _check_finite(out, key)
+        return out
+    try:
+        out = _convert(value, tp)
+    except _Mismatch:
+        hint = ""
+        if tp is int and isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                hint = f" (a string: YAML reads {value} as text; write {int(f)})"
+        raise ParamsError(f"params: '{key}' must be {_type_name(tp)}, got {value!r}{hint}") from None
+    _check_finite(out, key)
+    return out
 
 
 def from_dict(cls: type[T], raw: dict | None, section: str) -> T:
     """Build dataclass `cls` from `raw`, failing on unknown keys and wrong types.
 
-    Missing keys take the dataclass defaults. After construction the dataclass's own
-    `validate()` (if any) checks ranges and raises ParamsError.
+    Missing keys take the dataclass defaults. Floats accept ints and numeric strings (YAML 1.1
+    reads `3e-3` as a string; so do list items, unless the field's metadata says "as_written")
+    and must be finite; a list error names its first item of a wrong type.
+    After construction the dataclass's own `validate()` (if any) checks ranges and raises
+    ParamsError.
     """
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
@@ -79,16 +207,8 @@ def from_dict(cls: type[T], raw: dict | None, section: str) -> T:
             raise ParamsError(
                 f"params: unknown key '{section}.{key}'{hint}; allowed keys: {', '.join(fields)}"
             )
-    kwargs = {}
-    for name, value in raw.items():
-        tp = hints[name]
-        if not _type_ok(value, tp):
-            raise ParamsError(
-                f"params: '{section}.{name}' must be {_type_name(tp)}, got {value!r}"
-            )
-        if tp is float and isinstance(value, int):
-            value = float(value)
-        kwargs[name] = value
+    kwargs = {name: _check_value(value, hints[name], f"{section}.{name}", fields[name].metadata)
+              for name, value in raw.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from iteralite.io.errors import DataError
 from iteralite.io.params import check
 from iteralite.quant.allocate import (UNIT_TYPES, manual_allocation, monotone, optimize, profile, sizes_table,
                                       uniform_allocation)
@@ -20,6 +21,7 @@ from iteralite.quant.units import allocation_spec_for, parse_precision, precisio
 POLICIES = ("optimized", "manual")
 OBJECTIVES = ("ppl_budget", "bits_target")
 # The original plan's fixed map. The head is tied to the embedding here, so one precision serves both.
+CONTROL_PRECISION = 4  # control_finetune: the uniform precision fine-tuned for the same steps, as a fair control
 DEFAULT_MANUAL = {"embedding": 8, "in_proj": 8, "out_proj": 8, "x_proj": 16, "dt_proj": 16,
                   "router": 16, "experts": 4}
 
@@ -64,7 +66,34 @@ class MixedConfig:
         missing = sorted(set(UNIT_TYPES) - set(self.manual))
         check(not missing, section, "manual", f"must give a precision for every unit type; missing {missing}")
         self.manual = {k: parse_precision(v, f"{section}.manual.{k}") for k, v in self.manual.items()}
+        self._check_candidates(section)
 
+    def _check_candidates(self, section: str) -> None:
+        """Every precision the stage uses must be a candidate: only candidates are profiled and
+        sized, so any other one would fail (KeyError) after the profile and the fine-tunes."""
+        names = ", ".join(map(precision_name, self.precisions))
+        where = f"not among the candidates 'mixed_precision.precisions' ({names})"
+        manual = sorted({p for p in self.manual.values() if p not in self.precisions})
+        if manual:
+            uses = "; ".join(f"{precision_name(p)} for {', '.join(k for k, v in self.manual.items() if v == p)}"
+                             for p in manual)
+            check(False, section, "manual", f"uses {uses}, {where}; add them to precisions or map those unit "
+                                            "types to candidates")
+        compare = [p for p in dict.fromkeys(self.compare) if p not in self.precisions]
+        check(not compare, section, "compare", f"has {', '.join(map(precision_name, compare))}, {where}; add "
+                                               "them to precisions or drop them from compare")
+        check(not self.control_finetune or CONTROL_PRECISION in self.precisions, section, "control_finetune",
+              f"fine-tunes a uniform {precision_name(CONTROL_PRECISION)} control, which is {where}; add "
+              f"{CONTROL_PRECISION} to precisions or set control_finetune: false")
+
+
+
+def check_stream_length(data: torch.Tensor, span: int, key: str, value: int) -> None:
+    """Batches are random windows of `span` + 1 tokens from `data` (start drawn from len - span - 1
+    positions): a DataError naming `key` now, rather than a torch error after the profile."""
+    if len(data) < span + 2:
+        raise DataError(f"mixed_precision: the training split has {len(data)} tokens, too few for windows of "
+                        f"'{key}' = {value}; lower {key} or add training data")
 
 
 def finetune_allocation(start: nn.Module, teacher: nn.Module, data: torch.Tensor, allocation: dict,
@@ -85,6 +114,8 @@ class MixedRun:
 def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: MixedConfig, qat_cfg,
               progress: bool = True) -> MixedRun:
     """The whole stage's computation on a float starting model (see the module docstring)."""
+    check_stream_length(data, cfg.seq_len - 1, "mixed_precision.seq_len", cfg.seq_len)
+    check_stream_length(data, qat_cfg.seq_len, "finetune.seq_len", qat_cfg.seq_len)
     wins = windows(data, cfg.sens_samples, cfg.seq_len, cfg.seed)
     teacher_loss = mean_loss(teacher, wins, cfg.batch_size)
     base, sens = profile(start, wins, cfg.precisions, cfg.group_size, cfg.batch_size, progress)
@@ -108,7 +139,7 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
     info["finetune"] = stats
     info["calib_loss_final"] = round(mean_loss(model, wins, cfg.batch_size), 6)
     if cfg.control_finetune:
-        alloc = uniform_allocation(shapes, 4)
+        alloc = uniform_allocation(shapes, CONTROL_PRECISION)
         ctl, ctl_stats = finetune_allocation(start, teacher, data, alloc, cfg.group_size, qat_cfg, progress,
                                              desc="control int4 finetune")
         candidates["uniform_int4_finetuned"] = (ctl, alloc)

@@ -17,7 +17,11 @@ DEFAULT_PROTECTED = ("embedding",)
 class PruneConfig:
     """params.yaml section "prune"."""
 
-    ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])  # cumulative targets
+    # Cumulative targets. A list even for one ratio: DVC's matrix iterates it. Each ratio's text
+    # names its outputs (checkpoints/prune/<ratio>...), so a quoted '0.1' or 1e-1 (a string in
+    # YAML 1.1) is refused rather than converted: the report would look for other file names.
+    ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4],
+                                metadata={"items": "ratios", "as_written": True})
     importance: str = "taylor"  # taylor | magnitude
     allocation: str = "uniform"  # uniform | sensitivity
     steps: int = 4  # iterative steps to each ratio (recovery training between them)
@@ -37,6 +41,10 @@ class PruneConfig:
         check(len(self.ratios) > 0, section, "ratios", "must list at least one ratio, e.g. [0.1, 0.2, 0.4]")
         for r in self.ratios:
             check(0.0 <= r < 1.0, section, "ratios", f"entries must be in [0, 1), got {r}")
+        # Each ratio is one pruned artifact and one plot row: a repeat would be trained twice.
+        repeated = sorted({r for r in self.ratios if self.ratios.count(r) > 1})
+        check(not repeated, section, "ratios",
+              f"lists {', '.join(map(str, repeated))} more than once; give each ratio once, got {self.ratios}")
         check(self.importance in IMPORTANCES, section, "importance",
               f"must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         check(self.allocation in ALLOCATIONS, section, "allocation",

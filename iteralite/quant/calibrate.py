@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from iteralite.io.errors import CheckpointError
-from iteralite.io.atomic import atomic_path, write_text
+from iteralite.io.atomic import write_text
+from iteralite.io.stfile import save_tensors
 from iteralite.io.params import check
 from iteralite.io.plotting import pyplot, save_png
 from iteralite.quant.calib_stats import collect_act_stats
@@ -108,8 +108,7 @@ def calibrate(model, data: torch.Tensor, cfg: CalibrateConfig, progress: bool = 
 
 def save_stats(path, tensors: dict, summary: dict) -> None:
     meta = {"format": STATS_FORMAT, "version": "1", "summary": json.dumps(summary)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_tensors(path, tensors, meta)
 
 
 def load_stats(path, kind: str = "act_sq_mean") -> tuple[dict, dict]:

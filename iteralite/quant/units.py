@@ -35,9 +35,11 @@ _NAMES = {**{f"int{b}": b for b in INT_PRECISIONS}, "fp16": 16}
 
 
 def parse_precision(value, where: str = "precision") -> int:
-    """2 | 3 | 4 | 8 | 16, or a name int2 | int3 | int4 | int8 | fp16 -> the bit width."""
+    """2 | 3 | 4 | 8 | 16 (or as text, '8'), or a name int2 | int3 | int4 | int8 | fp16 -> the bit width."""
     if isinstance(value, str) and value.strip().lower() in _NAMES:
         return _NAMES[value.strip().lower()]
+    if isinstance(value, str) and value.strip().isdigit() and int(value) in PRECISIONS:
+        return int(value)  # '8': a number written as text, accepted as params accept '3e-3' for a float
     if isinstance(value, int) and not isinstance(value, bool) and value in PRECISIONS:
         return value
     allowed = ", ".join([*map(str, PRECISIONS), *_NAMES])

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iteralite.io.errors import DataError, ParamsError
 from iteralite.io.params import check
 from iteralite.train.losses import next_token_loss
 from iteralite.data.tokenizer import load_tokenizer, load_tokens, token_bytes
@@ -39,7 +40,8 @@ def evaluate_tokens(model, tokens: np.ndarray, nbytes: np.ndarray, seq_len: int,
         tokens = tokens[:max_tokens]
     n_win = len(tokens) // seq_len
     if n_win == 0:
-        raise ValueError(f"need at least {seq_len} tokens to evaluate, got {len(tokens)}")
+        raise DataError(f"evaluation needs at least one window of {seq_len} tokens, got {len(tokens)} "
+                        f"tokens{f' (max_tokens={max_tokens})' if max_tokens else ''}")
     windows = torch.from_numpy(tokens[: n_win * seq_len].astype(np.int64)).view(n_win, seq_len)
     nb = torch.from_numpy(nbytes)
     was_training = model.training
@@ -65,6 +67,23 @@ class Evaluator:
         self.nbytes = token_bytes(load_tokenizer(tok_dir / "tokenizer.json"))
         self.valid = load_tokens(tok_dir / "valid.npy")
         self.wiki = load_tokens(tok_dir / "wikitext2.npy")
+        # Both splits are scored after training: a window that does not fit must stop the stage now.
+        for split, tokens in (("valid", self.valid), ("wikitext2", self.wiki)):
+            self.check_window(split, len(tokens), cfg.max_tokens, "eval.max_tokens")
+
+    def check_window(self, split: str, n_tokens: int, max_tokens: int, max_key: str) -> None:
+        """A ParamsError unless `split` (n_tokens long, cut to max_tokens when > 0) holds at least
+        one full window of eval.seq_len tokens. `max_key` names the setting max_tokens came from."""
+        seq_len = self.cfg.seq_len
+        if n_tokens < seq_len:
+            raise ParamsError(
+                f"params: 'eval.seq_len' = {seq_len} is longer than the {split} split, which has {n_tokens} "
+                f"tokens: evaluation needs at least one full window; lower eval.seq_len to <= {n_tokens} "
+                f"or use more {split} data")
+        if max_tokens and max_tokens < seq_len:
+            raise ParamsError(
+                f"params: '{max_key}' = {max_tokens} leaves less than one window of 'eval.seq_len' = {seq_len} "
+                f"tokens of the {split} split ({n_tokens} tokens); set it to >= {seq_len} (or 0 = the whole split)")
 
     def valid_loss(self, model, max_tokens: int | None = None) -> float:
         mt = self.cfg.max_tokens if max_tokens is None else max_tokens

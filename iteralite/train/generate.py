@@ -2,15 +2,41 @@
 O(1) work per new token. Works for every artifact kind the checkpoint loader can rebuild."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import torch
 
 from iteralite.io.errors import IteraliteError
 
+# A temperature below this makes logits / temperature overflow float32 for ordinary logits (and
+# says nothing sampling at 0 = greedy would not); above it the distribution is as good as uniform.
+TEMPERATURE_RANGE = (1e-3, 100.0)
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+
+
+def check_sampling(*, temperature: float, top_k: int, seed: int | None = None,
+                   max_new_tokens: int | None = None) -> None:
+    """Raise IteraliteError for sampling settings that would crash, hang or silently misbehave.
+
+    The messages name the CLI flags, so the command line and a Python caller read the same text.
+    """
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise IteraliteError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    lo, hi = TEMPERATURE_RANGE
+    if not math.isfinite(temperature) or temperature < 0:
+        raise IteraliteError(f"--temperature must be >= 0 (0 = greedy) and finite, got {temperature}")
+    if temperature != 0 and not lo <= temperature <= hi:
+        raise IteraliteError(f"--temperature must be 0 (greedy) or in [{lo:g}, {hi:g}], got {temperature:g}")
+    if top_k < 0:
+        raise IteraliteError(f"--top-k must be >= 0 (0 = no top-k filter), got {top_k}")
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise IteraliteError(f"--seed must be in [0, 2**64 - 1] = [0, {SEED_MAX}], got {seed}")
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> int:
     """logits (V,) -> token id; temperature 0 means greedy."""
+    check_sampling(temperature=temperature, top_k=top_k)
     if temperature == 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
@@ -25,10 +51,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.8,
                  top_k: int = 40, seed: int = 0, stop_id: int | None = None) -> Iterator[int]:
     """Yield new token ids one at a time."""
-    if max_new_tokens < 0:
-        raise IteraliteError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise IteraliteError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    check_sampling(temperature=temperature, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
     if not prompt_ids:
         raise IteraliteError("the prompt encodes to no tokens")
     if max_new_tokens == 0:
@@ -45,23 +68,51 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, temperatu
         nxt = sample_next(logits[0], temperature, top_k, gen)
 
 
+def check_prompt(prompt: str) -> None:
+    """Raise IteraliteError for a prompt that is not valid UTF-8 text.
+
+    Python hands undecodable command-line bytes over as lone surrogates (U+DC80..U+DCFF), which the
+    tokenizer cannot encode; name the first bad byte instead.
+    """
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(prompt[e.start])
+        what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"character U+{ch:04X}"
+        raise IteraliteError(f"the prompt is not valid UTF-8 ({what} at character {e.start}); "
+                             "pass UTF-8 text") from None
+
+
 def stream_text(tok, model, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
                 write: Callable[[str], None]) -> list[int]:
-    """Generate after `prompt`, calling `write` with each new piece of decoded text."""
+    """Generate after `prompt`, calling `write` with each new piece of decoded text.
+
+    Decoding is incremental, so the work per token does not grow with the story: only the ids not
+    yet shown (`tail`, usually one or a few) are decoded. A byte-level BPE token can end inside a
+    multi-byte UTF-8 character, which decodes to a trailing U+FFFD; the tail is held back until it
+    decodes to text that ends in a complete character, then written and dropped. The byte-level
+    decoder maps each id to its bytes and neither adds nor strips spaces, so decoding a tail that
+    starts on a character boundary gives exactly that part of decoding the whole output. Whatever
+    is still held at the end is written as it decodes, so the pieces add up to `tok.decode(ids)`.
+    """
     from iteralite.data.tokenizer import eot_id
 
+    check_prompt(prompt)
     eot = eot_id(tok)
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
     prompt_ids = prompt_ids or [eot]  # an empty prompt starts a fresh story
     out: list[int] = []
-    shown = ""
+    tail: list[int] = []
     for t in generate_ids(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                           seed=seed, stop_id=eot):
         if t == eot:
             break
         out.append(t)
-        text = tok.decode(out)
+        tail.append(t)
+        text = tok.decode(tail)
         if not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
-            write(text[len(shown):])
-            shown = text
+            write(text)
+            tail.clear()
+    if tail:
+        write(tok.decode(tail))
     return out

@@ -2,9 +2,12 @@
 periodic validation, a CSV training curve, and resumption after an interruption.
 
 Resumption: every `checkpoint_every` steps the model, optimizer moments, step, elapsed time and
-curve so far go atomically to a resume file. A restarted run with the same params continues from
-it; with different params it starts over. Batches depend only on (seed, step), so a resumed run
-sees the same data as an uninterrupted one.
+curve so far go atomically to a resume file. A restarted run with the same params, data and code
+(the stage passes a digest of its code deps) continues from it; otherwise it starts over. Batches
+depend only on (seed, step), so a resumed run sees the same data as an uninterrupted one.
+
+Divergence: every loop (this one and `distill`) stops at the first non-finite loss or gradient
+norm with a `DivergedError` naming the step, before anything is written.
 """
 from __future__ import annotations
 
@@ -17,13 +20,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from iteralite.core.config import ModelConfig
 from iteralite.train.evaluate import EvalConfig, Evaluator
 from iteralite.train.losses import next_token_loss
-from iteralite.io.atomic import atomic_path, write_text
+from iteralite.io.atomic import write_text
+from iteralite.io.errors import DataError, DivergedError
+from iteralite.io.stfile import save_tensors
 from iteralite.core.model import IteraLite
 from iteralite.io.params import check
 from iteralite.data.tokenizer import load_tokens
@@ -80,6 +84,32 @@ def lr_at(cfg, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
 
 
+def check_finite(where: str, step: int, steps: int, loss: float, grad_norm: float, lr: float,
+                 lr_key: str = "its params section's lr") -> None:
+    """Stop a training loop at its first non-finite loss or gradient norm (step is 0-based)."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = f"loss is {loss:g}" if not math.isfinite(loss) else f"gradient norm is {grad_norm:g}"
+    raise DivergedError(
+        f"{where} diverged at step {step + 1} of {steps}: {what} (learning rate {lr:g}); likely cause: "
+        f"{lr_key} too high or too short a warm-up; lower it and rerun (nothing was written)")
+
+
+def check_finite_model(model: torch.nn.Module, where: str) -> None:
+    """Refuse to write a model holding NaN or infinite floats (the last line of defence)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DivergedError(f"{where}: tensor {name} holds NaN or infinite values; the run diverged "
+                                "(nothing was written)")
+
+
+def check_stream(data: torch.Tensor, seq_len: int, where: str, key: str) -> None:
+    """A token stream must hold more than one window of seq_len + 1 tokens to sample batches from."""
+    if len(data) <= seq_len + 1:
+        raise DataError(f"{where}: the training split has {len(data)} tokens, too few for windows of "
+                        f"'{key}' = {seq_len} (+1); add data or lower {key}")
+
+
 def set_threads(threads: int) -> int:
     if threads:
         torch.set_num_threads(threads)
@@ -114,8 +144,7 @@ def save_resume(path: Path, model, opt, step: int, elapsed: float, curve: list, 
             tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
             tensors[f"opt.{i}.step"] = st["step"].reshape(1).float()
     meta = {"step": str(step), "elapsed": repr(elapsed), "curve": json.dumps(curve), "run_hash": run_hash}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_tensors(path, tensors, meta)
 
 
 def load_resume(path: Path, model, opt, run_hash: str):
@@ -126,7 +155,7 @@ def load_resume(path: Path, model, opt, run_hash: str):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("run_hash") != run_hash:
-                print(f"[train] {path} belongs to other params: starting fresh")
+                print(f"[train] {path} belongs to other params, data or code: starting fresh")
                 return None
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # a damaged resume file is not fatal: start over
@@ -150,16 +179,21 @@ def write_curve(path: Path, curve: list) -> None:
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok_dir="data/tokenizer",
           resume_path="checkpoints/train_resume.safetensors", curve_path="plots/train_curve.csv",
-          progress: bool = True):
-    """Train from scratch (or resume); returns (model, stats)."""
+          progress: bool = True, code: str = ""):
+    """Train from scratch (or resume); returns (model, stats). `code`: a digest of the code the run
+    depends on, part of the resume key (a resume file of other code is never resumed)."""
     threads = set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    data = torch.from_numpy(load_tokens(Path(tok_dir) / "train.npy").astype("int64"))
+    tokens = load_tokens(Path(tok_dir) / "train.npy")
+    data = torch.from_numpy(tokens.astype("int64"))
+    check_stream(data, cfg.seq_len, "train", "train.seq_len")
     model = IteraLite(model_cfg)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     evaluator = Evaluator(eval_cfg, tok_dir)
+    evaluator.check_window("valid", len(evaluator.valid), cfg.eval_tokens, "train.eval_tokens")
     resume_path, curve_path = Path(resume_path), Path(curve_path)
-    run_hash = _run_hash(model_cfg.to_dict(), asdict(cfg), asdict(eval_cfg), int(len(data)))
+    data_sha = hashlib.sha256(tokens.tobytes()).hexdigest()
+    run_hash = _run_hash(model_cfg.to_dict(), asdict(cfg), asdict(eval_cfg), data_sha, code)
     start, elapsed, curve = 0, 0.0, []
     resumed = load_resume(resume_path, model, opt, run_hash)
     if resumed:
@@ -179,13 +213,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok
         loss = ce + cfg.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        check_finite("training", step, cfg.steps, loss.item(), norm.item(), lr, "'train.lr'")
         opt.step()
         loss_ema = ce.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * ce.item()
         done = step + 1
         val = None
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val = evaluator.valid_loss(model, cfg.eval_tokens)
+            check_finite("training", step, cfg.steps, val, 0.0, lr, "'train.lr'")
             model.train()
         if done % 10 == 0 or val is not None:
             curve.append({"step": done, "train_loss": loss_ema, "val_loss": val, "lr": lr})
@@ -201,5 +237,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok
              "train_tokens_per_s": round((cfg.steps - start) * cfg.batch_size * cfg.seq_len
                                          / max(1e-9, train_seconds - elapsed), 1),
              "final_train_loss": round(loss_ema, 5), "resumed_from_step": start}
+    check_finite_model(model, "training")
     model.eval()
     return model, stats

@@ -68,3 +68,21 @@ def test_hub_failure_is_a_clear_error(tmp_path, monkeypatch):
     _, wiki = _raw(tmp_path)
     with pytest.raises(DataError, match="could not load dataset"):
         prepare(DataConfig(source="hub", hub_name="no-such-owner/no-such-dataset", wikitext=str(wiki)), tmp_path / "o")
+
+
+@pytest.mark.parametrize("text", ["", "\n \n"])
+def test_wikitext_without_text_stops_the_data_stage(tmp_path, text):
+    src, wiki = _raw(tmp_path)
+    wiki.write_text(text)
+    with pytest.raises(DataError, match=r"wiki\.txt: holds no text \(\d+ bytes\); WikiText-2 perplexity needs"):
+        prepare(DataConfig(source=str(src), wikitext=str(wiki)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # stopped before writing anything
+
+
+def test_one_story_and_two_word_wikitext_are_prepared(tmp_path):
+    """Small but usable inputs pass the data stage; what they are too small for is said where it is
+    known (the tokenizer's vocabulary, the evaluation window: see test_tokenizer, test_evaluate)."""
+    src, wiki = _raw(tmp_path, train=["Once upon a time."])
+    wiki.write_text("hello world")
+    stats = prepare(DataConfig(source=str(src), wikitext=str(wiki)), tmp_path / "out")
+    assert stats["train_stories"] == 1 and stats["wikitext2_bytes"] == 11

@@ -1,12 +1,16 @@
 """Bad inputs answered clearly: mutated artifacts never crash the loader in any other way than a
-CheckpointError; odd text goes through data preparation and tokenization; same seed, same result."""
+CheckpointError, and a file that does load is the original model; odd text goes through data
+preparation and tokenization; same seed, same result."""
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.io.checkpoint import header_bytes, load_model, save_checkpoint
 from iteralite.data.corpus import DataConfig, join_stories, prepare
 from iteralite.io.errors import CheckpointError
 from iteralite.quant.config import quant_config
@@ -17,20 +21,49 @@ from tests.conftest import fake_stories, tiny_config
 
 
 _ARTIFACTS: dict = {}
+_IDX = torch.arange(24).reshape(2, 12) * 11 % 300  # a fixed input, (b, l) = (2, 12)
+
+
+def _fields(ckpt) -> tuple:
+    return ckpt.kind, ckpt.config, ckpt.quant, ckpt.meta, ckpt.tokenizer_sha256
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_IDX)[0]
 
 
 def artifacts(tmp_dir) -> dict:
-    """A float and a packed 4-bit artifact of a tiny model, as bytes (built once per session)."""
+    """kind -> (file bytes, header_bytes, header fields, logits on _IDX) for a float and a packed
+    4-bit artifact of a tiny model (built once per session)."""
     if _ARTIFACTS:
         return _ARTIFACTS
     d = tmp_dir
     torch.manual_seed(0)
     m = IteraLite(tiny_config())
-    save_checkpoint(d / "f.safetensors", m, kind="fp32", tokenizer_sha256="x")
+    meta = {"step": 7, "parent": "models/fp32.safetensors"}
+    save_checkpoint(d / "f.safetensors", m, kind="fp32", tokenizer_sha256="ab" * 32, meta=meta)
     q = quantize_int4(m, "rtn", Int4Config(group_size=8), {})
-    save_checkpoint(d / "q.safetensors", q, kind="int4-rtn", tokenizer_sha256="x", quant=quant_config(q))
-    _ARTIFACTS.update(fp32=(d / "f.safetensors").read_bytes(), int4=(d / "q.safetensors").read_bytes())
+    save_checkpoint(d / "q.safetensors", q, kind="int4-rtn", tokenizer_sha256="ab" * 32, quant=quant_config(q),
+                    meta=meta)
+    for kind, name in (("fp32", "f.safetensors"), ("int4", "q.safetensors")):
+        model, ckpt = load_model(d / name)
+        _ARTIFACTS[kind] = ((d / name).read_bytes(), header_bytes(d / name), _fields(ckpt), _logits(model))
     return _ARTIFACTS
+
+
+def _loads_as_original_or_fails_clearly(path, kind) -> bool:
+    """True when `path` loads (then it must be the original model: same header fields, same logits);
+    False on a one-line CheckpointError; any other exception fails the test."""
+    _, _, fields, logits = _ARTIFACTS[kind]
+    try:
+        model, ckpt = load_model(path)
+    except CheckpointError as e:
+        assert "\n" not in str(e)
+        return False
+    assert _fields(ckpt) == fields  # a "harmless" load must never carry another config
+    assert torch.equal(_logits(model), logits)
+    return True
 
 
 mutation = st.one_of(
@@ -44,7 +77,7 @@ mutation = st.one_of(
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["fp32", "int4"]), muts=st.lists(mutation, min_size=1, max_size=4))
 def test_mutated_artifacts_fail_only_with_checkpoint_error(tmp_path, kind, muts):
-    data = bytearray(artifacts(tmp_path)[kind])
+    data = bytearray(artifacts(tmp_path)[kind][0])
     for op, pos, val in muts:
         if not data and op != "insert":
             continue
@@ -57,10 +90,37 @@ def test_mutated_artifacts_fail_only_with_checkpoint_error(tmp_path, kind, muts)
             data.insert(pos, val)
     path = tmp_path / "m.safetensors"
     path.write_bytes(bytes(data))
-    try:
-        load_model(path)
-    except CheckpointError:
-        pass  # the only acceptable failure; success is fine when a mutation was harmless
+    _loads_as_original_or_fails_clearly(path, kind)  # a CheckpointError, or the unchanged model
+
+
+@settings(max_examples=500, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["fp32", "int4"]), data=st.data())
+def test_any_header_byte_change_is_an_error_or_changes_nothing(tmp_path, kind, data):
+    """Any one byte of the header region (length prefix + JSON header) replaced by any other value:
+    a CheckpointError, or a load identical to the original (e.g. JSON padding ' ' -> '\\t')."""
+    raw, n_header, _, _ = artifacts(tmp_path)[kind]
+    pos = data.draw(st.integers(0, n_header - 1), label="pos")
+    new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[pos]), label="byte")
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(raw[:pos] + bytes([new]) + raw[pos + 1:])
+    _loads_as_original_or_fails_clearly(path, kind)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int4"])
+def test_every_header_byte_changed_is_an_error_or_changes_nothing(tmp_path, kind):
+    """The same property swept over every header position (one seeded replacement value each), and
+    the header's padding spaces swapped for other JSON whitespace, which must load unchanged."""
+    raw, n_header, _, _ = artifacts(tmp_path)[kind]
+    rng = random.Random(0)
+    path = tmp_path / "h.safetensors"
+    for pos in range(n_header):
+        path.write_bytes(raw[:pos] + bytes([raw[pos] ^ rng.randrange(1, 256)]) + raw[pos + 1:])
+        _loads_as_original_or_fails_clearly(path, kind)
+    pad = n_header - 1  # safetensors pads the JSON header with spaces to a multiple of 8 bytes
+    if raw[pad:pad + 1] == b" ":
+        path.write_bytes(raw[:pad] + b"\t" + raw[pad + 1:])
+        assert _loads_as_original_or_fails_clearly(path, kind)
 
 
 def test_extremely_long_line_and_unseen_characters(tmp_path):

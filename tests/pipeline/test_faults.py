@@ -1,7 +1,9 @@
-"""kill -9 in the middle of a stage, then `dvc repro` again: the run resumes (train) or restarts
-(finetune) and ends with valid outputs; nothing half-written is ever taken as an output."""
+"""Faults around `dvc repro`: kill -9 in the middle of a stage (the run resumes, or restarts when its
+code changed, and ends with valid outputs), a diverged run (stops, nothing cached), and a forced
+rerun (byte-identical artifacts, nothing downstream to rerun)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -41,12 +43,18 @@ def _kill_when(cmd, dst, env, ready, timeout=180.0) -> None:
     proc.wait()
 
 
-def test_kill_9_during_train_then_repro_resumes(tmp_path):
+def _killed_train(tmp_path):
+    """A tiny clone whose train stage was killed (-9) once it had written a resume file."""
     dst = make_clone(tmp_path / "repo", _params(train={"steps": 400, "checkpoint_every": 20, "eval_every": 200}))
     env = clone_env(dst)
     run(["dvc", "repro", "tokenizer"], dst, env)
     resume = dst / "checkpoints" / "train_resume.safetensors"
     _kill_when(["dvc", "repro", "train"], dst, env, lambda: resume.exists())
+    return dst, env, resume
+
+
+def test_kill_9_during_train_then_repro_resumes(tmp_path):
+    dst, env, resume = _killed_train(tmp_path)
     out = dst / "checkpoints" / "fp32.safetensors"
     assert not out.exists() and not (dst / "metrics" / "train.json").exists()
     r = run(["dvc", "repro", "train"], dst, env)
@@ -75,3 +83,47 @@ def test_kill_9_during_finetune_then_repro_restarts_cleanly(tmp_path):
     m = json.loads((dst / "metrics" / "finetune_0.4.json").read_text())
     assert m["size_bytes"] == out.stat().st_size
     assert "up to date" in run(["dvc", "status", "finetune@0.4"], dst, env).stdout.lower()
+
+
+def _md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_diverged_train_exits_with_one_line_and_caches_nothing(tmp_path):
+    dst = make_clone(tmp_path / "repo", _params(train={"lr": 1.0e6, "min_lr": 0.0}))
+    env = clone_env(dst)
+    run(["dvc", "repro", "tokenizer"], dst, env)
+    r = run(["dvc", "repro", "train"], dst, env, check=False)
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("[train]")]
+    assert len(ours) == 1 and "error: training diverged at step" in ours[0] and "'train.lr' too high" in ours[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (dst / "checkpoints" / "fp32.safetensors").exists()
+    assert not (dst / "metrics" / "train.json").exists()
+    status = run(["dvc", "status", "train"], dst, env).stdout
+    assert "train:" in status and "up to date" not in status.lower(), status
+
+
+def test_forced_train_rerun_is_byte_identical_and_leaves_dvc_status_clean(tmp_path):
+    dst = make_clone(tmp_path / "repo", _params())
+    env = clone_env(dst)
+    run(["dvc", "repro", "calibrate"], dst, env)
+    out = dst / "checkpoints" / "fp32.safetensors"
+    first = _md5(out)
+    run(["dvc", "repro", "--force", "--single-item", "train"], dst, env)
+    assert _md5(out) == first
+    status = run(["dvc", "status"], dst, env).stdout
+    for stage in ("data", "tokenizer", "train", "calibrate"):  # calibrate (downstream) is not marked changed
+        assert f"{stage}:" not in status, status
+
+
+def test_resume_after_a_code_change_starts_from_step_0(tmp_path):
+    dst, env, resume = _killed_train(tmp_path)
+    assert resume.exists()
+    dep = dst / "iteralite" / "train" / "losses.py"  # a dependency of the train stage in dvc.yaml
+    dep.write_text(dep.read_text() + "\n# an edit to the code the train stage depends on\n")
+    r = run(["dvc", "repro", "train"], dst, env)
+    assert "belongs to other params, data or code: starting fresh" in r.stdout + r.stderr
+    train = json.loads((dst / "metrics" / "train.json").read_text())
+    assert train["resumed_from_step"] == 0
+    assert "up to date" in run(["dvc", "status", "train"], dst, env).stdout.lower()

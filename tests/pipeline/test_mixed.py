@@ -1,8 +1,10 @@
 """`run_mixed` end to end on a tiny model: the headline artifact, the candidates, the info."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from iteralite.io.errors import DataError
 from iteralite.io.params import from_dict
 from iteralite.pipeline.mixed import MixedConfig, run_mixed
 from iteralite.quant.qat import QATConfig
@@ -26,3 +28,18 @@ def test_run_mixed_on_a_tiny_model(model):
     assert res.info["calib_loss_final"] > 0
     idx = torch.randint(0, model.cfg.vocab_size, (1, 8))
     assert torch.isfinite(res.model(idx)[0]).all()
+
+
+@pytest.mark.parametrize("mixed_seq,ft_seq,key", [(64, 16, "mixed_precision.seq_len"), (17, 63, "finetune.seq_len")])
+def test_run_mixed_refuses_too_little_training_data_before_the_profile(model, monkeypatch, mixed_seq, ft_seq, key):
+    import iteralite.pipeline.mixed as mixed
+
+    def no_profile(*a, **k):
+        raise AssertionError("the profile ran")
+
+    monkeypatch.setattr(mixed, "profile", no_profile)
+    cfg = from_dict(MixedConfig, {"group_size": 8, "sens_samples": 4, "seq_len": mixed_seq}, "mixed_precision")
+    qcfg = QATConfig(steps=2, batch_size=2, seq_len=ft_seq, warmup_steps=1, threads=1)
+    data = torch.randint(0, model.cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(DataError, match=rf"the training split has 64 tokens, too few for windows of '{key}'"):
+        run_mixed(model, model, data, cfg, qcfg, progress=False)

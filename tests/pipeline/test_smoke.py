@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from iteralite.io.checkpoint import read_checkpoint
+from iteralite.pipeline.artifacts import RUN_FACTS
 from tests.conftest import REPO
 from tests.pipeline_utils import clone_env, make_clone, run as _run
 
@@ -53,6 +55,13 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(clone):
     assert {"fp32", "mixed", "fused", "finetune_0.4", "peer_int8_weight_only"} <= set(bench)
     report = (dst / "metrics" / "report.md").read_text()
     assert all(name in report for name in bench) and (dst / "plots" / "bench_pareto.png").exists()
+    for ckpt in (dst / "checkpoints").rglob("*.safetensors"):  # timings go to metrics, never into artifacts
+        if ckpt.name != "calibration.safetensors":
+            assert not RUN_FACTS & _keys(read_checkpoint(ckpt).meta), ckpt
+
+
+def _keys(meta: dict) -> set:
+    return set(meta) | {k for v in meta.values() if isinstance(v, dict) for k in _keys(v)}
 
 
 def test_sweeping_prune_ratios_reruns_only_prune_and_after(clone):

@@ -1,14 +1,68 @@
 """The stage runner: a user error is one line on stderr and exit 2; an interrupt exits 130; other
-exceptions are bugs and keep their traceback."""
+exceptions are bugs and keep their traceback. Before the stage's main, its output folders (from
+dvc.yaml) are created and checked for writability; a disk refusing a write is one line too."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 
 import pytest
 
+from iteralite.io.atomic import atomic_path, write_text
 from iteralite.io.errors import CheckpointError, ParamsError
-from iteralite.pipeline.stage import ratio_arg, run, write_metrics
+from iteralite.pipeline import stage
+from iteralite.pipeline.stage import output_dirs, ratio_arg, run, write_metrics
+
+DVC_YAML = """\
+stages:
+  train:
+    cmd: python stages/train.py
+    outs:
+      - checkpoints/fp32.safetensors
+    metrics:
+      - metrics/train.json:
+          cache: false
+    plots:
+      - plots/train_curve.csv:
+          cache: false
+  tokenizer:
+    cmd: python stages/tokenizer.py
+    outs:
+      - data/tokenizer
+  prune:
+    matrix:
+      ratio: [0.1, 0.4]
+    cmd: python stages/prune.py ${item.ratio}
+    outs:
+      - checkpoints/prune/${item.ratio}.safetensors
+    metrics:
+      - metrics/prune_${item.ratio}.json:
+          cache: false
+"""
+
+
+def _assert_one_error_line(capsys, main, msg: str) -> None:
+    """`run("train", main)` exits 2 printing exactly `[train] error: <msg>` and no "done"."""
+    with pytest.raises(SystemExit) as exit_:
+        run("train", main)
+    assert exit_.value.code == 2
+    out = capsys.readouterr()
+    assert out.err == f"[train] error: {msg}\n" and "done" not in out.out
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """Every test runs in an empty folder: run() never touches the repository's output folders."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def repo(in_tmp):
+    (in_tmp / "dvc.yaml").write_text(DVC_YAML)
+    return in_tmp
 
 
 @pytest.mark.parametrize("err", [ParamsError("params: 'train.lr' must be > 0"), CheckpointError("x.safetensors: truncated")])
@@ -16,11 +70,7 @@ def test_user_error_is_one_line_and_exit_2(capsys, err):
     def main():
         raise err
 
-    with pytest.raises(SystemExit) as exit_:
-        run("train", main)
-    assert exit_.value.code == 2
-    out = capsys.readouterr()
-    assert out.err == f"[train] error: {err}\n" and "done" not in out.out
+    _assert_one_error_line(capsys, main, str(err))
 
 
 def test_interrupt_exits_130_quietly(capsys):
@@ -55,3 +105,117 @@ def test_ratio_arg(monkeypatch):
         monkeypatch.setattr(sys, "argv", argv)
         with pytest.raises(ParamsError, match=match):
             ratio_arg([0.1, 0.4], "stages/prune.py")
+
+
+def test_output_folders_are_created_before_main(repo):
+    seen = []
+    run("train", lambda: seen.append(sorted(p.name for p in repo.iterdir() if p.is_dir())))
+    assert seen == [["checkpoints", "metrics", "plots"]]
+    # a templated output counts by the folder before its template
+    assert output_dirs("prune") == [stage.Path("checkpoints/prune"), stage.Path("metrics")]
+    run("prune", lambda: None)
+    assert (repo / "checkpoints" / "prune").is_dir()
+    assert not [p for p in repo.rglob("*") if p.is_file() and p.name != "dvc.yaml"]  # the probe left nothing
+
+
+def test_an_existing_output_folder_is_checked_too(repo):
+    (repo / "data" / "tokenizer").mkdir(parents=True)
+    assert output_dirs("tokenizer") == [stage.Path("data"), stage.Path("data/tokenizer")]
+
+
+def test_no_dvc_yaml_skips_the_check(in_tmp):
+    run("train", lambda: None)
+    assert list(in_tmp.iterdir()) == []
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_stops_the_stage_before_main(repo, capsys):
+    (repo / "metrics").mkdir()
+    (repo / "metrics").chmod(0o555)
+    called = []
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run("train", lambda: called.append(1))
+    finally:
+        (repo / "metrics").chmod(0o755)
+    assert exit_.value.code == 2 and not called
+    assert capsys.readouterr().err == "[train] error: cannot write metrics: permission denied (read-only file system?)\n"
+
+
+@pytest.mark.parametrize("fault", ["no_access", "read_only_mount"])
+def test_unwritable_output_folder_is_one_line_even_as_root(repo, capsys, monkeypatch, fault):
+    """As root, os.access says yes even on a read-only mount: creating a probe file is what tells."""
+    if fault == "no_access":
+        monkeypatch.setattr(stage.os, "access", lambda path, mode: not str(path).endswith("plots"))
+    else:
+        def read_only(*a, dir=None, **k):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        monkeypatch.setattr(stage.tempfile, "TemporaryFile", read_only)
+    called = []
+    with pytest.raises(SystemExit) as exit_:
+        run("train", lambda: called.append(1))
+    assert exit_.value.code == 2 and not called
+    bad = "plots" if fault == "no_access" else "checkpoints"
+    assert capsys.readouterr().err == f"[train] error: cannot write {bad}: permission denied (read-only file system?)\n"
+
+
+@pytest.mark.parametrize("code,msg", [(errno.ENOSPC, "cannot write checkpoints/fp32.safetensors: No space left on device"),
+                                      (errno.EDQUOT, "cannot write checkpoints/fp32.safetensors: Disk quota exceeded"),
+                                      (errno.EROFS, "cannot write checkpoints/fp32.safetensors: Read-only file system"),
+                                      (errno.EACCES, "cannot access checkpoints/fp32.safetensors: Permission denied")])
+def test_disk_errors_during_main_are_one_line(capsys, code, msg):
+    def main():
+        raise OSError(code, os.strerror(code), "checkpoints/fp32.safetensors")
+
+    _assert_one_error_line(capsys, main, msg)
+
+
+class SafetensorError(Exception):
+    """Stands in for safetensors' Rust error type (same name, same message format)."""
+
+
+@pytest.mark.parametrize("fault", [
+    OSError(errno.ENOSPC, "No space left on device"),  # a write(): the OS names no file
+    OSError("100000 requested and 8176 written"),  # numpy's np.save on a full disk: no errno
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+])
+def test_full_disk_inside_an_atomic_write_names_the_output(capsys, fault):
+    def main():
+        with atomic_path("checkpoints/fp32.safetensors") as tmp:
+            assert tmp.exists()
+            raise fault
+
+    with pytest.raises(SystemExit) as exit_:
+        run("train", main)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "[train] error: cannot write checkpoints/fp32.safetensors: No space left on device\n"
+    assert os.listdir("checkpoints") == []  # atomic_path removed its temporary file
+
+
+def test_full_disk_in_write_text(capsys, monkeypatch):
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(stage.Path, "write_text", full)
+    with pytest.raises(SystemExit):
+        run("train", lambda: write_text("metrics/train.json", "{}"))
+    assert capsys.readouterr().err == "[train] error: cannot write metrics/train.json: No space left on device\n"
+
+
+def test_full_disk_at_fsync_names_the_output(capsys, monkeypatch):
+    """A full disk can surface only when the data is flushed, inside atomic_path itself."""
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(SystemExit):
+        run("train", lambda: write_text("plots/train_curve.csv", "step\n"))
+    assert capsys.readouterr().err == "[train] error: cannot write plots/train_curve.csv: No space left on device\n"
+
+
+def test_other_os_errors_are_bugs_with_a_traceback():
+    def main():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x.json")
+
+    with pytest.raises(FileNotFoundError):
+        run("train", main)

@@ -28,3 +28,17 @@ def test_iterative_schedule_is_cumulative_and_even():
     assert iterative_schedule(0.4, 2, start=0.2) == [0.3, 0.4]
     with pytest.raises(ParamsError, match=r"prune\.steps"):
         iterative_schedule(0.4, 0)
+
+
+def test_duplicate_ratios_are_refused():
+    with pytest.raises(ParamsError, match=r"'prune\.ratios' lists 0\.1 more than once; give each ratio once"):
+        from_dict(PruneConfig, {"ratios": [0.1, 0.4, 0.1]}, "prune")
+
+
+def test_a_single_ratio_must_still_be_a_list():
+    """`dvc exp run -S prune.ratios=0.3` writes a scalar (DVC then fails on its matrix before any
+    stage runs); a stage run directly says how to write it."""
+    with pytest.raises(ParamsError, match=r"'prune\.ratios' must be a list of ratios, e.g\. \[0\.3\] "
+                                          r"\(with dvc exp run: -S 'prune\.ratios=\[0\.3\]'\)"):
+        from_dict(PruneConfig, {"ratios": 0.3}, "prune")
+    assert from_dict(PruneConfig, {"ratios": [0.3]}, "prune").ratios == [0.3]

@@ -116,3 +116,31 @@ def test_manual_map_assigns_by_unit_type(model):
 def test_config_errors_name_the_key_and_the_allowed_values(raw, match):
     with pytest.raises(ParamsError, match=match):
         from_dict(MixedConfig, raw, "mixed_precision")
+
+
+_ALL4 = dict.fromkeys(("embedding", "in_proj", "x_proj", "dt_proj", "out_proj", "router", "experts"), 4)
+
+
+@pytest.mark.parametrize("raw,match", [
+    # the default manual map (int8, fp16, int4) with fewer candidates: refused before any profile
+    ({"precisions": [2, 3, 4]}, r"'mixed_precision.manual' uses int8 for embedding, in_proj, out_proj; fp16 for "
+                                r"x_proj, dt_proj, router, not among the candidates 'mixed_precision.precisions' "
+                                r"\(int2, int3, int4\)"),
+    ({"precisions": [2, 3, 4], "manual": _ALL4}, r"'mixed_precision.compare' has int8, not among the candidates "
+                                                 r"'mixed_precision.precisions' \(int2, int3, int4\)"),
+    ({"precisions": [2, 8], "manual": {**_ALL4, "experts": 2, **dict.fromkeys(_ALL4, 8)}, "compare": [8]},
+     r"'mixed_precision.control_finetune' fine-tunes a uniform int4 control, which is not among the candidates.*"
+     r"add 4 to precisions or set control_finetune: false"),
+])
+def test_manual_compare_and_control_must_use_candidate_precisions(raw, match):
+    with pytest.raises(ParamsError, match=match):
+        from_dict(MixedConfig, raw, "mixed_precision")
+
+
+def test_candidate_rule_accepts_a_consistent_small_set():
+    cfg = from_dict(MixedConfig, {"precisions": ["int2", "int4"], "manual": _ALL4, "compare": [4, "int2"]},
+                    "mixed_precision")
+    assert cfg.precisions == [2, 4] and cfg.compare == [4, 2]
+    cfg = from_dict(MixedConfig, {"precisions": [2, 8], "manual": dict.fromkeys(_ALL4, 8), "compare": [8],
+                                  "control_finetune": False}, "mixed_precision")
+    assert cfg.precisions == [2, 8]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iteralite.io.checkpoint import load_model as load_artifact
-from iteralite.io.checkpoint import header_bytes, save_checkpoint
+from iteralite.io.checkpoint import checkpoint_checksum, header_bytes, save_checkpoint
 from iteralite.io.errors import CheckpointError, ParamsError
 from iteralite.quant.config import mixed_config
 from iteralite.quant.modules import MixedExperts
@@ -32,7 +32,8 @@ def _save(model, path, alloc, g=8):
 
 def test_precision_names_and_unknown_precision_error():
     assert [parse_precision(x) for x in ("int2", "INT3", "int4", "int8", "fp16", 2, 16)] == [2, 3, 4, 8, 16, 2, 16]
-    for bad in (5, "int5", "bf16", 4.0, True, None):
+    assert [parse_precision(x) for x in ("8", " 16 ")] == [8, 16]  # a number written as text
+    for bad in (5, "int5", "bf16", 4.0, True, None, "5", "4.0", "-4"):
         with pytest.raises(ParamsError, match=r"unknown precision .*allowed: 2, 3, 4, 8, 16"):
             parse_precision(bad, "mixed_precision.precisions")
 
@@ -112,6 +113,8 @@ def _rewrite_quant(src, dst, edit):
     quant = json.loads(meta["quant"])
     edit(quant)
     meta["quant"] = json.dumps(quant)
+    # re-signed, so the loader gets past the checksum to the quant config under test
+    meta["sha256"] = checkpoint_checksum(meta, tensors)
     save_file(tensors, str(dst), metadata=meta)
 
 

@@ -1,19 +1,23 @@
+import math
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from iteralite.io.checkpoint import save_checkpoint
 from iteralite.cli import main
 from iteralite.core.model import IteraLite
-from iteralite.data.tokenizer import file_sha256
+from iteralite.data.tokenizer import eot_id, file_sha256, load_tokenizer
+from iteralite.io.errors import IteraliteError
+from iteralite.train.generate import generate_ids, sample_next, stream_text
 from tests.conftest import REPO, tiny_config
 
 
 @pytest.fixture
 def ckpt(tok_dir, tmp_path):
-    import torch
-
     torch.manual_seed(0)
     m = IteraLite(tiny_config())
     path = tmp_path / "m.safetensors"
@@ -74,8 +78,6 @@ def test_generate_works_on_mixed_and_fused_artifacts(tok_dir, tmp_path, capsys, 
     """The same greedy story from the FP32-free mixed artifact and from its fused twin."""
     import copy
 
-    import torch
-
     from iteralite.quant.config import mixed_config
     from iteralite.quant.units import quantize_allocation, units
 
@@ -94,3 +96,127 @@ def test_generate_works_on_mixed_and_fused_artifacts(tok_dir, tmp_path, capsys, 
         assert main(_gen(p, tok_dir, "--temperature", "0", "--max-new-tokens", "12")) == 0
         outs[k] = capsys.readouterr().out
     assert outs[kind].startswith("Once upon a time") and outs["mixed"] == outs["fused"]
+
+
+# --- library checks and incremental decoding -------------------------------------------------
+
+BAD_SAMPLING = [
+    (dict(temperature=math.nan), "--temperature must be >= 0 (0 = greedy) and finite, got nan"),
+    (dict(temperature=math.inf), "--temperature must be >= 0 (0 = greedy) and finite, got inf"),
+    (dict(temperature=1e-45), "--temperature must be 0 (greedy) or in [0.001, 100]"),
+    (dict(temperature=1e6), "--temperature must be 0 (greedy) or in [0.001, 100]"),
+    (dict(top_k=-5), "--top-k must be >= 0 (0 = no top-k filter), got -5"),
+    (dict(seed=-1), "--seed must be in [0, 2**64 - 1]"),
+    (dict(seed=2**64), "--seed must be in [0, 2**64 - 1]"),
+    (dict(max_new_tokens=-1), "--max-new-tokens must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("bad,msg", BAD_SAMPLING)
+def test_library_rejects_bad_sampling_values(model, bad, msg):
+    """A Python caller gets the CLI's messages, before any work (the generator is lazy: next())."""
+    kw = dict(temperature=0.8, top_k=40, seed=0) | {k: v for k, v in bad.items() if k != "max_new_tokens"}
+    with pytest.raises(IteraliteError, match=re.escape(msg)):
+        next(generate_ids(model, [1, 2, 3], bad.get("max_new_tokens", 5), **kw))
+    if set(bad) <= {"temperature", "top_k"}:
+        args = dict(temperature=0.8, top_k=40) | bad
+        with pytest.raises(IteraliteError, match=re.escape(msg)):
+            sample_next(torch.zeros(8), args["temperature"], args["top_k"], torch.Generator())
+
+
+def test_sampling_edges_still_work(model):
+    """The ends of the allowed ranges sample without NaN: the smallest temperature, a huge top-k,
+    the largest seed."""
+    ids = list(generate_ids(model, [1, 2], 4, temperature=1e-3, top_k=10**6, seed=2**64 - 1))
+    assert len(ids) <= 4 and all(0 <= i < model.cfg.vocab_size for i in ids)
+
+
+def test_non_utf8_prompt_is_rejected_by_the_library(tok_dir, model):
+    tok = load_tokenizer(tok_dir / "tokenizer.json")
+    with pytest.raises(IteraliteError, match=r"the prompt is not valid UTF-8 \(byte 0xff at character 2\)"):
+        stream_text(tok, model, "ab\udcff\udcfe", 3, 0.0, 0, 0, lambda s: None)
+
+
+class ScriptedModel:
+    """Stands in for IteraLite in `generate_ids`: greedy decoding then yields `ids` in order."""
+
+    def __init__(self, ids: list[int], vocab: int):
+        self.ids, self.vocab = ids, vocab
+
+    def _logits(self, i: int) -> torch.Tensor:
+        out = torch.zeros(self.vocab)
+        out[self.ids[i] if i < len(self.ids) else 0] = 1.0
+        return out
+
+    def __call__(self, idx, return_state=True):
+        return self._logits(0).view(1, 1, -1), None, 0
+
+    def step(self, token, state):
+        return self._logits(state + 1).view(1, -1), state + 1
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer, counting decode calls and the ids passed to them."""
+
+    def __init__(self, tok):
+        self.tok, self.calls, self.ids = tok, 0, 0
+
+    def decode(self, ids, *a, **kw):
+        self.calls += 1
+        self.ids += len(ids)
+        return self.tok.decode(ids, *a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def _stream(tok, ids: list[int]) -> tuple[list[int], list[str]]:
+    pieces: list[str] = []
+    out = stream_text(tok, ScriptedModel(ids, tok.get_vocab_size()), "Hi", len(ids), 0.0, 0, 0, pieces.append)
+    return out, pieces
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return load_tokenizer(tok_dir / "tokenizer.json")
+
+
+def _multibyte_ids(tok) -> list[int]:
+    """Ids that split multi-byte characters (accents, CJK, emoji) and lone high bytes."""
+    text = "é ñ ü ß € 日本語 😀 🎉 👍🏽 ☃ Ω"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    high = [tok.token_to_id(c) for c in map(chr, range(0xC0, 0xFF)) if tok.token_to_id(c) is not None]
+    return ids + high
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_incremental_decode_equals_full_decode(tok, data):
+    """For any ids (multi-byte characters split over tokens, lone high bytes, <|endoftext|>), the
+    streamed pieces add up to decoding the whole output, and the output stops at <|endoftext|>."""
+    eot, vocab = eot_id(tok), tok.get_vocab_size()
+    special = _multibyte_ids(tok) + [eot]
+    ids = data.draw(st.lists(st.one_of(st.sampled_from(special), st.integers(0, vocab - 1)), min_size=1,
+                             max_size=40))
+    out, pieces = _stream(tok, ids)
+    assert out == (ids[:ids.index(eot)] if eot in ids else ids)
+    assert "".join(pieces) == tok.decode(out)
+    assert all(pieces)  # no empty writes
+
+
+def test_incremental_decode_of_real_text(tok):
+    text = " the cat saw 😀 and é then 日本, ☃! " * 3
+    ids = tok.encode(text, add_special_tokens=False).ids
+    out, pieces = _stream(tok, ids)
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+
+
+def test_decode_work_per_token_is_bounded(tok):
+    """A 2,000-token story passes O(n) ids to decode in total (re-decoding the whole output each
+    token would pass ~n^2/2 = 2,000,000)."""
+    unit = tok.encode(" the cat saw 😀 and é then 日本 👍🏽 ☃.", add_special_tokens=False).ids
+    ids = (unit * (2000 // len(unit) + 1))[:2000]
+    counting = CountingTokenizer(tok)
+    out, pieces = _stream(counting, ids)
+    assert len(out) == 2000 and "".join(pieces) == tok.decode(out)
+    assert counting.calls <= 2001 and counting.ids <= 3 * len(out)

@@ -1,7 +1,13 @@
+import math
+
+import pytest
 import torch
 
+from iteralite.core.model import IteraLite
+from iteralite.io.errors import DataError, DivergedError
 from iteralite.train.evaluate import EvalConfig, Evaluator
-from iteralite.train.loop import TrainConfig, get_batch, lr_at, train
+from iteralite.train.loop import (TrainConfig, check_finite, check_finite_model, check_stream, get_batch, lr_at,
+                                  train)
 from tests.conftest import tiny_config
 
 TINY = dict(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=6,
@@ -65,6 +71,45 @@ def test_resume_file_of_other_params_is_ignored(tok_dir, tmp_path):
     assert stats["resumed_from_step"] == 0
 
 
+def test_resume_file_of_other_code_is_ignored(tok_dir, tmp_path, capsys):
+    """Same params and data, another code digest: the resume file is not resumed."""
+    cfg = tiny_config()
+    kw = dict(tok_dir=tok_dir, resume_path=tmp_path / "r.st", curve_path=tmp_path / "c.csv", progress=False)
+    train(cfg, TrainConfig(**{**TINY, "steps": 9}), EVAL, code="old", **kw)
+    assert (tmp_path / "r.st").exists()
+    _, stats = train(cfg, TrainConfig(**TINY), EVAL, code="new", **kw)
+    assert stats["resumed_from_step"] == 0
+    assert "other params, data or code" in capsys.readouterr().out
+
+
+def test_diverging_training_stops_at_the_first_non_finite_step(tok_dir, tmp_path):
+    """lr 1e6: a DivergedError naming the step and the key; no curve is written."""
+    with pytest.raises(DivergedError, match=r"training diverged at step \d+ of 12: .*'train.lr' too high"):
+        train(tiny_config(), TrainConfig(**{**TINY, "lr": 1e6}), EVAL, tok_dir=tok_dir,
+              resume_path=tmp_path / "r.st", curve_path=tmp_path / "c.csv", progress=False)
+    assert not (tmp_path / "c.csv").exists()
+
+
+def test_check_finite_names_what_is_not_finite():
+    check_finite("x", 0, 5, 1.0, 2.0, 0.1)
+    with pytest.raises(DivergedError, match="x diverged at step 3 of 5: loss is nan"):
+        check_finite("x", 2, 5, math.nan, 1.0, 0.1)
+    with pytest.raises(DivergedError, match="gradient norm is inf"):
+        check_finite("x", 2, 5, 1.0, math.inf, 0.1)
+    model = IteraLite(tiny_config())
+    check_finite_model(model, "x")
+    with torch.no_grad():
+        model.embedding.weight[0, 0] = float("nan")
+    with pytest.raises(DivergedError, match="embedding.weight holds NaN"):
+        check_finite_model(model, "x")
+
+
+def test_training_stream_too_short_for_the_window_is_a_data_error():
+    check_stream(torch.arange(40), 32, "train", "train.seq_len")
+    with pytest.raises(DataError, match="has 33 tokens, too few for windows of 'train.seq_len' = 32"):
+        check_stream(torch.arange(33), 32, "train", "train.seq_len")
+
+
 def test_schedule_and_batches():
     cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
     assert lr_at(cfg, 0) == 0.1 and lr_at(cfg, 9) == 1.0
@@ -74,3 +119,12 @@ def test_schedule_and_batches():
     assert torch.equal(b1, get_batch(data, 4, 16, seed=1, step=5))
     assert not torch.equal(b1, get_batch(data, 4, 16, seed=1, step=6))
     assert torch.equal(b1[:, 1:], b1[:, :-1] + 1)
+
+
+def test_eval_tokens_below_one_window_fails_before_the_first_step(tok_dir, tmp_path):
+    from iteralite.io.errors import ParamsError
+
+    with pytest.raises(ParamsError, match="'train.eval_tokens' = 8 leaves less than one window"):
+        train(tiny_config(), TrainConfig(**{**TINY, "eval_tokens": 8}), EVAL, tok_dir=tok_dir,
+              resume_path=tmp_path / "r.st", curve_path=tmp_path / "c.csv", progress=False)
+    assert not (tmp_path / "r.st").exists()

@@ -1,0 +1,205 @@
+"""The `iteralite` command line: every bad input is one `iteralite: error: ...` line and exit
+status 2, checked before anything is loaded; `evaluate` scores with params.yaml's `eval` settings;
+Ctrl-C ends a story quietly with status 130."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from iteralite.cli import main
+from iteralite.core.model import IteraLite
+from iteralite.data.tokenizer import eot_id, file_sha256, load_tokenizer
+from iteralite.io.checkpoint import load_model, save_checkpoint
+from iteralite.train.evaluate import EvalConfig, Evaluator
+from tests.conftest import REPO, tiny_config
+
+
+@pytest.fixture
+def ckpt(tok_dir, tmp_path):
+    """A tiny fp32 checkpoint that records the test tokenizer. Its <|endoftext|> embedding row is
+    zero, so greedy decoding never ends the story by itself (the Ctrl-C test needs a long one)."""
+    torch.manual_seed(0)
+    m = IteraLite(tiny_config())
+    with torch.no_grad():
+        m.embedding.weight[eot_id(load_tokenizer(tok_dir / "tokenizer.json"))] = 0.0
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, m, kind="fp32", tokenizer_sha256=file_sha256(tok_dir / "tokenizer.json"))
+    return path
+
+
+def _gen(ckpt, tok_dir, *extra):
+    return ["generate", "--checkpoint", str(ckpt), "--tokenizer", str(tok_dir / "tokenizer.json"), *extra]
+
+
+def _eval(ckpt, tok_dir, *extra):
+    return ["evaluate", "--checkpoint", str(ckpt), "--tokenizer", str(tok_dir / "tokenizer.json"), *extra]
+
+
+def _one_error_line(err: str) -> str:
+    assert err.startswith("iteralite: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--temperature", "nan"], "--temperature must be >= 0 (0 = greedy) and finite, got nan"),
+    (["--temperature", "inf"], "--temperature must be >= 0 (0 = greedy) and finite, got inf"),
+    (["--temperature=-inf"], "--temperature must be >= 0 (0 = greedy) and finite, got -inf"),
+    (["--temperature", "1e-45"], "--temperature must be 0 (greedy) or in [0.001, 100], got 1e-45"),
+    (["--temperature", "1000"], "--temperature must be 0 (greedy) or in [0.001, 100], got 1000"),
+    (["--seed", "99999999999999999999999"], "--seed must be in [0, 2**64 - 1] = [0, 18446744073709551615]"),
+    (["--seed", "-1"], "--seed must be in [0, 2**64 - 1]"),
+    (["--threads", "-1"], "--threads must be in [0, "),
+    (["--threads", "1000000"], "(0 = torch default; at most the"),
+    (["--top-k", "-5"], "--top-k must be >= 0 (0 = no top-k filter), got -5"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
+])
+def test_bad_generate_arguments_are_one_line_before_loading(tmp_path, tok_dir, capsys, args, msg):
+    """The checkpoint does not exist: the argument error comes first, so nothing was loaded."""
+    assert main(_gen(tmp_path / "missing.safetensors", tok_dir, *args)) == 2
+    captured = capsys.readouterr()
+    assert msg in _one_error_line(captured.err) and captured.out == ""
+
+
+def test_unparsable_argument_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--temperature", "warm"])
+    assert e.value.code == 2
+    err = _one_error_line(capsys.readouterr().err)
+    assert "argument --temperature: invalid float value: 'warm'" in err and "iteralite generate --help" in err
+
+
+def test_edge_values_are_accepted(ckpt, tok_dir, capsys):
+    assert main(_gen(ckpt, tok_dir, "--temperature", "0.001", "--top-k", "0", "--threads", "1",
+                     "--seed", str(2**64 - 1), "--max-new-tokens", "5")) == 0
+    assert capsys.readouterr().out.startswith("Once upon a time")
+
+
+def test_non_utf8_prompt_is_one_line(ckpt, tok_dir, capsys):
+    """In-process (argv as Python decodes it: surrogate escapes) and from a real shell argv."""
+    assert main(_gen(ckpt, tok_dir, "--prompt", "\udcff\udcfe")) == 2
+    err = _one_error_line(capsys.readouterr().err)
+    assert "the prompt is not valid UTF-8 (byte 0xff at character 0)" in err
+    cmd = [sys.executable, "-m", "iteralite.cli", *_gen(ckpt, tok_dir), "--prompt", b"ok \xff\xfe"]
+    r = subprocess.run(cmd, capture_output=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and r.stdout == b""
+    assert "the prompt is not valid UTF-8 (byte 0xff at character 3)" in _one_error_line(r.stderr.decode())
+
+
+@pytest.mark.parametrize("which,msg", [("dir", "is a directory, not a tokenizer file"),
+                                       ("missing", "no such tokenizer")])
+def test_tokenizer_path_that_is_a_directory_or_missing(ckpt, tok_dir, tmp_path, capsys, which, msg):
+    tok = tok_dir if which == "dir" else tmp_path / "nope.json"
+    for cmd in ("generate", "evaluate"):
+        assert main([cmd, "--checkpoint", str(ckpt), "--tokenizer", str(tok)]) == 2
+        assert msg in _one_error_line(capsys.readouterr().err)
+
+
+def test_checkpoint_without_tokenizer_id_or_other_vocab_is_refused(tok_dir, tmp_path, capsys):
+    """check_tokenizer runs before the tokenizer is used: no silent text from unchecked ids."""
+    sha = file_sha256(tok_dir / "tokenizer.json")
+    for name, vocab, recorded, msg in (("none", 300, "", "records no tokenizer id"),
+                                       ("vocab", 320, sha, "the model's vocab_size is 320")):
+        path = tmp_path / f"{name}.safetensors"
+        save_checkpoint(path, IteraLite(tiny_config(vocab_size=vocab)), kind="fp32", tokenizer_sha256=recorded)
+        assert main(_gen(path, tok_dir)) == 2
+        assert msg in _one_error_line(capsys.readouterr().err)
+
+
+def test_ctrl_c_during_generation_ends_quietly(ckpt, tok_dir):
+    """SIGINT while tokens stream: what was shown stays, one newline, no traceback, status 130."""
+    cmd = [sys.executable, "-m", "iteralite.cli",
+           *_gen(ckpt, tok_dir, "--temperature", "0", "--max-new-tokens", "1000000")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        head = p.stdout.read(len("Once upon a time") + 20)  # the prompt and some generated text
+        p.send_signal(signal.SIGINT)
+        rest, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    out = (head + rest).decode()
+    assert p.returncode == 130, err.decode()
+    assert out.startswith("Once upon a time") and len(out) > len("Once upon a time") + 20
+    assert out.endswith("\n") and not out.endswith("\n\n") and err == b""
+
+
+def test_ctrl_c_through_main_returns_130(ckpt, tok_dir, capsys, monkeypatch):
+    """The same, in-process: the write raises KeyboardInterrupt after the prompt and two pieces."""
+    real, calls = sys.stdout.write, []
+
+    def write(s):
+        calls.append(s)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(s)
+
+    monkeypatch.setattr(sys.stdout, "write", write)
+    assert main(_gen(ckpt, tok_dir, "--temperature", "0", "--max-new-tokens", "50")) == 130
+    monkeypatch.undo()
+    captured = capsys.readouterr()
+    assert captured.out == calls[0] + calls[1] + "\n" and captured.err == ""
+
+
+def _scores(ckpt, tok_dir, cfg):
+    model, _ = load_model(ckpt)
+    return Evaluator(cfg, tok_dir)(model)
+
+
+def test_evaluate_uses_the_params_eval_section(ckpt, tok_dir, tmp_path, capsys):
+    """Same numbers as the stages' Evaluator with params.yaml's eval settings; flags override one
+    value each; the settings used are in the output."""
+    params = tmp_path / "params.yaml"
+    params.write_text("eval:\n  seq_len: 16\n  batch_size: 3\n  max_tokens: 200\n")
+    assert main(_eval(ckpt, tok_dir, "--params", str(params))) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["eval"] == {"seq_len": 16, "batch_size": 3, "max_tokens": 200, "params": str(params)}
+    assert {k: out[k] for k in ("val_loss", "wikitext2_ppl")} == \
+        {k: _scores(ckpt, tok_dir, EvalConfig(16, 3, 200))[k] for k in ("val_loss", "wikitext2_ppl")}
+    assert main(_eval(ckpt, tok_dir, "--params", str(params), "--max-tokens", "400", "--seq-len", "32")) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["eval"] == {"seq_len": 32, "batch_size": 3, "max_tokens": 400, "params": str(params)}
+    assert out["val_loss"] == _scores(ckpt, tok_dir, EvalConfig(32, 3, 400))["val_loss"]
+
+
+def test_evaluate_without_params_file_uses_defaults_and_says_so(ckpt, tok_dir, tmp_path, capsys):
+    assert main(_eval(ckpt, tok_dir, "--params", str(tmp_path / "none.yaml"), "--max-tokens", "512")) == 0
+    captured = capsys.readouterr()
+    assert "none.yaml not found; using the default eval settings" in captured.err
+    assert json.loads(captured.out)["eval"] == {"seq_len": 256, "batch_size": 16, "max_tokens": 512,
+                                               "params": None}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--max-tokens", "-100"], "'eval.max_tokens' must be >= 0 (0 = all) (from --max-tokens -100)"),
+    (["--seq-len", "1"], "'eval.seq_len' must be >= 2 (from --seq-len 1)"),
+    (["--batch-size", "0"], "'eval.batch_size' must be >= 1 (from --batch-size 0)"),
+])
+def test_evaluate_rejects_bad_overrides_before_loading(tmp_path, tok_dir, capsys, args, msg):
+    assert main(_eval(tmp_path / "missing.safetensors", tok_dir, *args)) == 2
+    assert msg in _one_error_line(capsys.readouterr().err)
+
+
+def test_evaluate_bad_params_section_is_one_line(tmp_path, tok_dir, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("eval:\n  seq_lenn: 16\n")
+    assert main(_eval(tmp_path / "missing.safetensors", tok_dir, "--params", str(params))) == 2
+    assert "unknown key 'eval.seq_lenn' (did you mean 'seq_len'?)" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("content,msg", [(None, "is a directory, not a params file"),
+                                         (b"eval:\n  seq_len: \xff\n", "UTF-8")])
+def test_evaluate_unusable_params_file_is_one_line(tmp_path, tok_dir, capsys, content, msg):
+    params = tmp_path / "params.yaml"
+    params.mkdir() if content is None else params.write_bytes(content)
+    assert main(_eval(tmp_path / "missing.safetensors", tok_dir, "--params", str(params))) == 2
+    assert msg in _one_error_line(capsys.readouterr().err)
+
+
+def test_evaluate_with_too_few_tokens_is_one_line(ckpt, tok_dir, tmp_path, capsys):
+    assert main(_eval(ckpt, tok_dir, "--params", str(tmp_path / "none.yaml"), "--seq-len", "100000")) == 2
+    err = _one_error_line(capsys.readouterr().err.split("\n", 1)[1])  # after the defaults note
+    assert "seq_len" in err and "100000" in err
