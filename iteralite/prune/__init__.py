@@ -20,6 +20,12 @@ Modules (this file imports none of them; import the one you need):
   recovery     prune_with_recovery: the prune stage (dequantize, prune in steps, recover by
                fake-quantized distillation between steps)
   report       the pruning sweep's CSV table and PNG charts
+  width        prune_residual: remove residual (d_model) channels from every d_model tensor, with
+               the exact RMSNorm compensation; mask_residual_channels is its reference twin
+  depth        prune_layers: remove whole blocks; skip_layers is its reference twin
+  activation   activation_scores (Minitron-style residual-channel and block scores from
+               calibration batches) and the helpers that pick what to remove
+  rebuild      the checks width and depth share: indices, float model, shapes vs IteraLite(cfg)
 
 Pruning units of layer i (p headdim, d d_model, f d_ff):
   SSM head        in_proj rows (x and z halves), conv1d channels, x_proj columns, dt_proj row,
@@ -29,7 +35,8 @@ Pruning units of layer i (p headdim, d d_model, f d_ff):
                   own scores. A layer keeps >= max(1, channel_multiple) channels.
   expert          w1[e], w2[e] and router row e. Optional (expert_removal); a layer keeps
                   >= top_k experts.
-The tied embedding / LM head, the norms and d_model are never pruned. Ratios count parameters
+`plan` / `prune` never touch the tied embedding / LM head, the norms or d_model; `width` and
+`depth` cut d_model and whole blocks (not wired into the prune stage yet). Ratios count parameters
 (see `counting`): the fraction of all SSM-mixer and MoE parameters removed, cumulative against
 the unpruned model.
 

@@ -8,6 +8,9 @@ codes into 3 bytes. The tail byte is padded with zero bits.
 
 `pack_bits` / `unpack_bits` are the vectorized forms; `pack_bits_ref` / `unpack_bits_ref` are
 bit-by-bit reference twins used by the tests.
+
+Ternary codes {0, 1, 2} have their own base-3 layout, five codes per byte: `pack_ternary` /
+`unpack_ternary` and their plain-Python twins `pack_ternary_ref` / `unpack_ternary_ref`.
 """
 from __future__ import annotations
 
@@ -119,3 +122,88 @@ def unpack_bits_ref(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor
             v |= ((data[j // 8] >> (j % 8)) & 1) << k
         out.append(v)
     return torch.tensor(out, dtype=torch.uint8)
+
+
+# Ternary codes {0, 1, 2} (e.g. a zero/±1 weight): 5 per byte in base 3, since 3**5 = 243 <= 256
+# (1.6 bits per code against 2 for 2-bit packing). Byte j holds codes 5j..5j+4 as the digits of
+# sum_t codes[5j + t] * 3**t, so the first code is the least significant digit; the tail byte is
+# padded with zero digits. A byte >= 243 or a nonzero padding digit is not a valid packing.
+
+TERNARY_PER_BYTE = 5
+_TERNARY_POW = (1, 3, 9, 27, 81)
+
+
+def ternary_nbytes(numel: int) -> int:
+    """Bytes needed to hold `numel` ternary codes: ceil(numel / 5)."""
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0; got {numel}")
+    return -(-numel // TERNARY_PER_BYTE)
+
+
+def _check_ternary_codes(codes: torch.Tensor) -> None:
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be a uint8 tensor; got dtype {codes.dtype}")
+    if codes.numel() and int(codes.max()) > 2:
+        raise ValueError(f"ternary codes must be 0, 1 or 2; got a code {int(codes.max())}")
+
+
+def _check_ternary_packed(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """-> the packed bytes as a flat int32 tensor, after checking dtype, length and digits."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be a uint8 tensor; got dtype {packed.dtype}")
+    want = ternary_nbytes(numel)
+    flat = packed.reshape(-1)
+    if flat.numel() != want:
+        raise ValueError(f"packed holds {flat.numel()} bytes but {numel} ternary codes need {want}")
+    v = flat.to(torch.int32)
+    if v.numel() and int(v.max()) >= 3 ** TERNARY_PER_BYTE:
+        raise ValueError(f"packed ternary bytes must be < 243; got {int(v.max())}")
+    tail = numel % TERNARY_PER_BYTE
+    if tail and int(v[-1]) >= 3 ** tail:  # the padding digits above the last code must be zero
+        raise ValueError(f"the last packed ternary byte holds {tail} codes but is {int(v[-1])} >= {3 ** tail}")
+    return v
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 (any shape, each in {0, 1, 2}) -> packed uint8 (ternary_nbytes(numel),).
+
+    Codes are taken in row-major (flattened) order.
+    """
+    _check_ternary_codes(codes)
+    flat = codes.reshape(-1).to(torch.int32)
+    pad = (-flat.numel()) % TERNARY_PER_BYTE
+    digits = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, TERNARY_PER_BYTE)  # (bytes, 5)
+    pow3 = torch.tensor(_TERNARY_POW, dtype=torch.int32, device=codes.device)
+    return (digits * pow3).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_ternary(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """packed uint8 (ternary_nbytes(numel),) -> codes uint8 (numel,)."""
+    v = _check_ternary_packed(packed, numel)
+    pow3 = torch.tensor(_TERNARY_POW, dtype=torch.int32, device=packed.device)
+    digits = (v[:, None] // pow3) % 3  # (bytes, 5)
+    return digits.reshape(-1)[:numel].to(torch.uint8)
+
+
+def pack_ternary_ref(codes: torch.Tensor) -> torch.Tensor:
+    """Reference twin of `pack_ternary`: Horner's rule on each group of five, in plain Python."""
+    _check_ternary_codes(codes)
+    vals = codes.reshape(-1).tolist()
+    out = []
+    for j in range(0, len(vals), TERNARY_PER_BYTE):
+        byte = 0
+        for c in reversed(vals[j:j + TERNARY_PER_BYTE]):
+            byte = byte * 3 + c
+        out.append(byte)
+    return torch.tensor(out, dtype=torch.uint8)
+
+
+def unpack_ternary_ref(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Reference twin of `unpack_ternary`: repeated divmod by 3, in plain Python."""
+    _check_ternary_packed(packed, numel)
+    out = []
+    for byte in packed.reshape(-1).tolist():
+        for _ in range(TERNARY_PER_BYTE):
+            byte, digit = divmod(byte, 3)
+            out.append(digit)
+    return torch.tensor(out[:numel], dtype=torch.uint8)

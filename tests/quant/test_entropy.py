@@ -1,0 +1,328 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iteralite.io.errors import CheckpointError
+from iteralite.quant import entropy as E
+from iteralite.quant.entropy import (decode, decode_ref, empirical_entropy_bits, encode, encode_ref,
+                                     quantize_freqs, zstd_bytes)
+
+ALPHABETS = [2 ** b for b in range(1, 9)] + [3]  # bit widths 1..8 and ternary
+
+
+def skewed(n, n_symbols, seed=0, p=0.35):
+    """Geometric-like codes centred in the alphabet, like quantized Gaussian weights."""
+    rng = np.random.default_rng(seed)
+    mid = n_symbols // 2
+    sign = rng.choice([-1, 1], n)
+    return np.clip(mid + sign * (rng.geometric(p, n) - 1), 0, n_symbols - 1).astype(np.uint8)
+
+
+def uniform(n, n_symbols, seed=0):
+    return np.random.default_rng(seed).integers(0, n_symbols, n).astype(np.uint8)
+
+
+def varint(v):
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v >> 7 else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
+
+
+def craft(n_symbols, count, present, freqs, words, *, precision=14, version=1, n_words=None):
+    """A blob assembled by hand from the layout in the module docstring."""
+    bitmap = bytearray(-(-n_symbols // 8))
+    for s in present:
+        bitmap[s // 8] |= 1 << (s % 8)
+    out = bytearray([version, n_symbols - 1, precision]) + varint(count) + bitmap
+    for q in freqs:
+        out += varint(q)
+    out += varint(len(words) if n_words is None else n_words)
+    return bytes(out) + np.asarray(words, dtype="<u4").tobytes()
+
+
+def header_len(blob):
+    """Bytes before the payload: total minus 4 * W (W read back from the parsed blob)."""
+    return len(blob) - 4 * E._parse(blob, None).words.size
+
+
+def assert_round_trip(codes, n_symbols, **kw):
+    blob = encode(codes, n_symbols, **kw)
+    assert blob == encode_ref(codes, n_symbols, **kw)  # the twin writes the same bytes
+    for dec in (decode, decode_ref):
+        out = dec(blob, expected_count=codes.size)
+        assert out.dtype == np.uint8 and out.shape == (codes.size,)
+        assert np.array_equal(out, codes.reshape(-1))
+    return blob
+
+
+# ---- round trips ----
+
+
+@pytest.mark.parametrize("n_symbols", ALPHABETS)
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 100, 4099])
+def test_round_trip_every_alphabet(n_symbols, n):
+    assert_round_trip(uniform(n, n_symbols, seed=n), n_symbols)
+    assert_round_trip(skewed(n, n_symbols, seed=n), n_symbols)
+
+
+@pytest.mark.parametrize("n_symbols", ALPHABETS)
+def test_round_trip_large_skewed_and_uniform(n_symbols):
+    assert_round_trip(skewed(200_000, n_symbols, seed=1), n_symbols)
+    assert_round_trip(uniform(50_000, n_symbols, seed=2), n_symbols)
+
+
+@pytest.mark.parametrize("n_symbols", [1, 2, 3, 16, 256])
+def test_empty_input(n_symbols):
+    blob = assert_round_trip(np.zeros(0, np.uint8), n_symbols)
+    assert len(blob) == 3 + 1 + -(-n_symbols // 8) + 1
+
+
+@pytest.mark.parametrize("n_symbols", ALPHABETS)
+@pytest.mark.parametrize("n", [1, 5, 200_000])
+def test_all_one_symbol_has_no_payload(n_symbols, n):
+    codes = np.full(n, n_symbols - 1, np.uint8)
+    blob = assert_round_trip(codes, n_symbols)
+    assert header_len(blob) == len(blob)  # zero coded words: the header says everything
+    assert len(blob) <= 3 + 3 + 32 + 1
+
+
+def test_uniform_over_all_symbols_costs_about_the_raw_size():
+    codes = np.tile(np.arange(256, dtype=np.uint8), 400)  # every symbol exactly equally often
+    blob = assert_round_trip(codes, 256)
+    assert codes.size <= len(blob) <= codes.size + 32 + 255 + 20
+
+
+@pytest.mark.parametrize("where", [0, 12_345, 199_999])
+def test_single_rare_symbol_among_many(where):
+    codes = np.zeros(200_000, np.uint8)
+    codes[where] = 3
+    blob = assert_round_trip(codes, 4)
+    # a 1-in-2**14 slot for the rare symbol: ~14 bits for it and ~18 for the rest, plus headers
+    assert len(blob) <= 24
+
+
+def test_two_symbols_at_the_precision_extremes():
+    codes = np.zeros(50_000, np.uint8)
+    codes[::997] = 1
+    for precision in (E.MIN_PRECISION, 12, E.DEFAULT_PRECISION, 20, E.MAX_PRECISION):
+        assert_round_trip(codes, 2, precision=precision)
+
+
+def test_decode_in_many_chunks(monkeypatch):
+    monkeypatch.setattr(E, "_CHUNK", 1000)  # the chunk loop and its exhaustion check, at test size
+    for n in (999, 1000, 1001, 25_000):
+        assert_round_trip(skewed(n, 8, seed=n), 8)
+    codes = skewed(3500, 8, seed=9)
+    b = E._parse(encode(codes, 8), None)
+    lying = craft(8, 10_000, np.unique(codes), b.freqs[:-1], b.words)
+    with pytest.raises(CheckpointError, match="exactly 10000 codes \\(stopped at 4000\\)"):
+        decode(lying)  # the payload ran out inside the 4th chunk: the 5th is never decoded
+    with pytest.raises(CheckpointError, match="exactly 10000 codes \\(stopped at 3500\\)"):
+        decode_ref(lying)
+
+
+def test_accepts_torch_codes_of_any_shape():
+    codes = torch.randint(0, 16, (6, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    blob = encode(codes, 16)
+    assert torch.equal(torch.from_numpy(decode(blob, expected_count=codes.numel())).reshape(6, 64), codes)
+
+
+def test_fast_decode_equals_reference_decode_on_random_sources():
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        n_symbols = int(rng.choice(ALPHABETS))
+        k = int(rng.integers(1, n_symbols + 1))
+        support = rng.choice(n_symbols, k, replace=False)
+        p = rng.dirichlet(np.full(k, 0.3))
+        codes = rng.choice(support, int(rng.integers(0, 3000)), p=p).astype(np.uint8)
+        blob = encode(codes, n_symbols)
+        assert np.array_equal(decode(blob), decode_ref(blob))
+        assert np.array_equal(decode(blob), codes)
+
+
+# ---- size ----
+
+
+@pytest.mark.parametrize("n_symbols", [3, 4, 8, 16, 256])
+def test_coded_size_close_to_empirical_entropy(n_symbols):
+    codes = skewed(100_000, n_symbols, seed=3)
+    h = empirical_entropy_bits(codes, n_symbols)
+    bits = 8 * len(encode(codes, n_symbols))
+    assert h <= bits <= 1.01 * h + 8 * 64
+
+
+def test_2bit_header_is_a_handful_of_bytes():
+    codes = skewed(256 * 128, 4, seed=4)
+    blob = encode(codes, 4)
+    # version, alphabet, precision (3) + count varint (3) + bitmap (1) + 3 frequencies (<= 2 each)
+    # + word-count varint (<= 3)
+    assert header_len(blob) <= 3 + 3 + 1 + 6 + 3
+    assert header_len(blob) - (3 + len(varint(codes.size))) <= 1 + 6 + 3  # the table part
+
+
+def test_empirical_entropy_bits():
+    assert empirical_entropy_bits(np.zeros(10, np.uint8), 4) == 0.0
+    assert empirical_entropy_bits(np.zeros(0, np.uint8), 4) == 0.0
+    assert empirical_entropy_bits(np.arange(4, dtype=np.uint8).repeat(25), 4) == pytest.approx(200.0)
+
+
+def test_quantize_freqs_sums_to_the_precision_and_keeps_every_symbol():
+    rng = np.random.default_rng(5)
+    for precision in (8, 10, 14, 24):
+        for _ in range(20):
+            counts = rng.integers(1, 10 ** int(rng.integers(1, 7)), int(rng.integers(1, 257)))
+            q = quantize_freqs(counts, precision)
+            assert q.sum() == 1 << precision and q.min() >= 1
+    q = quantize_freqs(np.array([3, 1]), 8)
+    assert q.tolist() == [192, 64]
+    with pytest.raises(ValueError, match="do not fit a table of precision 8"):
+        quantize_freqs(np.ones(257, np.int64), 8)
+
+
+def test_zstd_baseline():
+    packed = bytes(range(16)) * 256
+    assert 0 < zstd_bytes(packed) < len(packed)
+
+
+# ---- bad input to encode ----
+
+
+def test_encode_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="codes must be a uint8 array; got dtype int64"):
+        encode(np.zeros(3, np.int64), 4)
+    with pytest.raises(ValueError, match="codes must be < n_symbols = 3; got a code 3"):
+        encode(np.array([0, 3], np.uint8), 3)
+    for bad in (0, 257, True, 4.0):
+        with pytest.raises(ValueError, match=r"n_symbols must be an int in \[1, 256\]"):
+            encode(np.zeros(3, np.uint8), bad)
+    for bad in (7, 25, True):
+        with pytest.raises(ValueError, match=r"precision must be an int in \[8, 24\]"):
+            encode(np.zeros(3, np.uint8), 4, precision=bad)
+
+
+# ---- malformed, truncated and corrupt blobs ----
+
+
+def test_layout_matches_the_documented_format():
+    codes = np.array([1, 0, 2, 2, 1, 2], np.uint8)
+    blob = encode(codes, 3)
+    b = E._parse(blob, None)
+    assert blob == craft(3, 6, [0, 1, 2], b.freqs[:-1], b.words)
+    assert craft(4, 5, [2], [], []) == encode(np.full(5, 2, np.uint8), 4)
+
+
+BAD_BLOBS = [
+    (b"", "truncated: 0 bytes"),
+    (b"\x01\x03", "truncated: 2 bytes"),
+    (craft(4, 5, [2], [], [], version=2), "version 2; this reader knows version 1"),
+    (craft(4, 5, [2], [], [], precision=7), "precision 7 is outside"),
+    (craft(4, 5, [2], [], [], precision=25), "precision 25 is outside"),
+    (craft(4, E.MAX_COUNT + 1, [2], [], []), "more than the limit"),
+    (bytes([1, 3, 14, 0x85]), "truncated inside the count field"),
+    (bytes([1, 3, 14, 0x85, 0x00, 4, 0]), "over-long encoding of the count field"),
+    (bytes([1, 3, 14, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]), "longer than 5 bytes"),
+    (bytes([1, 255, 14, 5]) + bytes(3), "truncated inside the symbol bitmap"),
+    (craft(3, 5, [3], [], []), "marks a symbol >= n_symbols = 3"),
+    (craft(4, 0, [1], [], []), "lists 1 symbols for 0 codes"),
+    (craft(4, 5, [], [], []), "lists 0 symbols for 5 codes"),
+    (craft(4, 2, [0, 1, 2], [5000, 5000], [7]), "lists 3 symbols for 2 codes"),
+    (craft(4, 5, [0, 1], [0], [7]), "frequency table is invalid"),
+    (craft(4, 5, [0, 1], [1 << 14], [7]), "frequency table is invalid"),
+    (craft(4, 5, [0, 1], [20000], [7]), "frequency table is invalid"),
+    (craft(4, 5, [0, 1, 2], [8000], [])[:-1], "truncated inside the frequency field"),
+    (craft(4, 5, [0, 1], [8000], []), "0 payload words for 2 distinct symbols"),
+    (craft(4, 5, [1], [], [7]), "1 payload words for 1 distinct symbols"),
+    (craft(4, 5, [0, 1], [8000], [7, 8], n_words=3), "payload is 8 bytes; its header says 3 words"),
+    (craft(4, 5, [0, 1], [8000], [7, 8], n_words=1), "payload is 8 bytes; its header says 1 words"),
+    (craft(4, 5, [0, 1], [8000], [7, 0]), "ends in a zero word"),
+    (craft(4, 5, [0, 1], [8000], [7, 1 << 30]), "does not decode to exactly 5 codes"),
+]
+
+
+@pytest.mark.parametrize("blob, message", BAD_BLOBS, ids=[m for _, m in BAD_BLOBS])
+def test_every_header_field_is_validated(blob, message):
+    for dec in (decode, decode_ref):
+        with pytest.raises(CheckpointError, match=message):
+            dec(blob)
+
+
+def test_non_bytes_blob_is_refused():
+    with pytest.raises(CheckpointError, match="must be bytes; got str"):
+        decode("abc")
+
+
+def test_count_in_header_is_checked_by_the_payload():
+    codes = skewed(5000, 16, seed=6)
+    blob = encode(codes, 16)
+    b = E._parse(blob, None)
+    present = np.flatnonzero(np.bincount(codes, minlength=16))
+    for count in (codes.size - 1, codes.size + 1, codes.size + 12_345):
+        lying = craft(16, count, present, b.freqs[:-1], b.words)
+        for dec in (decode, decode_ref):
+            with pytest.raises(CheckpointError, match=f"does not decode to exactly {count} codes"):
+                dec(lying)
+
+
+def test_huge_claimed_count_fails_fast_without_a_huge_allocation():
+    codes = skewed(1000, 4, seed=8)
+    b = E._parse(encode(codes, 4), None)
+    lying = craft(4, E.MAX_COUNT, np.unique(codes), b.freqs[:-1], b.words)
+    t = time.perf_counter()
+    for dec in (decode, decode_ref):
+        with pytest.raises(CheckpointError, match="stopped at"):
+            dec(lying)
+    assert time.perf_counter() - t < 2.0  # one chunk decoded, not 2**28 symbols
+    # a payload-free blob cannot be checked by its payload: the caller's count bounds it
+    with pytest.raises(CheckpointError, match=f"holds {E.MAX_COUNT} codes, expected 10"):
+        decode(craft(4, E.MAX_COUNT, [1], [], []), expected_count=10)
+
+
+SOURCES = st.tuples(st.sampled_from(ALPHABETS), st.integers(0, 400), st.integers(0, 2 ** 32 - 1),
+                    st.booleans())
+
+
+def _source(alphabet, n, seed, skew):
+    return skewed(n, alphabet, seed) if skew else uniform(n, alphabet, seed)
+
+
+def _decodes_safely(blob, n, n_symbols):
+    """The contract for damaged blobs with a known count: CheckpointError, or exactly n uint8
+    codes from the alphabet (a payload change that still lands on the sentinel)."""
+    for dec in (decode, decode_ref):
+        try:
+            out = dec(blob, expected_count=n)
+        except CheckpointError:
+            continue
+        assert out.dtype == np.uint8 and out.shape == (n,)
+        assert n == 0 or int(out.max()) < n_symbols
+
+
+@settings(max_examples=300, deadline=None)
+@given(SOURCES, st.data())
+def test_flipped_bits_raise_or_decode_to_the_right_length(source, data):
+    codes = _source(*source)
+    blob = bytearray(encode(codes, source[0]))
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] ^= 1 << data.draw(st.integers(0, 7))
+    _decodes_safely(bytes(blob), codes.size, source[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(SOURCES, st.data())
+def test_truncated_and_extended_blobs_raise(source, data):
+    codes = _source(*source)
+    blob = encode(codes, source[0])
+    cut = blob[:data.draw(st.integers(0, len(blob) - 1))]
+    tail = blob + data.draw(st.binary(min_size=1, max_size=9))
+    for bad in (cut, tail):
+        for dec in (decode, decode_ref):
+            with pytest.raises(CheckpointError):
+                dec(bad)
