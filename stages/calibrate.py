@@ -1,4 +1,4 @@
-"""Stage `calibrate`: activation statistics and per-tensor sensitivity of the FP32 model."""
+"""Stage `calibrate`: activation statistics and per-tensor sensitivity of the FP32 model, on the dev split."""
 import torch
 
 from iteralite.data.tokenizer import load_tokens
@@ -12,7 +12,7 @@ from iteralite.quant.calibrate import CalibrateConfig, calibrate, plot_sensitivi
 def main():
     cfg = load_section(CalibrateConfig, "calibrate")
     model, _ = load_model(paths.FP32_CKPT)
-    data = torch.from_numpy(load_tokens(paths.TRAIN_TOKENS).astype("int64"))
+    data = torch.from_numpy(load_tokens(paths.DEV_TOKENS).astype("int64"))
     tensors, summary = calibrate(model, data, cfg)
     save_stats(paths.CALIBRATION, tensors, summary)
     plot_sensitivity(summary, paths.SENSITIVITY_PNG, paths.SENSITIVITY_CSV)

@@ -30,7 +30,7 @@ def main():
                                warmup_steps=min(ft.warmup_steps, cfg.finetune_steps - 1))
     base = load_baseline()
     start = dequantize_model(load_model(src)[0])
-    res = run_mixed(base.model, start, base.train_tokens, cfg, qcfg)
+    res = run_mixed(base.model, start, base.train_tokens, cfg, qcfg, dev=base.dev_tokens)
     sizes = sizes_table(start, cfg.precisions, cfg.group_size)
     meta = {"stage": "mixed_precision", "parent": src}
 

@@ -20,7 +20,8 @@ def main():
     base = load_baseline()
     qat_model, _ = load_model(paths.QAT_CKPT)
     spec = QuantSpec(bits=4, group_size=ft.group_size, symmetric=ft.symmetric, method="rtn")
-    model, report, history = prune_with_recovery(qat_model, base.model, base.train_tokens, ratio, cfg, spec, ft)
+    model, report, history = prune_with_recovery(qat_model, base.model, base.train_tokens, ratio, cfg, spec, ft,
+                                                 dev=base.dev_tokens)
     packed = quantize(model, make_spec_for(spec, tuple(ft.keep_float)))
     _, metrics = publish(paths.ratio_ckpt("prune", text), packed, base, kind="int4-pruned", quant=quant_config(packed),
                          meta={"stage": "prune", "parent": paths.QAT_CKPT, "ratio": ratio})

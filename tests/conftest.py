@@ -53,6 +53,7 @@ def tok_dir(tmp_path_factory) -> Path:
     prepared.mkdir()
     (prepared / "train.txt").write_text(join_stories(fake_stories(300, 1)))
     (prepared / "valid.txt").write_text(join_stories(fake_stories(60, 2)))
+    (prepared / "dev.txt").write_text(join_stories(fake_stories(40, 4)))
     (prepared / "wikitext2_test.txt").write_text("\n".join(fake_stories(40, 3)) + "\n")
     build(TokenizerConfig(vocab_size=300), prepared, root / "tokenizer")
     return root / "tokenizer"

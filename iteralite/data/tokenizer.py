@@ -129,14 +129,16 @@ def load_tokens(path: str | Path) -> np.ndarray:
 
 
 def build(cfg: TokenizerConfig, prepared: str | Path = "data/prepared", out_dir: str | Path = "data/tokenizer") -> dict:
-    """Train the tokenizer, encode all three texts, return metrics."""
+    """Train the tokenizer on the training split only, encode train, dev, valid and WikiText-2,
+    return metrics."""
     prepared, out_dir = Path(prepared), Path(out_dir)
     train_text = read_utf8(prepared / "train.txt")
     tok = train_tokenizer(cfg, train_text)
     save_tokenizer(tok, out_dir / "tokenizer.json")
     nbytes = token_bytes(tok)
     metrics = {"vocab_size": tok.get_vocab_size()}
-    for name, fname, enc in (("train", "train.txt", encode_stories), ("valid", "valid.txt", encode_stories),
+    for name, fname, enc in (("train", "train.txt", encode_stories), ("dev", "dev.txt", encode_stories),
+                             ("valid", "valid.txt", encode_stories),
                              ("wikitext2", "wikitext2_test.txt", encode_lines)):
         arr = enc(tok, train_text if name == "train" else read_utf8(prepared / fname))
         save_tokens(arr, out_dir / f"{name}.npy")

@@ -1,6 +1,7 @@
 """What every post-training stage starts from, loaded in one place: the evaluator, the FP32
 teacher and its checkpoint (tokenizer id), the FP32 metrics (for deltas and compression) and,
-on request, the training token stream (for distillation and calibration)."""
+on request, the training token stream (what distillation trains on) and the dev token stream (what
+every calibration, importance, budget and selection decision reads; never trained on)."""
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ class Baseline:
     ckpt: Checkpoint
     metrics: dict  # metrics/train.json
     train_tokens: torch.Tensor | None = None  # int64 (n,)
+    dev_tokens: torch.Tensor | None = None  # int64 (n,)
 
 
 def load_baseline(train_tokens: bool = True, *, fp32=paths.FP32_CKPT, train_metrics=paths.TRAIN_METRICS,
@@ -31,7 +33,8 @@ def load_baseline(train_tokens: bool = True, *, fp32=paths.FP32_CKPT, train_metr
     model, ckpt = load_model(fp32)
     with open(train_metrics) as f:
         metrics = json.load(f)
-    tokens = None
+    train = dev = None
     if train_tokens:
-        tokens = torch.from_numpy(load_tokens(f"{tok_dir}/train.npy").astype("int64"))
-    return Baseline(evaluator, model, ckpt, metrics, tokens)
+        train = torch.from_numpy(load_tokens(f"{tok_dir}/train.npy").astype("int64"))
+        dev = torch.from_numpy(load_tokens(f"{tok_dir}/dev.npy").astype("int64"))
+    return Baseline(evaluator, model, ckpt, metrics, train, dev)

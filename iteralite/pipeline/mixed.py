@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from iteralite.io.errors import DataError
 from iteralite.io.params import check
 from iteralite.quant.allocate import (UNIT_TYPES, manual_allocation, monotone, optimize, profile, sizes_table,
                                       uniform_allocation)
 from iteralite.quant.calibrate import mean_loss, windows
 from iteralite.quant.qat import distill_quantized
+from iteralite.train.loop import check_stream
 from iteralite.quant.units import allocation_spec_for, parse_precision, precision_name, quantize_allocation, units
 
 POLICIES = ("optimized", "manual")
@@ -35,7 +35,7 @@ class MixedConfig:
     target_bits_per_weight: float = 3.5  # bits of the allocated weights / their count
     precisions: list[int | str] = field(default_factory=lambda: [2, 3, 4, 8, 16])
     group_size: int = 64
-    sens_samples: int = 32  # calibration windows (training split) for the profile and the budget
+    sens_samples: int = 32  # dev-split windows for the profile and the budget
     seq_len: int = 256
     batch_size: int = 16
     seed: int = 23
@@ -88,14 +88,6 @@ class MixedConfig:
 
 
 
-def check_stream_length(data: torch.Tensor, span: int, key: str, value: int) -> None:
-    """Batches are random windows of `span` + 1 tokens from `data` (start drawn from len - span - 1
-    positions): a DataError naming `key` now, rather than a torch error after the profile."""
-    if len(data) < span + 2:
-        raise DataError(f"mixed_precision: the training split has {len(data)} tokens, too few for windows of "
-                        f"'{key}' = {value}; lower {key} or add training data")
-
-
 def finetune_allocation(start: nn.Module, teacher: nn.Module, data: torch.Tensor, allocation: dict,
                         group_size: int, qat_cfg, progress: bool = True, desc: str = "mixed finetune"):
     """(packed mixed model, stats): distill a fake-quantized copy of `start`, then export."""
@@ -112,11 +104,13 @@ class MixedRun:
 
 
 def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: MixedConfig, qat_cfg,
-              progress: bool = True) -> MixedRun:
-    """The whole stage's computation on a float starting model (see the module docstring)."""
-    check_stream_length(data, cfg.seq_len - 1, "mixed_precision.seq_len", cfg.seq_len)
-    check_stream_length(data, qat_cfg.seq_len, "finetune.seq_len", qat_cfg.seq_len)
-    wins = windows(data, cfg.sens_samples, cfg.seq_len, cfg.seed)
+              progress: bool = True, *, dev: torch.Tensor) -> MixedRun:
+    """The whole stage's computation on a float starting model (see the module docstring).
+    `data`: the training tokens (the fine-tunes distil on them); `dev`: the dev tokens (the profile,
+    the budget and every check of it)."""
+    check_stream(dev, cfg.seq_len, "mixed_precision", "mixed_precision.seq_len", "dev")
+    check_stream(data, qat_cfg.seq_len, "mixed_precision", "finetune.seq_len")
+    wins = windows(dev, cfg.sens_samples, cfg.seq_len, cfg.seed)
     teacher_loss = mean_loss(teacher, wins, cfg.batch_size)
     base, sens = profile(start, wins, cfg.precisions, cfg.group_size, cfg.batch_size, progress)
     sizes = sizes_table(start, cfg.precisions, cfg.group_size)

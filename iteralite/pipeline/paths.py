@@ -9,6 +9,7 @@ PREPARED_DIR = "data/prepared"
 TOKENIZER_DIR = "data/tokenizer"
 TOKENIZER_JSON = f"{TOKENIZER_DIR}/tokenizer.json"
 TRAIN_TOKENS = f"{TOKENIZER_DIR}/train.npy"
+DEV_TOKENS = f"{TOKENIZER_DIR}/dev.npy"  # every calibration, budget and selection decision reads this
 
 FP32_CKPT = "checkpoints/fp32.safetensors"
 TRAIN_RESUME = "checkpoints/train_resume.safetensors"

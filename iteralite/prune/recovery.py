@@ -1,9 +1,10 @@
 """Iterative structured pruning with recovery: the prune stage's logic.
 
 From a quantized (QAT) artifact: dequantize to float, then for each cumulative ratio of the
-schedule (e.g. 0.1, 0.2, 0.3, 0.4) score units (Taylor or magnitude on calibration windows),
-remove them physically (`apply.prune`), and recover with a short fake-quantized distillation from
-the FP32 teacher, so the model stays fit for 4-bit export. The result is exported to the same
+schedule (e.g. 0.1, 0.2, 0.3, 0.4) score units (Taylor or magnitude on calibration windows of the
+dev split, which also feed routing statistics and layer sensitivity), remove them physically
+(`apply.prune`), and recover with a short fake-quantized distillation from the FP32 teacher on the
+training split, so the model stays fit for 4-bit export. The result is exported to the same
 packed 4-bit format as QAT.
 """
 from __future__ import annotations
@@ -31,10 +32,12 @@ def calibration_batches(data: torch.Tensor, cfg: PruneConfig, seq_len: int = 256
 
 
 def prune_with_recovery(quantized_model, teacher, data: torch.Tensor, ratio: float, cfg: PruneConfig,
-                        spec: QuantSpec, recovery: QATConfig, progress: bool = True):
-    """-> (pruned float model with its cfg updated, final prune report, per-step history)."""
+                        spec: QuantSpec, recovery: QATConfig, progress: bool = True, *, dev: torch.Tensor):
+    """-> (pruned float model with its cfg updated, final prune report, per-step history).
+    `data`: the training tokens (recovery distils on them); `dev`: the dev tokens (every decision:
+    importance, routing statistics, layer sensitivity)."""
     model = dequantize_model(quantized_model)
-    batches = calibration_batches(data, cfg, seq_len=recovery.seq_len)
+    batches = calibration_batches(dev, cfg, seq_len=recovery.seq_len)
     base, shapes = prunable_params(model), layer_shapes(model)
     sens = None
     if cfg.allocation == "sensitivity":

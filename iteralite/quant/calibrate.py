@@ -1,11 +1,11 @@
 """Calibration: activation statistics per quantizable weight, and per-tensor sensitivity.
 
-Statistics (from the FP32 model over `n_samples` training windows): per input channel mean x^2
-(activation-aware weighting), X^T X / n (GPTQ's Hessian), absmax and the 99.9th percentile of
-|x|. Sensitivity: the calibration-loss increase when that tensor alone is quantized (RTN, group
-`group_size`) to each of `bits`, everything else left in FP32. It is measured on training
-windows other than the statistics windows (text the model was trained on), not on the
-validation split, so that later choices made from it are not tuned on the split we report.
+Statistics (from the FP32 model over `n_samples` windows of the dev split): per input channel
+mean x^2 (activation-aware weighting), X^T X / n (GPTQ's Hessian), absmax and the 99.9th
+percentile of |x|. Sensitivity: the loss increase when that tensor alone is quantized (RTN, group
+`group_size`) to each of `bits`, everything else left in FP32, on other dev windows. The dev split
+is held out of training (so the teacher does not look better than it is, as on text it memorised)
+and is not the validation split, so later choices made from it are not tuned on what we report.
 """
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ STATS_FORMAT = "iteralite-calibration"
 
 @dataclass
 class CalibrateConfig:
-    n_samples: int = 1000  # calibration windows from the training split
+    n_samples: int = 1000  # calibration windows from the dev split
     seq_len: int = 256
     batch_size: int = 16
-    sens_samples: int = 128  # training windows (other than the statistics ones) per sensitivity probe
+    sens_samples: int = 128  # dev windows (other than the statistics ones) per sensitivity probe
     sens_bits: list[int] = field(default_factory=lambda: [4, 8])
     group_size: int = 64
     seed: int = 11

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from iteralite.core.config import ModelConfig
-from iteralite.train.evaluate import EvalConfig, Evaluator
+from iteralite.train.evaluate import EvalConfig, Evaluator, evaluate_tokens
 from iteralite.train.losses import next_token_loss
 from iteralite.io.atomic import write_text
 from iteralite.io.errors import DataError, DivergedError
@@ -103,10 +104,11 @@ def check_finite_model(model: torch.nn.Module, where: str) -> None:
                                 "(nothing was written)")
 
 
-def check_stream(data: torch.Tensor, seq_len: int, where: str, key: str) -> None:
-    """A token stream must hold more than one window of seq_len + 1 tokens to sample batches from."""
+def check_stream(data: torch.Tensor, seq_len: int, where: str, key: str, split: str = "training") -> None:
+    """A token stream must hold more than one window of seq_len + 1 tokens to sample batches from:
+    a DataError naming `key` before any work, rather than a torch error after it."""
     if len(data) <= seq_len + 1:
-        raise DataError(f"{where}: the training split has {len(data)} tokens, too few for windows of "
+        raise DataError(f"{where}: the {split} split has {len(data)} tokens, too few for windows of "
                         f"'{key}' = {seq_len} (+1); add data or lower {key}")
 
 
@@ -204,6 +206,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok
                desc="train", dynamic_ncols=True)
     t0 = time.perf_counter() - elapsed
     loss_ema = None
+    recent = deque(maxlen=cfg.eval_every)  # training CE of the last eval interval
     for step in bar:
         lr = lr_at(cfg, step)
         for g in opt.param_groups:
@@ -217,6 +220,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok
         check_finite("training", step, cfg.steps, loss.item(), norm.item(), lr, "'train.lr'")
         opt.step()
         loss_ema = ce.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * ce.item()
+        recent.append(ce.item())
         done = step + 1
         val = None
         if done % cfg.eval_every == 0 or done == cfg.steps:
@@ -232,11 +236,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok
     train_seconds = time.perf_counter() - t0
     write_curve(curve_path, curve)
     tokens_seen = cfg.steps * cfg.batch_size * cfg.seq_len
-    stats = {"steps": cfg.steps, "tokens_seen": tokens_seen, "threads": threads,
+    stats = {"steps": cfg.steps, "tokens_seen": tokens_seen, "train_tokens": int(len(data)),
+             "epochs": round(tokens_seen / len(data), 3), "threads": threads,
              "train_seconds": round(train_seconds, 1),
              "train_tokens_per_s": round((cfg.steps - start) * cfg.batch_size * cfg.seq_len
                                          / max(1e-9, train_seconds - elapsed), 1),
              "final_train_loss": round(loss_ema, 5), "resumed_from_step": start}
+    if recent:  # after a resume at the very end there is no step to average
+        stats["train_loss_final"] = round(sum(recent) / len(recent), 5)
+    dev_path = Path(tok_dir) / "dev.npy"
+    if dev_path.exists():  # the held-out slice of the training source: the train/dev gap
+        dev = evaluate_tokens(model, load_tokens(dev_path), evaluator.nbytes, eval_cfg.seq_len, eval_cfg.batch_size)
+        stats["dev_loss"], stats["dev_bpb"] = round(dev["loss"], 5), round(dev["bpb"], 5)
     check_finite_model(model, "training")
     model.eval()
     return model, stats

@@ -53,6 +53,8 @@ def test_two_word_wikitext_is_encoded(tmp_path):
     prepared.mkdir()
     (prepared / "train.txt").write_text(join_stories(fake_stories(300, 1)))
     (prepared / "valid.txt").write_text(join_stories(fake_stories(5)))
+    (prepared / "dev.txt").write_text(join_stories(fake_stories(4, 3)))
     (prepared / "wikitext2_test.txt").write_text("hello world")
     metrics = build(TokenizerConfig(vocab_size=300), prepared, tmp_path / "tokenizer")
     assert 2 <= metrics["wikitext2_tokens"] <= 11
+    assert metrics["dev_tokens"] > 0 and (tmp_path / "tokenizer" / "dev.npy").exists()

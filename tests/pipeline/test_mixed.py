@@ -16,7 +16,7 @@ def test_run_mixed_on_a_tiny_model(model):
                                   "finetune_steps": 2, "max_ppl_delta_pct": 50.0}, "mixed_precision")
     qcfg = QATConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, threads=1)
     data = torch.randint(0, model.cfg.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
-    res = run_mixed(model, model, data, cfg, qcfg, progress=False)
+    res = run_mixed(model, model, data, cfg, qcfg, progress=False, dev=data.flip(0))
     check_allocation(model, res.allocation)  # one known precision for every unit
     assert set(res.candidates) == {"uniform_int8", "uniform_int4", "manual", "optimized_before_finetune",
                                    "uniform_int4_finetuned"}
@@ -30,8 +30,9 @@ def test_run_mixed_on_a_tiny_model(model):
     assert torch.isfinite(res.model(idx)[0]).all()
 
 
-@pytest.mark.parametrize("mixed_seq,ft_seq,key", [(64, 16, "mixed_precision.seq_len"), (17, 63, "finetune.seq_len")])
-def test_run_mixed_refuses_too_little_training_data_before_the_profile(model, monkeypatch, mixed_seq, ft_seq, key):
+@pytest.mark.parametrize("mixed_seq,ft_seq,key,split", [(64, 16, "mixed_precision.seq_len", "dev"),
+                                                       (17, 63, "finetune.seq_len", "training")])
+def test_run_mixed_refuses_too_little_data_before_the_profile(model, monkeypatch, mixed_seq, ft_seq, key, split):
     import iteralite.pipeline.mixed as mixed
 
     def no_profile(*a, **k):
@@ -41,5 +42,31 @@ def test_run_mixed_refuses_too_little_training_data_before_the_profile(model, mo
     cfg = from_dict(MixedConfig, {"group_size": 8, "sens_samples": 4, "seq_len": mixed_seq}, "mixed_precision")
     qcfg = QATConfig(steps=2, batch_size=2, seq_len=ft_seq, warmup_steps=1, threads=1)
     data = torch.randint(0, model.cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(DataError, match=rf"the training split has 64 tokens, too few for windows of '{key}'"):
-        run_mixed(model, model, data, cfg, qcfg, progress=False)
+    with pytest.raises(DataError, match=rf"the {split} split has 64 tokens, too few for windows of '{key}'"):
+        run_mixed(model, model, data, cfg, qcfg, progress=False, dev=data)
+
+
+def test_profile_and_budget_read_the_dev_split_and_finetunes_the_training_split(model, monkeypatch):
+    import iteralite.pipeline.mixed as mixed
+
+    seen = {"windows": [], "finetune": []}
+    real_windows, real_distill = mixed.windows, mixed.distill_quantized
+
+    def windows(data, *a, **k):
+        seen["windows"].append(data)
+        return real_windows(data, *a, **k)
+
+    def distill(student, teacher, data, *a, **k):
+        seen["finetune"].append(data)
+        return real_distill(student, teacher, data, *a, **k)
+
+    monkeypatch.setattr(mixed, "windows", windows)
+    monkeypatch.setattr(mixed, "distill_quantized", distill)
+    cfg = from_dict(MixedConfig, {"group_size": 8, "sens_samples": 4, "seq_len": 17, "batch_size": 4,
+                                  "finetune_steps": 2, "max_ppl_delta_pct": 50.0}, "mixed_precision")
+    qcfg = QATConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, threads=1)
+    data = torch.randint(0, model.cfg.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
+    dev = torch.randint(0, model.cfg.vocab_size, (800,), generator=torch.Generator().manual_seed(1))
+    run_mixed(model, model, data, cfg, qcfg, progress=False, dev=dev)
+    assert seen["windows"] and all(d is dev for d in seen["windows"])
+    assert len(seen["finetune"]) == 2 and all(d is data for d in seen["finetune"])  # headline + control

@@ -26,8 +26,11 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(clone):
     r = _run(["dvc", "repro"], dst, env)
     train = json.loads((dst / "metrics" / "train.json").read_text())
     for key in ("params", "size_bytes", "val_loss", "val_ppl", "val_bpb", "wikitext2_ppl", "train_seconds",
-                "train_tokens_per_s"):
+                "train_tokens_per_s", "train_loss_final", "dev_loss", "epochs"):
         assert key in train, key
+    assert train["epochs"] == round(train["tokens_seen"] / train["train_tokens"], 3)
+    data = json.loads((dst / "metrics" / "data.json").read_text())
+    assert data["dev_stories"] == 40 and data["train_stories"] + data["dev_stories"] <= 300
     assert train["size_bytes"] == (dst / "checkpoints" / "fp32.safetensors").stat().st_size
     assert (dst / "dvc.lock").exists()
     again = _run(["dvc", "repro"], dst, env)

@@ -20,15 +20,16 @@ from tests.prune.helpers import bigger, logits, tokens
 RATIO = 0.3
 
 
-def run(recovery_steps: int):
+def run(recovery_steps: int, dev: torch.Tensor | None = None):
     cfg = PruneConfig(ratios=[RATIO], importance="magnitude", steps=1, recovery_steps=recovery_steps,
                       calib_batches=1, channel_multiple=8)
     recovery = QATConfig(steps=1, batch_size=2, seq_len=16, warmup_steps=0, group_size=8)
     spec = QuantSpec(bits=4, group_size=8, method="rtn")
     quantized = quantize(bigger(), make_spec_for(spec, tuple(recovery.keep_float)))
     data = torch.randint(0, 300, (2000,), generator=torch.Generator().manual_seed(5))
+    dev = torch.randint(0, 300, (1500,), generator=torch.Generator().manual_seed(6)) if dev is None else dev
     model, report, history = prune_with_recovery(quantized, bigger(), data, RATIO, cfg, spec, recovery,
-                                                 progress=False)
+                                                 progress=False, dev=dev)
     return model, report, history, spec, recovery
 
 
@@ -60,3 +61,25 @@ def test_one_step_prunes_recovers_and_packs():
     with pytest.raises(IteraliteError, match="dequantize"):
         require_float(packed)
     assert torch.isfinite(logits(packed, idx)).all()
+
+
+def test_decisions_read_the_dev_split_and_recovery_trains_on_the_training_split(monkeypatch):
+    import iteralite.prune.recovery as recovery_mod
+
+    seen = {}
+    real_batches, real_distill = recovery_mod.calibration_batches, recovery_mod.distill_train
+
+    def batches(data, *a, **k):
+        seen["calibration"] = data
+        return real_batches(data, *a, **k)
+
+    def distill(student, teacher, data, *a, **k):
+        seen["recovery"] = data
+        return real_distill(student, teacher, data, *a, **k)
+
+    monkeypatch.setattr(recovery_mod, "calibration_batches", batches)
+    monkeypatch.setattr(recovery_mod, "distill_train", distill)
+    dev = torch.randint(0, 300, (1500,), generator=torch.Generator().manual_seed(9))
+    run(recovery_steps=1, dev=dev)
+    assert seen["calibration"] is dev  # importance, routing and sensitivity batches
+    assert seen["recovery"].numel() == 2000  # the training tokens
