@@ -76,29 +76,49 @@ def hotspot_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+PLAN_BYTES = 120_000  # the original plan's bar for the final model: under 0.12 MB
+PEER_PREFIX = "peer_"  # peers are built in memory, never saved: they are not on the size frontier
+
+
 def write_pareto_csv(results: dict[str, dict], path) -> None:
-    """name,size_bytes,val_ppl,decode_tok_s_1thread (empty cell when missing), for `dvc plots`."""
-    cols = ["size_bytes", "val_ppl", "decode_tok_s_1thread"]
+    """name,size_bytes,val_ppl,val_bpb,decode_tok_s_1thread (empty cell when missing), for `dvc plots`."""
+    cols = ["size_bytes", "val_ppl", "val_bpb", "decode_tok_s_1thread"]
     lines = ["name," + ",".join(cols)]
     lines += [",".join([name] + ["" if m.get(c) is None else str(m[c]) for c in cols])
               for name, m in results.items()]
     write_text(path, "\n".join(lines) + "\n")
 
 
-def plot_pareto(results: dict[str, dict], path) -> None:
-    """Size in bytes (log x) against validation perplexity, one labelled point per variant."""
+def frontier_points(results: dict[str, dict]) -> list[tuple[str, dict]]:
+    """(name, metrics) of every saved artifact with a size and a validation perplexity."""
+    return [(n, m) for n, m in results.items() if not n.startswith(PEER_PREFIX) and m.get("size_bytes")
+            and m.get("val_ppl") is not None]
+
+
+def plot_pareto(results: dict[str, dict], path, fp32: str = "fp32") -> None:
+    """The size frontier: every saved artifact's file bytes (log x) against validation perplexity
+    and bits per byte, with the plan's 0.12 MB bar and the 50x-smaller-than-FP32 line. Peers are
+    left out: they are in-memory builds, not files."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    pts = [(n, m["size_bytes"], m["val_ppl"]) for n, m in results.items()
-           if m.get("size_bytes") and m.get("val_ppl") is not None]
-    for name, size, ppl in pts:
-        ax.scatter(size, ppl, s=30)
-        ax.annotate(name, (size, ppl), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("size (bytes, log scale): file bytes for artifacts, in-memory bytes for peers")
-    ax.set_ylabel("TinyStories validation perplexity")
-    ax.set_title("Size versus quality (lower left is better)")
-    ax.grid(alpha=0.3, which="both")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    pts = frontier_points(results)
+    fp32_bytes = results.get(fp32, {}).get("size_bytes")
+    for ax, key, label in ((axes[0], "val_ppl", "TinyStories validation perplexity"),
+                           (axes[1], "val_bpb", "TinyStories validation bits per byte")):
+        for name, m in pts:
+            if m.get(key) is None:
+                continue
+            ax.scatter(m["size_bytes"], m[key], s=30)
+            ax.annotate(name, (m["size_bytes"], m[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axvline(PLAN_BYTES, color="tab:red", ls="--", lw=1, label="plan: 0.12 MB")
+        if fp32_bytes:
+            ax.axvline(fp32_bytes / 50, color="tab:purple", ls=":", lw=1, label="50x smaller than FP32")
+        ax.set_xscale("log")
+        ax.set_xlabel("artifact file size (bytes, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle("Size versus quality of every artifact (lower left is better)")
     fig.tight_layout()
     save_png(fig, path)
 
@@ -130,7 +150,7 @@ def render_report(results: dict[str, dict], pareto_rel: str, speed_rel: str,
                   hotspots: dict[str, list[dict]] | None = None, title: str = "Benchmark") -> str:
     """The markdown page; images are linked by the given relative paths."""
     parts = [f"# {title}", "", variant_table(results), "", HOW_TO_READ,
-             f"![size versus validation perplexity]({pareto_rel})", "",
+             f"![size versus validation perplexity and bits per byte of every artifact]({pareto_rel})", "",
              f"![decode speed]({speed_rel})", ""]
     for label, rows in (hotspots or {}).items():
         parts += [f"## Decode hotspots: {label}", "", hotspot_table(rows), ""]

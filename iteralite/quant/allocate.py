@@ -143,18 +143,21 @@ class Optimized:
 
 
 def optimize(start: nn.Module, wins: torch.Tensor, sizes: dict, sens: dict, cfg,
-             base_loss: float, teacher_loss: float) -> Optimized:
-    """Allocation for cfg.objective, its budget checked by measuring the whole allocation."""
+             base_loss: float, teacher_loss: float, extra: float = 0.0) -> Optimized:
+    """Allocation for cfg.objective, its budget checked by measuring the whole allocation.
+    `extra` (nats/token) widens the budget before fine-tuning: the loss a fine-tune was measured to
+    win back (see `pipeline.mixed`)."""
     weights = sum(_unit_count(u, start) for u in sizes)
     if cfg.objective == "bits_target":
         alloc = allocate(sizes, sens, target_bits=cfg.target_bits_per_weight * weights)
         return Optimized(alloc, None)
     budget = teacher_loss + math.log1p(cfg.max_ppl_delta_pct / 100) - base_loss
-    if budget <= 0:
+    if budget <= 0 and not extra:
         raise IteraliteError(
             f"mixed_precision: the starting model is already {100 * math.expm1(base_loss - teacher_loss):.1f}% "
             f"above FP32 perplexity on the calibration windows, over the budget of {cfg.max_ppl_delta_pct}%: "
             "raise mixed_precision.max_ppl_delta_pct or start from a smaller from_ratio")
+    budget += extra
     allowed, out = budget, Optimized({}, budget)
     for _ in range(cfg.max_refits + 1):
         alloc = allocate(sizes, sens, budget=allowed)

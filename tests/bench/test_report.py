@@ -31,6 +31,7 @@ def test_report_writes_plots_csv_and_markdown(tmp_path):
     rows = list(csv.DictReader(table.open()))
     assert [r["name"] for r in rows] == list(RESULTS)
     assert rows[1]["decode_tok_s_1thread"] == "318.0" and rows[1]["size_bytes"] == "979056"
+    assert rows[1]["val_bpb"] == "1.1064" and rows[2]["val_bpb"] == ""
     text = report.read_text()
     assert all(f"| {name} |" in text for name in RESULTS)
     int4_row = next(ln for ln in text.splitlines() if ln.startswith("| int4 gptq |"))
@@ -72,3 +73,10 @@ def test_variant_table_puts_each_value_in_its_column():
     assert fp32["prefill 128 (ms)"] == "12.5" and fp32["peak RSS (MiB)"] == "410"
     assert int4["WikiText-2 ppl"] == int4["peak RSS (MiB)"] == bench_report.MISSING
     assert nf4["decode tok/s (all threads)"] == "3" and nf4["bits/weight"] == bench_report.MISSING
+
+
+def test_frontier_holds_only_saved_artifacts():
+    """Peers are in-memory builds: the size frontier leaves them out (and points without a size)."""
+    results = {**RESULTS, "peer_bnb_nf4": {"size_bytes": 1_888_768, "val_ppl": 16.6, "val_bpb": 1.1},
+               "unsized": {"val_ppl": 3.0}}
+    assert [n for n, _ in bench_report.frontier_points(results)] == ["fp32", "int4 gptq", "bnb_nf4"]

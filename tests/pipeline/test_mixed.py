@@ -6,7 +6,7 @@ import torch
 
 from iteralite.io.errors import DataError
 from iteralite.io.params import from_dict
-from iteralite.pipeline.mixed import MixedConfig, run_mixed
+from iteralite.pipeline.mixed import SLACK_NATS, MixedConfig, run_mixed, use_the_slack
 from iteralite.quant.qat import QATConfig
 from iteralite.quant.units import allocation_bits, check_allocation
 
@@ -69,4 +69,41 @@ def test_profile_and_budget_read_the_dev_split_and_finetunes_the_training_split(
     dev = torch.randint(0, model.cfg.vocab_size, (800,), generator=torch.Generator().manual_seed(1))
     run_mixed(model, model, data, cfg, qcfg, progress=False, dev=dev)
     assert seen["windows"] and all(d is dev for d in seen["windows"])
-    assert len(seen["finetune"]) == 2 and all(d is data for d in seen["finetune"])  # headline + control
+    assert len(seen["finetune"]) >= 2 and all(d is data for d in seen["finetune"])  # headline (+ rounds) + control
+
+
+class _Opt:
+    def __init__(self, bits):
+        self.allocation = {"u": bits}
+
+
+def _slack_run(first_loss, target, results, rounds=2):
+    """use_the_slack with fakes: allocation = its bit count; results[i] = dev loss of round i's fine-tune."""
+    calls = []
+
+    def reallocate(extra):
+        return _Opt(100 - 10 * (len(calls) + 1))
+
+    def fit(alloc):
+        calls.append(alloc["u"])
+        return f"model{alloc['u']}", {"steps": 1}, results[len(calls) - 1]
+
+    kept, record = use_the_slack((_Opt(100), "model100", {}, first_loss), target, rounds, reallocate, fit,
+                                 lambda a: a["u"])
+    return kept, record, calls
+
+
+def test_slack_is_given_back_while_the_fine_tuned_loss_meets_the_budget():
+    kept, record, calls = _slack_run(2.0, 2.5, [2.3, 2.45])
+    assert calls == [90, 80] and kept[1] == "model80" and kept[3] == 2.45
+    assert [r["kept"] for r in record] == [True, True] and record[0]["slack_nats"] == 0.5
+
+
+def test_a_round_over_the_budget_keeps_the_previous_allocation():
+    kept, record, calls = _slack_run(2.0, 2.5, [2.6])
+    assert calls == [90] and kept[1] == "model100" and record[0]["kept"] is False
+
+
+def test_no_slack_no_round():
+    kept, record, calls = _slack_run(2.5 - SLACK_NATS / 2, 2.5, [])
+    assert calls == [] and record == [] and kept[1] == "model100"
