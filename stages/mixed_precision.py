@@ -1,14 +1,15 @@
 """Stage `mixed_precision`: the smallest allocation of per-tensor precisions inside a quality budget,
-fine-tuned and packed, beside uniform precisions and the plan's manual map for comparison."""
+fine-tuned, packed and entropy-coded (compact checkpoint layout), beside uniform precisions and the
+plan's manual map for comparison (stored the same way)."""
 import dataclasses
 import math
 import os
 
-from iteralite.io.checkpoint import header_bytes, load_model, save_checkpoint
+from iteralite.io.checkpoint import load_model, save_checkpoint
 from iteralite.io.errors import ParamsError
 from iteralite.io.params import load_section
 from iteralite.pipeline import paths
-from iteralite.pipeline.artifacts import publish
+from iteralite.pipeline.artifacts import coding_metrics, publish
 from iteralite.pipeline.baseline import load_baseline
 from iteralite.pipeline.mixed import MixedConfig, run_mixed
 from iteralite.pipeline.mixed_report import plot_allocation, write_pareto
@@ -38,11 +39,14 @@ def main():
     for name, (model, alloc) in res.candidates.items():
         path = paths.mixed_candidate(name)
         save_checkpoint(path, model, kind=f"mixed-{name}", tokenizer_sha256=base.ckpt.tokenizer_sha256,
-                        quant=mixed_config(alloc, cfg.group_size, start), meta=meta)
+                        quant=mixed_config(alloc, cfg.group_size, start), meta=meta, layout="compact")
         rows.append({"name": name, "size_bytes": os.path.getsize(path),
                      "val_ppl": math.exp(base.evaluator.valid_loss(model)), **summarize(alloc, sizes, start)})
-    _, metrics = publish(paths.MIXED_CKPT, res.model, base, kind=f"mixed-{cfg.policy}",
-                         quant=mixed_config(res.allocation, cfg.group_size, start), meta=meta)
+    quant = mixed_config(res.allocation, cfg.group_size, start)
+    loaded, metrics = publish(paths.MIXED_CKPT, res.model, base, kind=f"mixed-{cfg.policy}", quant=quant, meta=meta,
+                              layout="compact")
+    metrics.update(coding_metrics(paths.MIXED_CKPT, loaded, paths.MIXED_CODING_CSV, kind=f"mixed-{cfg.policy}",
+                                  tokenizer_sha256=base.ckpt.tokenizer_sha256, quant=quant, meta=meta))
     headline = f"mixed_{cfg.policy}"
     rows.append({"name": headline, "size_bytes": metrics["size_bytes"], "val_ppl": metrics["val_ppl"]})
     write_pareto(rows, paths.MIXED_PARETO_PNG, paths.MIXED_PARETO_CSV, base.metrics["val_ppl"], headline)
@@ -50,7 +54,7 @@ def main():
                     f"{headline}: precision per unit (from finetune@{cfg.from_ratio})")
     write_metrics(paths.MIXED_METRICS, {
         **metrics, "policy": cfg.policy, "objective": cfg.objective, "max_ppl_delta_pct": cfg.max_ppl_delta_pct,
-        "from": src, "header_bytes": header_bytes(paths.MIXED_CKPT), **summarize(res.allocation, sizes, start),
+        "from": src, **summarize(res.allocation, sizes, start),
         "allocation": res.allocation, "pareto": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows},
         **res.info})
 

@@ -7,5 +7,6 @@ Modules:
                 are errors naming the key)
     checkpoint  safetensors checkpoints with a checked JSON header (config, quant config,
                 tokenizer id, checksum); loading never unpickles
+    compact     the compact checkpoint layout: one blob, a varint index, integer codes entropy-coded
     plotting    the one headless-pyplot and atomic-PNG helper every report uses
 """

@@ -8,6 +8,12 @@ surely as a changed weight. Loading checks the path is a readable regular file (
 FIFO), verifies the checksum before any header field is trusted, rebuilds the model from the
 config, applies the quantization config (uniform or mixed precision, by its stored format) as a
 module swap, then fills the tensors with strict shape checks. Nothing is ever unpickled.
+
+Layouts (`LAYOUTS`, chosen by `save_checkpoint(..., layout=)`): "default" stores each state_dict
+tensor as its own safetensors entry (the header then indexes every tensor by name); "compact"
+(`io.compact`, header field `layout: compact-v1`) stores one uint8 blob with the tensors in the
+rebuilt model's order, integer codes entropy-coded, and an index of a few bytes per tensor. The
+checksum is computed over the stored tensors either way, and `read_checkpoint` reads both.
 """
 from __future__ import annotations
 
@@ -20,11 +26,13 @@ import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 
 from iteralite.core.config import ModelConfig
+from iteralite.io import compact
 from iteralite.io.errors import CheckpointError, IteraliteError
 from iteralite.io.stfile import save_tensors
 
@@ -71,22 +79,49 @@ def checkpoint_checksum(metadata: dict[str, str], tensors: dict[str, torch.Tenso
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a state_dict is stored. tag: the header's "layout" field (None: no field, the default
+    layout). write(state, empty model factory) -> (stored tensors, extra header fields);
+    read(stored tensors, header, empty model factory) -> state_dict. separators: json.dumps'
+    separators for the config, quant and meta fields."""
+
+    tag: str | None
+    write: Callable
+    read: Callable
+    separators: tuple[str, str] | None = None
+
+
+LAYOUTS: dict[str, Layout] = {
+    "default": Layout(None, lambda state, empty: (state, {}), lambda stored, meta, empty: stored),
+    "compact": Layout(compact.LAYOUT, lambda state, empty: compact.write(state, empty()),
+                      lambda stored, meta, empty: compact.read(stored, meta, empty()), (",", ":")),
+}
+_BY_TAG = {layout.tag: layout for layout in LAYOUTS.values()}
+
+
 def save_checkpoint(path, model, *, kind: str, tokenizer_sha256: str, meta: dict | None = None,
-                    quant: dict | None = None) -> int:
+                    quant: dict | None = None, layout: str = "default") -> int:
     """Write `model` atomically to `path`; returns the file's size in bytes.
 
     An empty `tokenizer_sha256` is allowed (unit tests save models with no tokenizer); such a file
-    loads, but `check_tokenizer` refuses it."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    loads, but `check_tokenizer` refuses it. layout: a key of LAYOUTS ("default" or "compact"); the
+    compact layout needs `quant` to be the config the model was quantized with (else ValueError)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown checkpoint layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    lay = LAYOUTS[layout]
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     header = {
         "format": FORMAT,
         "version": str(VERSION),
         "kind": kind,
-        "config": json.dumps(model.cfg.to_dict()),
-        "quant": json.dumps(quant or {}),
+        "config": json.dumps(model.cfg.to_dict(), separators=lay.separators),
+        "quant": json.dumps(quant or {}, separators=lay.separators),
         "tokenizer_sha256": tokenizer_sha256,
-        "meta": json.dumps(meta or {}),
+        "meta": json.dumps(meta or {}, separators=lay.separators),
     }
+    tensors, extra = lay.write(state, lambda: _layout_model(model.cfg, quant or {}, path))
+    header.update(extra)
     header[_CHECKSUM_KEY] = checkpoint_checksum(header, tensors)
     save_tensors(path, tensors, header)
     return Path(path).stat().st_size
@@ -179,9 +214,10 @@ def _read_header(path: Path) -> dict:
 
 
 def read_checkpoint(path) -> Checkpoint:
-    """Read and verify a checkpoint's header and tensors (no model is built). Only the format name
-    and version are read before the checksum is verified; nothing else in the header is used
-    unverified."""
+    """Read and verify a checkpoint's header and tensors. Only the format name and version are read
+    before the checksum is verified; nothing else in the header is used unverified. The default
+    layout builds no model; the compact one builds the empty model (to split its blob) only after
+    the checksum and config checks. `tensors` is the state_dict in either layout."""
     path = Path(path)
     _check_regular_file(path, "checkpoint", "(run `dvc repro` or `dvc pull` to create it)")
     meta = _read_header(path)
@@ -213,6 +249,16 @@ def read_checkpoint(path) -> Checkpoint:
             raise CheckpointError("quant and meta must be JSON objects")
     except (KeyError, TypeError, json.JSONDecodeError, IteraliteError) as e:
         raise CheckpointError(f"{path}: config in header is unusable: {e}") from None
+    layout = _BY_TAG.get(meta.get("layout"))
+    if layout is None:
+        known = ", ".join(t for t in _BY_TAG if t)
+        raise CheckpointError(f"{path}: tensor layout {meta.get('layout')!r} is unknown; this iteralite "
+                              f"reads the default layout and {known}")
+    try:
+        tensors = layout.read(tensors, meta, lambda: _layout_model(config, quant, path))
+    except CheckpointError as e:
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     return Checkpoint(path, meta.get("kind", "?"), config, quant, meta.get("tokenizer_sha256", ""),
                       info, tensors)
 
@@ -252,20 +298,35 @@ def check_tokenizer(ckpt: Checkpoint, tokenizer_path) -> None:
                               f"tokenizer {tok_path} has {vocab} tokens; re-create them together with `dvc repro`")
 
 
-def build_model(ckpt: Checkpoint):
-    """Rebuild the model from the checkpoint's config (and its quant config, through the format
-    registry `quant.config.CONFIG_FORMATS`), then fill its tensors."""
+def empty_model(config: ModelConfig, quant: dict, path=""):
+    """The model a checkpoint's config and quant config describe (through the format registry
+    `quant.config.CONFIG_FORMATS`), with freshly initialized contents. `path` names the file in
+    errors."""
     from iteralite.core.model import IteraLite
 
-    model = IteraLite(ckpt.config)
-    if ckpt.quant:
+    model = IteraLite(config)
+    if quant:
         from iteralite.quant.config import apply_config
         try:
-            apply_config(model, ckpt.quant)
+            apply_config(model, quant)
         except IteraliteError as e:  # includes a ParamsError from an invalid stored spec
-            raise CheckpointError(f"{ckpt.path}: quantization config is unusable: {e}") from None
+            raise CheckpointError(f"{path}: quantization config is unusable: {e}") from None
         except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise CheckpointError(f"{ckpt.path}: quantization config is malformed: {e!r}") from None
+            raise CheckpointError(f"{path}: quantization config is malformed: {e!r}") from None
+    return model
+
+
+def _layout_model(config: ModelConfig, quant: dict, path):
+    """`empty_model` for a layout's names and shapes, built without touching the global RNG, so
+    saving or loading draws the same random numbers in every layout."""
+    with torch.random.fork_rng(devices=[]):
+        return empty_model(config, quant, path)
+
+
+def build_model(ckpt: Checkpoint):
+    """Rebuild the model from the checkpoint's config and quant config (`empty_model`), then fill
+    its tensors."""
+    model = empty_model(ckpt.config, ckpt.quant, ckpt.path)
     try:
         model.load_state_dict(ckpt.tensors, strict=True)
     except RuntimeError as e:

@@ -36,6 +36,7 @@ PRUNE_RATIO_CSV, PRUNE_RATIO_PNG, PRUNE_SPARSITY_PNG = \
     "plots/prune_ratio.csv", "plots/prune_ratio.png", "plots/prune_sparsity.png"
 MIXED_PARETO_PNG, MIXED_PARETO_CSV, MIXED_ALLOCATION_PNG = \
     "plots/mixed_pareto.png", "plots/mixed_pareto.csv", "plots/mixed_allocation.png"
+MIXED_CODING_CSV = "plots/mixed_coding.csv"  # per code tensor: packed, entropy-coded and entropy bytes
 BENCH_PARETO_PNG, BENCH_SPEED_PNG, BENCH_PARETO_CSV = \
     "plots/bench_pareto.png", "plots/bench_speed.png", "plots/bench_pareto.csv"
 

@@ -16,6 +16,7 @@ Modules:
     methods      the tensor-level registry: method -> storage class, quantizer, calibration statistic
     modules      stored modules (QuantLinear/Experts/Embedding, HalfLinear/Embedding, MixedExperts)
     kernels      torch's packed int4 CPU matmul (opt-in, measured)
+    coding       which stored tensors are integer codes (bits, count), their rANS round trip, report
     swap         the module-level registry (method -> stored class per module kind) and the swap
     config       the quant config stored in checkpoint headers and its reader registry
     calib_stats  per-weight activation statistics (mean x^2, X^T X) for awq, gptq and clipping

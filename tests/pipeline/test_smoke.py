@@ -50,6 +50,8 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(clone):
         assert m["compression_vs_fp32"] > 1 and "val_ppl_delta_pct" in m
     mixed = json.loads((dst / "metrics" / "mixed_precision.json").read_text())
     assert mixed["size_bytes"] == (dst / "checkpoints" / "mixed.safetensors").stat().st_size
+    assert mixed["entropy_coded"] is True and mixed["size_bytes"] < mixed["size_bytes_uncoded"]
+    assert (dst / "plots" / "mixed_coding.csv").read_text().startswith("name,bits,symbols,")
     bench = json.loads((dst / "metrics" / "benchmark.json").read_text())
     for key in ("decode_tok_s_1thread", "decode_speedup_vs_fp32_eager", "prefill_ms_128", "greedy_match_unfused",
                 "size_bytes", "val_ppl", "peak_rss_mb"):

@@ -1,0 +1,219 @@
+"""The compact checkpoint layout ("compact-v1"): one uint8 tensor, a tiny index, codes entropy-coded.
+
+The default layout stores every state_dict tensor as its own safetensors entry, so the JSON header
+repeats a name, dtype, shape and offsets per tensor (~100 bytes each; 95% of a small mixed-precision
+artifact's header). In the compact layout the file is still a plain safetensors file, but it holds
+ONE tensor, "blob" (uint8, 1-D), plus these header fields besides the usual ones:
+
+    layout  "compact-v1"
+    index   base64 of one unsigned LEB128 varint (minimal length) per tensor: (length << 2) | codec,
+            where length is the stored byte length for a codec whose size the tensor does not imply
+            and 0 for raw (its size is the rebuilt tensor's: storing it would only repeat it)
+
+The tensors are those of the model rebuilt from the stored config + quant config (the loader's
+empty model), concatenated in its state_dict order: names, dtypes and shapes are implied by the
+config and never stored. `codec` indexes CODECS, fixed for this layout version:
+
+    0 raw   the tensor's bytes (little-endian, row-major), exactly its dtype size * numel
+    1 rans  a packed integer code tensor (see `quant.coding`): its codes, entropy-coded
+            (`quant.entropy`); decoding re-packs them, so the loaded model holds the very tensors
+            the default layout would
+
+So a raw tensor costs one index byte and a coded one two or three. A code tensor is stored coded
+only when the blob is smaller than its packed bytes. Reading checks, before decoding anything,
+that the index has one entry per rebuilt tensor with a known codec, that raw entries carry no
+length and that the lengths sum to the blob's size; every failure is a CheckpointError of one
+line. The checkpoint's sha256 covers the header fields (index included) and the blob, and is
+verified before the config is used to rebuild the model that splits the blob.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from iteralite.io.errors import CheckpointError
+
+LAYOUT = "compact-v1"
+BLOB = "blob"
+_CODEC_BITS = 2  # low bits of an index entry; room for 4 codecs in this layout version
+_MAX_VARINT_BYTES = 10  # 2**70 > any length a file can hold
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _raw_encode(t: torch.Tensor, view) -> bytes:
+    return _raw_bytes(t)
+
+
+def _raw_decode(data: bytes, like: torch.Tensor, view) -> torch.Tensor:
+    # the index check already made len(data) == like's byte size
+    if not data:
+        return torch.zeros_like(like)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return flat.view(like.dtype).reshape(like.shape)
+
+
+def _rans_encode(t: torch.Tensor, view) -> bytes | None:
+    return None if view is None else view.encode(t)
+
+
+def _rans_decode(data: bytes, like: torch.Tensor, view) -> torch.Tensor:
+    if view is None:
+        raise CheckpointError("is stored entropy-coded but is not an integer code tensor")
+    packed = view.decode(data)
+    if packed.numel() != like.numel() or like.dtype != torch.uint8:
+        raise CheckpointError(f"decodes to {packed.numel()} bytes, the model holds {like.numel()}")
+    return packed.reshape(like.shape)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """encode(tensor, CodeView | None) -> bytes, or None where it does not apply;
+    decode(bytes, like: the rebuilt model's tensor, CodeView | None) -> tensor like `like`.
+    implied: whether the stored length is the tensor's byte size (then the index omits it)."""
+
+    name: str
+    encode: Callable
+    decode: Callable
+    implied: bool = False
+
+
+# The position is the id stored in the index: append only (a new codec needs no new layout
+# version for old files to read, but an old reader refuses the new id clearly).
+CODECS: tuple[Codec, ...] = (Codec("raw", _raw_encode, _raw_decode, implied=True),
+                             Codec("rans", _rans_encode, _rans_decode))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# --------------------------------------------------------------------------- index
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def encode_index(entries: list[tuple[int, int]]) -> str:
+    """[(codec id, stored length)] -> the header's index string."""
+    raw = b"".join(_varint(length << _CODEC_BITS | codec) for codec, length in entries)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def decode_index(text: str) -> list[tuple[int, int]]:
+    """Inverse of `encode_index`; CheckpointError on anything but its exact output."""
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        raise CheckpointError("compact index is not base64") from None
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise CheckpointError("compact index is not in canonical base64")
+    entries, v, shift, n = [], 0, 0, 0
+    for b in raw:
+        v |= (b & 0x7F) << shift
+        shift, n = shift + 7, n + 1
+        if b & 0x80:
+            if n >= _MAX_VARINT_BYTES:
+                raise CheckpointError("compact index has an over-long varint")
+            continue
+        if b == 0 and n > 1:
+            raise CheckpointError("compact index has a non-minimal varint")
+        entries.append((v & ((1 << _CODEC_BITS) - 1), v >> _CODEC_BITS))
+        v, shift, n = 0, 0, 0
+    if n:
+        raise CheckpointError("compact index ends inside a varint")
+    return entries
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _views(empty: nn.Module) -> dict:
+    from iteralite.quant.coding import code_tensors  # io must not import quant at module load
+    return code_tensors(empty)
+
+
+def _signature(state: dict[str, torch.Tensor]) -> set[tuple[str, torch.dtype, tuple[int, ...]]]:
+    return {(k, t.dtype, tuple(t.shape)) for k, t in state.items()}
+
+
+def write(state: dict[str, torch.Tensor], empty: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A model's state_dict -> ({"blob": uint8 (n,)}, {"layout", "index"}).
+
+    `empty` is the model the loader will rebuild from the stored config + quant config; the model
+    being saved must have exactly its tensors (names, dtypes, shapes), else ValueError: a file whose
+    index cannot be read back is never written. Each tensor takes the smallest codec that applies
+    (raw on a tie)."""
+    want = empty.state_dict()
+    if _signature(want) != _signature(state):
+        diff = sorted(_signature(want) ^ _signature(state), key=str)[:3]
+        raise ValueError(f"compact layout: the model's tensors differ from those its config and quant "
+                         f"config rebuild (first differences: {diff}); pass the quant config it was built with")
+    views = _views(empty)
+    parts, entries = [], []
+    for key in want:  # the order the loader splits the blob in
+        t, best = state[key], None
+        for cid, codec in enumerate(CODECS):
+            data = codec.encode(t, views.get(key))
+            if data is not None and (best is None or len(data) < len(best[1])):
+                best = (cid, data)
+        entries.append((best[0], 0 if CODECS[best[0]].implied else len(best[1])))
+        parts.append(best[1])
+    blob = b"".join(parts)
+    tensor = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+    return {BLOB: tensor}, {"layout": LAYOUT, "index": encode_index(entries)}
+
+
+def read(stored: dict[str, torch.Tensor], meta: dict[str, str], empty: nn.Module) -> dict[str, torch.Tensor]:
+    """Inverse of `write`: the stored blob + header -> the state_dict to load into `empty`.
+    Raises CheckpointError (one line, without the path: the caller adds it)."""
+    if set(stored) != {BLOB}:
+        raise CheckpointError(f"compact layout holds tensors {sorted(stored)[:4]}, expected only '{BLOB}'")
+    blob = stored[BLOB]
+    if blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise CheckpointError(f"compact blob is {blob.dtype} of shape {tuple(blob.shape)}, expected 1-D uint8")
+    if "index" not in meta:
+        raise CheckpointError("compact layout has no index")
+    entries = decode_index(meta["index"])
+    want = empty.state_dict()
+    if len(entries) != len(want):
+        raise CheckpointError(f"compact index lists {len(entries)} tensors; the stored config builds {len(want)}")
+    lengths = []
+    for (cid, length), (key, like) in zip(entries, want.items()):
+        if cid >= len(CODECS):
+            raise CheckpointError(f"compact index: tensor '{key}' has codec id {cid}; this iteralite knows "
+                                  + ", ".join(f"{i} ({c.name})" for i, c in enumerate(CODECS)))
+        if CODECS[cid].implied and length:
+            raise CheckpointError(f"compact index: tensor '{key}' is stored {CODECS[cid].name} but its "
+                                  f"entry carries a length ({length}); the stored config implies it")
+        lengths.append(_nbytes(like) if CODECS[cid].implied else length)
+    if sum(lengths) != blob.numel():
+        raise CheckpointError(f"compact index covers {sum(lengths)} bytes; the blob holds {blob.numel()}")
+    views = _views(empty)
+    data, out, pos = blob.numpy().tobytes(), {}, 0
+    for (cid, _), length, (key, like) in zip(entries, lengths, want.items()):
+        chunk, pos = data[pos:pos + length], pos + length
+        try:
+            out[key] = CODECS[cid].decode(chunk, like, views.get(key))
+        except CheckpointError as e:
+            msg = str(e)
+            raise CheckpointError(msg if msg.startswith(f"'{key}'") else f"'{key}' {msg}") from None
+    return out

@@ -1,0 +1,429 @@
+"""The compact checkpoint layout: the same model as the default layout, byte-identical resaves, a
+small header, and every malformed file answered by a one-line CheckpointError."""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+
+from iteralite.core.model import IteraLite
+from iteralite.io import compact
+from iteralite.io.checkpoint import (checkpoint_checksum, header_bytes, load_model, read_checkpoint,
+                                     save_checkpoint)
+from iteralite.io.errors import CheckpointError
+from iteralite.io.stfile import save_tensors
+from iteralite.pipeline.int4 import Int4Config, quantize_int4
+from iteralite.quant.coding import code_tensors, coding_report, report_totals
+from iteralite.quant.config import mixed_config, quant_config
+from iteralite.quant.spec import QuantSpec
+from iteralite.quant.swap import make_spec_for, quantize
+from iteralite.quant.units import PRECISIONS, quantize_allocation, units
+from tests.conftest import tiny_config
+
+_IDX = torch.arange(24).reshape(2, 12) * 11 % 300  # a fixed input, (b, l) = (2, 12)
+_META = {"step": 7, "parent": "models/fp32.safetensors"}
+
+
+def build(kind: str, cfg=None, group_size: int = 8):
+    """(model, quant config) of a tiny model: fp32, uniform int4 (rtn), nf4, or mixed precision
+    cycling through 2/3/4/8-bit and fp16 units ("int2-4": alternating 2 and 4 bits). Weight
+    matrices get heavy tails (each weight times exp(N(0, 1))), as trained weights have outliers:
+    the codes then crowd the middle of the range, as they do in real artifacts."""
+    torch.manual_seed(0)
+    m = IteraLite(cfg or tiny_config()).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.mul_(torch.randn_like(p).exp())
+    if kind == "fp32":
+        return m, None
+    if kind == "int4":
+        q = quantize_int4(m, "rtn", Int4Config(group_size=group_size), {})
+        return q, quant_config(q)
+    if kind == "nf4":
+        pytest.importorskip("bitsandbytes")
+        q = quantize(copy.deepcopy(m), make_spec_for(QuantSpec(4, 64, method="nf4"), keep_float=("dt_proj", "x_proj")))
+        return q, quant_config(q)
+    cycle = (2, 4) if kind == "int2-4" else PRECISIONS
+    alloc = {u: cycle[i % len(cycle)] for i, u in enumerate(units(m))}
+    return quantize_allocation(copy.deepcopy(m), alloc, group_size).eval(), mixed_config(alloc, group_size, m)
+
+
+def save(path, model, quant, layout="compact", kind="test"):
+    return save_checkpoint(path, model, kind=kind, tokenizer_sha256="ab" * 32, meta=_META, quant=quant, layout=layout)
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_IDX)[0]
+
+
+def _fields(ckpt) -> tuple:
+    return ckpt.kind, ckpt.config, ckpt.quant, ckpt.meta, ckpt.tokenizer_sha256
+
+
+def _stored(path) -> tuple[dict, dict]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _resign(path, blob: bytes | None = None, **changes) -> None:
+    """Rewrite a compact file with another blob and/or header fields, under a matching checksum:
+    a consistent file that says something else, so the loader gets past the checksum."""
+    meta, tensors = _stored(path)
+    if blob is not None:
+        tensors = {compact.BLOB: torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob
+                   else torch.zeros(0, dtype=torch.uint8)}
+    meta.update(changes)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    meta["sha256"] = checkpoint_checksum(meta, tensors)
+    save_tensors(path, tensors, meta)
+
+
+def _one_line(exc_info, path) -> str:
+    msg = str(exc_info.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+# --------------------------------------------------------------------------- same model
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int4", "mixed", "nf4"])
+def test_compact_loads_exactly_the_default_layouts_model(tmp_path, kind):
+    model, quant = build(kind)
+    save(tmp_path / "d.safetensors", model, quant, "default")
+    size = save(tmp_path / "c.safetensors", model, quant)
+    a, ca = load_model(tmp_path / "d.safetensors")
+    b, cb = load_model(tmp_path / "c.safetensors")
+    assert _fields(ca) == _fields(cb)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(_logits(b), _logits(model)) and torch.equal(_logits(a), _logits(b))
+    meta, tensors = _stored(tmp_path / "c.safetensors")
+    assert meta["layout"] == compact.LAYOUT and list(tensors) == [compact.BLOB]
+    assert size == header_bytes(tmp_path / "c.safetensors") + tensors[compact.BLOB].numel()
+    assert list(read_checkpoint(tmp_path / "c.safetensors").tensors) == list(sa)  # transparent read
+
+
+@pytest.mark.parametrize("kind", ["fp32", "mixed"])
+def test_resaves_are_byte_identical(tmp_path, kind):
+    model, quant = build(kind)
+    save(tmp_path / "a.safetensors", model, quant)
+    save(tmp_path / "b.safetensors", model, quant)
+    loaded, _ = load_model(tmp_path / "a.safetensors")
+    save(tmp_path / "c.safetensors", loaded, quant)  # saved, loaded, saved again
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    assert raw == (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+
+
+def test_default_layout_is_unchanged(tmp_path):
+    model, quant = build("mixed")
+    save_checkpoint(tmp_path / "a.safetensors", model, kind="test", tokenizer_sha256="ab" * 32, meta=_META, quant=quant)
+    save(tmp_path / "b.safetensors", model, quant, "default")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    meta, tensors = _stored(tmp_path / "a.safetensors")
+    assert "layout" not in meta and "index" not in meta and sorted(tensors) == sorted(model.state_dict())
+
+
+def test_loading_draws_the_same_random_numbers_in_both_layouts(tmp_path):
+    model, quant = build("mixed")
+    draws = []
+    for layout in ("default", "compact"):
+        save(tmp_path / f"{layout}.safetensors", model, quant, layout)
+        torch.manual_seed(1)
+        load_model(tmp_path / f"{layout}.safetensors")
+        draws.append(torch.rand(4))
+    assert torch.equal(*draws)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("kind", ["int4", "mixed"])
+def test_compact_is_smaller_with_a_far_smaller_header(tmp_path, kind):
+    model, quant = build(kind)
+    d = save(tmp_path / "d.safetensors", model, quant, "default")
+    c = save(tmp_path / "c.safetensors", model, quant)
+    assert c < d
+    assert header_bytes(tmp_path / "c.safetensors") < header_bytes(tmp_path / "d.safetensors") / 3
+
+
+def test_header_is_under_2_percent_of_a_realistic_artifact(tmp_path):
+    """A ~190 KB int2/int4 artifact (d_model 64, 2 layers, 4 experts, vocab 1000): near the ~140 KB
+    target, and large enough that the header is what decides the bound. The default layout's
+    per-tensor index alone puts its header over 5%; the compact header (config, the mixed quant
+    config, sha256s, the index) stays under 1%."""
+    cfg = tiny_config(vocab_size=1000, d_model=64, n_heads=8, headdim=16, n_experts=4, d_ff=256)
+    model, quant = build("int2-4", cfg, group_size=16)
+    d = save(tmp_path / "d.safetensors", model, quant, "default")
+    c = save(tmp_path / "c.safetensors", model, quant)
+    assert 100_000 < c < d
+    assert header_bytes(tmp_path / "d.safetensors") > 0.04 * d
+    assert header_bytes(tmp_path / "c.safetensors") <= 0.02 * c
+
+
+def test_file_is_header_plus_float_tensors_plus_reported_code_bytes(tmp_path):
+    """The report's stored bytes are exactly what the compact file spends on codes."""
+    model, quant = build("mixed")
+    path = tmp_path / "c.safetensors"
+    size = save(path, model, quant)
+    views = code_tensors(model)
+    floats = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in views)
+    totals = report_totals(coding_report(load_model(path)[0]))
+    assert totals["coded"] >= 1
+    assert size == header_bytes(path) + floats + totals["stored_bytes"]
+
+
+# --------------------------------------------------------------------------- malformed files
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, quant = build("mixed", group_size=32)  # groups of 32: four code tensors end up coded
+    path = tmp_path / "c.safetensors"
+    save(path, model, quant)
+    return path
+
+
+def _entries(path) -> tuple[list, bytes, list]:
+    """(index entries, blob bytes, [(key, offset, length)] in blob order) of a compact file."""
+    meta, tensors = _stored(path)
+    entries = compact.decode_index(meta["index"])
+    empty = load_model(path)[0].state_dict()
+    spans, pos = [], 0
+    for (cid, length), (key, t) in zip(entries, empty.items()):
+        n = length if length else t.numel() * t.element_size()
+        spans.append((key, pos, n))
+        pos += n
+    return entries, tensors[compact.BLOB].numpy().tobytes(), spans
+
+
+def _first_coded(entries) -> int:
+    return next(i for i, (cid, _) in enumerate(entries) if cid == 1)
+
+
+def _index(entries) -> str:
+    return compact.encode_index(entries)
+
+
+def test_index_with_a_missing_entry(saved):
+    entries, _, _ = _entries(saved)
+    _resign(saved, index=_index(entries[:-1]))
+    msg = rf"index lists {len(entries) - 1} tensors; the stored config builds {len(entries)}"
+    with pytest.raises(CheckpointError, match=msg) as e:
+        load_model(saved)
+    _one_line(e, saved)
+
+
+def test_index_disagreeing_with_the_blob_length(saved):
+    entries, blob, _ = _entries(saved)
+    i = _first_coded(entries)
+    entries[i] = (1, entries[i][1] + 1)
+    _resign(saved, index=_index(entries))
+    with pytest.raises(CheckpointError, match=rf"index covers {len(blob) + 1} bytes; the blob holds {len(blob)}"):
+        load_model(saved)
+
+
+def test_truncated_blob(saved):
+    _, blob, _ = _entries(saved)
+    _resign(saved, blob=blob[:-3])
+    with pytest.raises(CheckpointError, match=rf"the blob holds {len(blob) - 3}") as e:
+        load_model(saved)
+    _one_line(e, saved)
+
+
+def test_unknown_codec_id(saved):
+    entries, _, spans = _entries(saved)
+    entries[0] = (3, spans[0][2])
+    _resign(saved, index=_index(entries))
+    msg = rf"tensor '{spans[0][0]}' has codec id 3; this iteralite knows 0 \(raw\), 1 \(rans\)"
+    with pytest.raises(CheckpointError, match=msg):
+        load_model(saved)
+
+
+def test_raw_entry_carrying_a_length(saved):
+    entries, _, spans = _entries(saved)
+    i = entries.index((0, 0))  # a raw tensor
+    entries[i] = (0, spans[i][2])
+    _resign(saved, index=_index(entries))
+    with pytest.raises(CheckpointError, match="is stored raw but its entry carries a length"):
+        load_model(saved)
+
+
+def test_float_tensor_marked_as_coded(saved):
+    entries, _, spans = _entries(saved)
+    views = code_tensors(load_model(saved)[0])
+    i = next(i for i, (key, _, _) in enumerate(spans) if key not in views)
+    assert entries[i][0] == 0
+    entries[i] = (1, spans[i][2])
+    _resign(saved, index=_index(entries))
+    msg = rf"'{spans[i][0]}' is stored entropy-coded but is not an integer code tensor"
+    with pytest.raises(CheckpointError, match=msg):
+        load_model(saved)
+
+
+@pytest.mark.parametrize("where,match", [
+    ("count", "entropy blob holds .* codes, expected"),
+    ("payload_cut", "entropy blob's payload is .* bytes; its header says"),
+    ("payload_flip", "entropy blob|decodes to"),
+])
+def test_corrupt_coded_stream(saved, where, match):
+    entries, blob, spans = _entries(saved)
+    i = _first_coded(entries)
+    key, off, n = spans[i]
+    stream = bytearray(blob[off:off + n])
+    if where == "count":
+        stream[3] ^= 0x01  # the first byte of the count varint
+    elif where == "payload_cut":
+        del stream[-4:]
+        entries[i] = (1, n - 4)
+    else:
+        stream[-5] ^= 0x40  # inside the last payload words
+    _resign(saved, blob=blob[:off] + bytes(stream) + blob[off + n:], index=_index(entries))
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_model(saved)
+    assert f"'{key}'" in _one_line(e, saved)
+
+
+def test_coded_stream_of_another_tensor(saved):
+    """Two coded tensors' streams swapped (lengths swapped with them): each is a valid rANS blob,
+    but of the wrong size or alphabet for its slot."""
+    entries, blob, spans = _entries(saved)
+    coded = [i for i, (cid, _) in enumerate(entries) if cid == 1]
+    i, j = next((a, b) for a in coded for b in coded if a < b and spans[a][2] != spans[b][2])
+    (_, oi, ni), (_, oj, nj) = spans[i], spans[j]
+    new = blob[:oi] + blob[oj:oj + nj] + blob[oi + ni:oj] + blob[oi:oi + ni] + blob[oj + nj:]
+    entries[i], entries[j] = entries[j], entries[i]
+    _resign(saved, blob=new, index=_index(entries))
+    with pytest.raises(CheckpointError, match="entropy blob holds"):
+        load_model(saved)
+
+
+@pytest.mark.parametrize("index,match", [
+    ("not base64!", "index is not base64"),
+    ("QQ", "index is not base64"),  # missing padding
+    ("gA==", "index ends inside a varint"),
+    ("gAA=", "non-minimal varint"),
+    ("", "index lists 0 tensors"),
+    ("é", "index is not base64"),
+])
+def test_malformed_index_strings(saved, index, match):
+    _resign(saved, index=index)
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_model(saved)
+    _one_line(e, saved)
+
+
+def test_missing_index_unknown_layout_and_extra_tensors(saved, tmp_path):
+    _resign(saved, index=None)
+    with pytest.raises(CheckpointError, match="compact layout has no index"):
+        load_model(saved)
+    path = tmp_path / "u.safetensors"
+    model, quant = build("mixed")
+    save(path, model, quant)
+    _resign(path, layout="compact-v9")
+    msg = "tensor layout 'compact-v9' is unknown; this iteralite reads the default layout and compact-v1"
+    with pytest.raises(CheckpointError, match=msg) as e:
+        load_model(path)
+    _one_line(e, path)
+    save(path, model, quant, "default")
+    _resign(path, layout=compact.LAYOUT, index="")  # a default file that claims the compact layout
+    with pytest.raises(CheckpointError, match="compact layout holds tensors .* expected only 'blob'"):
+        load_model(path)
+
+
+def test_quant_config_disagreeing_with_the_model_is_refused_at_save(tmp_path):
+    model, quant = build("int4")
+    with pytest.raises(ValueError, match="compact layout: the model's tensors differ"):
+        save(tmp_path / "c.safetensors", model, None)
+    with pytest.raises(ValueError, match="unknown checkpoint layout 'zip'; known: default, compact"):
+        save(tmp_path / "c.safetensors", model, quant, "zip")
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- robustness
+
+_ARTIFACTS: dict = {}
+
+
+def artifacts(tmp_dir) -> dict:
+    """kind -> (compact file bytes, header_bytes, header fields, logits), built once."""
+    if not _ARTIFACTS:
+        for kind in ("int4", "mixed"):
+            model, quant = build(kind)
+            path = tmp_dir / f"{kind}.safetensors"
+            save(path, model, quant, kind=kind)
+            loaded, ckpt = load_model(path)
+            _ARTIFACTS[kind] = (path.read_bytes(), header_bytes(path), _fields(ckpt), _logits(loaded))
+    return _ARTIFACTS
+
+
+def _loads_as_original_or_fails_clearly(path, kind) -> bool:
+    _, _, fields, logits = _ARTIFACTS[kind]
+    try:
+        model, ckpt = load_model(path)
+    except CheckpointError as e:
+        assert "\n" not in str(e)
+        return False
+    assert _fields(ckpt) == fields
+    assert torch.equal(_logits(model), logits)
+    return True
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["int4", "mixed"]), data=st.data())
+def test_any_header_byte_change_is_an_error_or_changes_nothing(tmp_path, kind, data):
+    raw, n_header, _, _ = artifacts(tmp_path)[kind]
+    pos = data.draw(st.integers(0, n_header - 1), label="pos")
+    new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[pos]), label="byte")
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(raw[:pos] + bytes([new]) + raw[pos + 1:])
+    _loads_as_original_or_fails_clearly(path, kind)
+
+
+def test_every_header_byte_changed_is_an_error_or_changes_nothing(tmp_path):
+    raw, n_header, _, _ = artifacts(tmp_path)["mixed"]
+    rng = random.Random(0)
+    path = tmp_path / "h.safetensors"
+    for pos in range(n_header):
+        path.write_bytes(raw[:pos] + bytes([raw[pos] ^ rng.randrange(1, 256)]) + raw[pos + 1:])
+        _loads_as_original_or_fails_clearly(path, "mixed")
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert json.loads(raw[8:8 + n])["__metadata__"]["layout"] == compact.LAYOUT
+
+
+mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**9), st.integers(1, 255)),
+    st.tuples(st.just("cut"), st.integers(0, 10**9), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, 10**9), st.integers(0, 255)),
+)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["int4", "mixed"]), muts=st.lists(mutation, min_size=1, max_size=3))
+def test_mutated_compact_files_fail_only_with_checkpoint_error(tmp_path, kind, muts):
+    data = bytearray(artifacts(tmp_path)[kind][0])
+    for op, pos, val in muts:
+        if not data and op != "insert":
+            continue
+        pos %= max(1, len(data))
+        if op == "flip":
+            data[pos] ^= val
+        elif op == "cut":
+            del data[pos:]
+        else:
+            data.insert(pos, val)
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(bytes(data))
+    _loads_as_original_or_fails_clearly(path, kind)
