@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from iteralite.io import varint
 from iteralite.io.errors import CheckpointError
 
 LAYOUT = "compact-v1"
@@ -102,19 +103,9 @@ def _nbytes(t: torch.Tensor) -> int:
 # --------------------------------------------------------------------------- index
 
 
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
-
-
 def encode_index(entries: list[tuple[int, int]]) -> str:
     """[(codec id, stored length)] -> the header's index string."""
-    raw = b"".join(_varint(length << _CODEC_BITS | codec) for codec, length in entries)
+    raw = b"".join(varint.encode(length << _CODEC_BITS | codec) for codec, length in entries)
     return base64.b64encode(raw).decode("ascii")
 
 
@@ -126,20 +117,10 @@ def decode_index(text: str) -> list[tuple[int, int]]:
         raise CheckpointError("compact index is not base64") from None
     if base64.b64encode(raw).decode("ascii") != text:
         raise CheckpointError("compact index is not in canonical base64")
-    entries, v, shift, n = [], 0, 0, 0
-    for b in raw:
-        v |= (b & 0x7F) << shift
-        shift, n = shift + 7, n + 1
-        if b & 0x80:
-            if n >= _MAX_VARINT_BYTES:
-                raise CheckpointError("compact index has an over-long varint")
-            continue
-        if b == 0 and n > 1:
-            raise CheckpointError("compact index has a non-minimal varint")
+    entries, pos = [], 0
+    while pos < len(raw):
+        v, pos = varint.read(raw, pos, "compact index", "entry", _MAX_VARINT_BYTES)
         entries.append((v & ((1 << _CODEC_BITS) - 1), v >> _CODEC_BITS))
-        v, shift, n = 0, 0, 0
-    if n:
-        raise CheckpointError("compact index ends inside a varint")
     return entries
 
 

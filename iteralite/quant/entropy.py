@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import constriction
 import numpy as np
 
+from iteralite.io import varint
 from iteralite.io.errors import CheckpointError
 
 VERSION = 1
@@ -125,28 +126,8 @@ def empirical_entropy_bits(codes, n_symbols: int) -> float:
 # Header
 
 
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
-
-
 def _read_varint(blob: bytes, pos: int, what: str) -> tuple[int, int]:
-    v = 0
-    for i in range(_MAX_VARINT_BYTES):
-        if pos + i >= len(blob):
-            raise CheckpointError(f"entropy blob is truncated inside the {what} field")
-        b = blob[pos + i]
-        v |= (b & 0x7F) << (7 * i)
-        if not b & 0x80:
-            if b == 0 and i > 0:
-                raise CheckpointError(f"entropy blob has an over-long encoding of the {what} field")
-            return v, pos + i + 1
-    raise CheckpointError(f"entropy blob's {what} field is longer than {_MAX_VARINT_BYTES} bytes")
+    return varint.read(blob, pos, "entropy blob", f"{what} field", _MAX_VARINT_BYTES)
 
 
 def _check_codes(codes, n_symbols: int) -> np.ndarray:
@@ -175,10 +156,10 @@ def _prepare(codes, n_symbols: int, precision: int):
     bitmap = np.zeros(-(-n_symbols // 8) * 8, dtype=np.uint8)
     bitmap[present] = 1
     head = bytearray([VERSION, n_symbols - 1, precision])
-    head += _varint(flat.size) + np.packbits(bitmap, bitorder="little").tobytes()
+    head += varint.encode(flat.size) + np.packbits(bitmap, bitorder="little").tobytes()
     freqs = quantize_freqs(counts[present], precision) if present.size >= 2 else np.zeros(0, np.int64)
     for q in freqs[:-1].tolist():
-        head += _varint(q)
+        head += varint.encode(q)
     return flat, bytes(head), present, freqs.tolist()
 
 
@@ -262,14 +243,14 @@ def encode(codes, n_symbols: int, precision: int = DEFAULT_PRECISION) -> bytes:
     """
     flat, head, present, freqs = _prepare(codes, n_symbols, precision)
     if len(freqs) < 2:
-        return head + _varint(0)
+        return head + varint.encode(0)
     lut = np.zeros(n_symbols, dtype=np.int32)
     lut[present] = np.arange(present.size, dtype=np.int32)
     shift = _CODER_PRECISION - precision
     coder = constriction.stream.stack.AnsCoder(np.array([_SENTINEL], dtype=np.uint32))
     coder.encode_reverse(lut[flat], _model([q << shift for q in freqs]))
     words = coder.get_compressed().astype("<u4")
-    return head + _varint(words.size) + words.tobytes()
+    return head + varint.encode(words.size) + words.tobytes()
 
 
 def decode(blob, expected_count: int | None = None) -> np.ndarray:
@@ -313,7 +294,7 @@ def encode_ref(codes, n_symbols: int, precision: int = DEFAULT_PRECISION) -> byt
     """Reference twin of `encode`: rANS one symbol at a time; writes the same bytes."""
     flat, head, present, freqs = _prepare(codes, n_symbols, precision)
     if len(freqs) < 2:
-        return head + _varint(0)
+        return head + varint.encode(0)
     shift = _CODER_PRECISION - precision
     weights = [q << shift for q in freqs]
     cum = [0]
@@ -332,7 +313,7 @@ def encode_ref(codes, n_symbols: int, precision: int = DEFAULT_PRECISION) -> byt
         words.append(state & _WORD_MASK)
         state >>= 32
     payload = np.array(words, dtype="<u4").tobytes()
-    return head + _varint(len(words)) + payload
+    return head + varint.encode(len(words)) + payload
 
 
 def decode_ref(blob, expected_count: int | None = None) -> np.ndarray:

@@ -73,11 +73,10 @@ mutation = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, derandomize=True,  # the same examples in every CI run
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["fp32", "int4"]), muts=st.lists(mutation, min_size=1, max_size=4))
-def test_mutated_artifacts_fail_only_with_checkpoint_error(tmp_path, kind, muts):
-    data = bytearray(artifacts(tmp_path)[kind][0])
+def mutate(raw: bytes, muts) -> bytes:
+    """`raw` after the `mutation`s: ("flip", pos, xor), ("cut", pos, _) or ("insert", pos, byte),
+    positions taken modulo the current length."""
+    data = bytearray(raw)
     for op, pos, val in muts:
         if not data and op != "insert":
             continue
@@ -88,8 +87,15 @@ def test_mutated_artifacts_fail_only_with_checkpoint_error(tmp_path, kind, muts)
             del data[pos:]
         else:
             data.insert(pos, val)
+    return bytes(data)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,  # the same examples in every CI run
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["fp32", "int4"]), muts=st.lists(mutation, min_size=1, max_size=4))
+def test_mutated_artifacts_fail_only_with_checkpoint_error(tmp_path, kind, muts):
     path = tmp_path / "m.safetensors"
-    path.write_bytes(bytes(data))
+    path.write_bytes(mutate(artifacts(tmp_path)[kind][0], muts))
     _loads_as_original_or_fails_clearly(path, kind)  # a CheckpointError, or the unchanged model
 
 
