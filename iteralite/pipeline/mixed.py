@@ -46,7 +46,7 @@ class MixedConfig:
     manual: dict = field(default_factory=lambda: dict(DEFAULT_MANUAL))
     compare: list[int | str] = field(default_factory=lambda: [8, 4])  # uniform precisions on the Pareto plot
     control_finetune: bool = True  # also fine-tune uniform int4 for the same steps (a fair control)
-    budget_rounds: int = 2  # reallocate with the dev budget the fine-tune left unused (one fine-tune each)
+    budget_rounds: int = 5  # reallocate with the dev budget the fine-tune left unused (one fine-tune each)
 
     def validate(self, section: str = "mixed_precision") -> None:
         check(0.0 <= self.from_ratio < 1.0, section, "from_ratio", f"must be in [0, 1); got {self.from_ratio}")

@@ -42,10 +42,11 @@ def fuse(model, backend: str = "aoti", prefill_lens=(128,)) -> FusedIteraLite:
 
 
 def save_fused(path, model, ckpt, cfg: FuseConfig, parent: str) -> int:
-    """Re-save the packed tensors of `model` (loaded from `ckpt`) as the fused artifact."""
+    """Re-save the packed tensors of `model` (loaded from `ckpt`) as the fused artifact, in the
+    compact layout (integer codes entropy-coded), like the mixed-precision artifact it comes from."""
     runtime = {"backend": cfg.backend, "prefill_lens": list(cfg.prefill_lens), "weights": "fp32, dequantized at load"}
     return save_checkpoint(path, model, kind="fused", tokenizer_sha256=ckpt.tokenizer_sha256, quant=ckpt.quant,
-                           meta={"stage": "fuse", "parent": parent, "runtime": runtime})
+                           meta={"stage": "fuse", "parent": parent, "runtime": runtime}, layout="compact")
 
 
 def load_fused(path, backend: str | None = None) -> FusedIteraLite:
