@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -87,9 +88,17 @@ def _eval_config(args):
     from iteralite.train.evaluate import EvalConfig
 
     path = Path(args.params)
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:  # permission denied on a folder, a symlink loop, ...
+        raise ParamsError(f"{path}: cannot read the params file: {e.strerror}") from None
+    if mode is not None and stat.S_ISDIR(mode):
         raise ParamsError(f"{path}: is a directory, not a params file (pass --params params.yaml)")
-    if path.exists():
+    if mode is not None and not stat.S_ISREG(mode):  # a FIFO would block the read forever
+        raise ParamsError(f"{path}: is not a regular file, not a params file (pass --params params.yaml)")
+    if mode is not None:
         try:
             cfg, source = load_section(EvalConfig, "eval", path), str(path)
         except UnicodeDecodeError as e:
@@ -117,9 +126,16 @@ def cmd_evaluate(args) -> None:
 
     from iteralite.train.evaluate import Evaluator
 
+    from iteralite.io.errors import ParamsError
+
     cfg, source = _eval_config(args)
     model, ckpt, _ = _load(args)
-    ev = Evaluator(cfg, Path(args.tokenizer).parent)
+    try:
+        ev = Evaluator(cfg, Path(args.tokenizer).parent)
+    except ParamsError as e:  # a window that does not fit a split: name the flag that set it
+        flags = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("seq_len", "max_tokens")
+                 if getattr(args, k) is not None and f"'eval.{k}'" in str(e)]
+        raise ParamsError(f"{e} (from {', '.join(flags)})" if flags else str(e)) from None
     scores = ev(model)
     settings = {**dataclasses.asdict(cfg), "params": source}
     print(json.dumps({"checkpoint": str(args.checkpoint), "kind": ckpt.kind, "eval": settings, **scores},

@@ -202,4 +202,21 @@ def test_evaluate_unusable_params_file_is_one_line(tmp_path, tok_dir, capsys, co
 def test_evaluate_with_too_few_tokens_is_one_line(ckpt, tok_dir, tmp_path, capsys):
     assert main(_eval(ckpt, tok_dir, "--params", str(tmp_path / "none.yaml"), "--seq-len", "100000")) == 2
     err = _one_error_line(capsys.readouterr().err.split("\n", 1)[1])  # after the defaults note
-    assert "seq_len" in err and "100000" in err
+    assert "seq_len" in err and err.rstrip().endswith("(from --seq-len 100000)")
+
+
+def test_evaluate_params_path_that_is_a_fifo_or_unreadable_is_one_line(ckpt, tok_dir, tmp_path, capsys, monkeypatch):
+    fifo = tmp_path / "params.fifo"
+    os.mkfifo(fifo)
+    assert main(_eval(ckpt, tok_dir, "--params", str(fifo))) == 2  # refused without opening it: no hang
+    assert "is not a regular file" in _one_error_line(capsys.readouterr().err)
+    real_stat = os.stat
+
+    def denied(path, *a, **k):
+        if str(path).endswith("locked.yaml"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(os, "stat", denied)
+    assert main(_eval(ckpt, tok_dir, "--params", str(tmp_path / "locked.yaml"))) == 2
+    assert "cannot read the params file: Permission denied" in _one_error_line(capsys.readouterr().err)
