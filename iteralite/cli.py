@@ -116,26 +116,31 @@ def _eval_config(args):
         cfg.validate("eval")
     except ParamsError as e:
         # The file's values were validated on loading, so an override is out of range: name the flag.
-        flags = [f"--{k.replace('_', '-')} {v}" for k, v in overrides.items() if f"'eval.{k}'" in str(e)]
-        raise ParamsError(f"{e} (from {', '.join(flags)})" if flags else str(e)) from None
+        raise _with_flags(e, overrides) from None
     return cfg, source
+
+
+def _with_flags(e, overrides: dict):
+    """`e` (a ParamsError naming 'eval.<key>') with the command-line flags that set those keys."""
+    from iteralite.io.errors import ParamsError
+
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in overrides.items() if f"'eval.{k}'" in str(e)]
+    return ParamsError(f"{e} (from {', '.join(flags)})" if flags else str(e))
 
 
 def cmd_evaluate(args) -> None:
     import dataclasses
 
-    from iteralite.train.evaluate import Evaluator
-
     from iteralite.io.errors import ParamsError
+    from iteralite.train.evaluate import Evaluator
 
     cfg, source = _eval_config(args)
     model, ckpt, _ = _load(args)
     try:
         ev = Evaluator(cfg, Path(args.tokenizer).parent)
     except ParamsError as e:  # a window that does not fit a split: name the flag that set it
-        flags = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("seq_len", "max_tokens")
-                 if getattr(args, k) is not None and f"'eval.{k}'" in str(e)]
-        raise ParamsError(f"{e} (from {', '.join(flags)})" if flags else str(e)) from None
+        raise _with_flags(e, {k: getattr(args, k) for k in ("seq_len", "max_tokens")
+                              if getattr(args, k) is not None}) from None
     scores = ev(model)
     settings = {**dataclasses.asdict(cfg), "params": source}
     print(json.dumps({"checkpoint": str(args.checkpoint), "kind": ckpt.kind, "eval": settings, **scores},

@@ -52,18 +52,23 @@ def artifacts(tmp_dir) -> dict:
     return _ARTIFACTS
 
 
-def _loads_as_original_or_fails_clearly(path, kind) -> bool:
-    """True when `path` loads (then it must be the original model: same header fields, same logits);
-    False on a one-line CheckpointError; any other exception fails the test."""
-    _, _, fields, logits = _ARTIFACTS[kind]
+def loads_as_or_fails_clearly(path, fields, logits, fields_of, logits_of) -> bool:
+    """True when `path` loads (then it must be the original model: `fields_of(ckpt) == fields`,
+    `logits_of(model)` equal to `logits`); False on a one-line CheckpointError; any other exception
+    fails the test."""
     try:
         model, ckpt = load_model(path)
     except CheckpointError as e:
         assert "\n" not in str(e)
         return False
-    assert _fields(ckpt) == fields  # a "harmless" load must never carry another config
-    assert torch.equal(_logits(model), logits)
+    assert fields_of(ckpt) == fields  # a "harmless" load must never carry another config
+    assert torch.equal(logits_of(model), logits)
     return True
+
+
+def _loads_as_original_or_fails_clearly(path, kind) -> bool:
+    _, _, fields, logits = _ARTIFACTS[kind]
+    return loads_as_or_fails_clearly(path, fields, logits, _fields, _logits)
 
 
 mutation = st.one_of(
@@ -71,6 +76,14 @@ mutation = st.one_of(
     st.tuples(st.just("cut"), st.integers(0, 10**9), st.just(0)),
     st.tuples(st.just("insert"), st.integers(0, 10**9), st.integers(0, 255)),
 )
+
+
+def with_a_header_byte_changed(raw: bytes, n_header: int, data) -> bytes:
+    """`raw` with one byte of its first `n_header` bytes replaced by another value, both drawn by
+    hypothesis from `data`."""
+    pos = data.draw(st.integers(0, n_header - 1), label="pos")
+    new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[pos]), label="byte")
+    return raw[:pos] + bytes([new]) + raw[pos + 1:]
 
 
 def mutate(raw: bytes, muts) -> bytes:
@@ -106,10 +119,8 @@ def test_any_header_byte_change_is_an_error_or_changes_nothing(tmp_path, kind, d
     """Any one byte of the header region (length prefix + JSON header) replaced by any other value:
     a CheckpointError, or a load identical to the original (e.g. JSON padding ' ' -> '\\t')."""
     raw, n_header, _, _ = artifacts(tmp_path)[kind]
-    pos = data.draw(st.integers(0, n_header - 1), label="pos")
-    new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[pos]), label="byte")
     path = tmp_path / "h.safetensors"
-    path.write_bytes(raw[:pos] + bytes([new]) + raw[pos + 1:])
+    path.write_bytes(with_a_header_byte_changed(raw, n_header, data))
     _loads_as_original_or_fails_clearly(path, kind)
 
 

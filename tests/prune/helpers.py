@@ -37,3 +37,17 @@ def batches(n=3) -> list[torch.Tensor]:
 def logits(model, idx):
     with torch.no_grad():
         return model(idx)[0]
+
+
+def assert_step_and_resume_match(model, idx: torch.Tensor, split: int) -> None:
+    """The recurrent step() token by token, and a forward resumed from the state after idx[:, :split],
+    both give the full forward's logits."""
+    with torch.no_grad():
+        full = model(idx)[0]
+        state = model.init_state(idx.shape[0])
+        for t in range(idx.shape[1]):
+            lg, state = model.step(idx[:, t], state)
+            torch.testing.assert_close(lg, full[:, t], atol=1e-4, rtol=1e-4)
+        _, _, st = model(idx[:, :split], return_state=True)
+        second = model(idx[:, split:], state=st, return_state=True)[0]  # state is read only with return_state
+    torch.testing.assert_close(second, full[:, split:], atol=1e-4, rtol=1e-4)

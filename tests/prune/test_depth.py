@@ -9,7 +9,7 @@ from iteralite.io.checkpoint import load_model, save_checkpoint
 from iteralite.io.errors import IteraliteError
 from iteralite.prune.depth import prune_layers, skip_layers
 from iteralite.prune.width import prune_residual
-from tests.prune.helpers import build, tokens, twin
+from tests.prune.helpers import assert_step_and_resume_match, build, tokens, twin
 from tests.prune.test_width import model_4l, out
 
 
@@ -48,16 +48,7 @@ def test_skipping_uniform_config_keeps_lists_none():
 def test_step_and_segments_match_forward_after_width_and_depth_cuts():
     model = prune_layers(prune_residual(model_4l(), [1, 5, 9, 20]), [0, 3])
     assert model.cfg.d_model == 28 and model.cfg.n_layers == 2
-    idx = tokens(b=2, l=12)
-    full = out(model, idx)[0]
-    state = model.init_state(2)
-    with torch.no_grad():
-        for t in range(idx.shape[1]):
-            lg, state = model.step(idx[:, t], state)
-            torch.testing.assert_close(lg, full[:, t], atol=1e-4, rtol=1e-4)
-        _, _, st = model(idx[:, :7], return_state=True)
-        second = model(idx[:, 7:], state=st, return_state=True)[0]
-    torch.testing.assert_close(second, full[:, 7:], atol=1e-4, rtol=1e-4)
+    assert_step_and_resume_match(model, tokens(b=2, l=12), split=7)
 
 
 def test_keep_one_of_four_layers_and_checkpoint_round_trip(tmp_path):

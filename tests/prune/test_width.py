@@ -10,7 +10,7 @@ from iteralite.io.errors import IteraliteError
 from iteralite.prune.apply import apply_plan
 from iteralite.prune.plan import LayerPlan, PrunePlan
 from iteralite.prune.width import mask_residual_channels, prune_residual, residual_scale
-from tests.prune.helpers import build, tokens, twin
+from tests.prune.helpers import assert_step_and_resume_match, build, tokens, twin
 
 
 def model_4l():
@@ -78,17 +78,7 @@ def test_compensation_is_needed_and_covers_eps(monkeypatch):
 
 
 def test_step_matches_forward_after_width_cut():
-    model = prune_residual(model_4l(), CHANNELS)
-    idx = tokens(b=2, l=12)
-    full = out(model, idx)[0]
-    state = model.init_state(2)
-    with torch.no_grad():
-        for t in range(idx.shape[1]):
-            lg, state = model.step(idx[:, t], state)
-            torch.testing.assert_close(lg, full[:, t], atol=1e-4, rtol=1e-4)
-        _, _, st = model(idx[:, :5], return_state=True)
-        second = model(idx[:, 5:], state=st, return_state=True)[0]  # state is read only with return_state
-    torch.testing.assert_close(second, full[:, 5:], atol=1e-4, rtol=1e-4)
+    assert_step_and_resume_match(prune_residual(model_4l(), CHANNELS), tokens(b=2, l=12), split=5)
 
 
 def test_keep_ten_percent_and_checkpoint_round_trip(tmp_path):
