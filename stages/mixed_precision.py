@@ -6,12 +6,11 @@ import math
 import os
 
 from iteralite.io.checkpoint import load_model, save_checkpoint
-from iteralite.io.errors import ParamsError
 from iteralite.io.params import load_section
 from iteralite.pipeline import paths
 from iteralite.pipeline.artifacts import coding_metrics, publish
 from iteralite.pipeline.baseline import load_baseline
-from iteralite.pipeline.mixed import MixedConfig, run_mixed
+from iteralite.pipeline.mixed import MixedConfig, round_leftovers_to_fp16_, run_mixed
 from iteralite.pipeline.mixed_report import plot_allocation, write_pareto
 from iteralite.pipeline.stage import run, write_metrics
 from iteralite.quant.allocate import sizes_table, summarize
@@ -22,13 +21,12 @@ from iteralite.quant.swap import dequantize_model
 
 def main():
     cfg = load_section(MixedConfig, "mixed_precision")
-    src = paths.ratio_ckpt("finetune", cfg.from_ratio)
-    if not os.path.exists(src):  # prune.ratios is not a param of this stage: a ratio sweep must not rerun it
-        raise ParamsError(f"params: 'mixed_precision.from_ratio' {cfg.from_ratio}: {src} does not exist; "
-                          "use a ratio from prune.ratios (its finetune stage writes that file)")
+    src = paths.STUDENT_CKPT
     ft = load_section(QATConfig, "finetune")
-    qcfg = dataclasses.replace(ft, steps=cfg.finetune_steps, seed=cfg.seed,
-                               warmup_steps=min(ft.warmup_steps, cfg.finetune_steps - 1))
+    lr = cfg.finetune_lr or ft.lr
+    qcfg = dataclasses.replace(ft, steps=cfg.finetune_steps, seed=cfg.seed, lr=lr, min_lr=ft.min_lr * lr / ft.lr,
+                               warmup_steps=min(ft.warmup_steps, cfg.finetune_steps - 1),
+                               learned_range=cfg.learned_range)
     base = load_baseline()
     start = dequantize_model(load_model(src)[0])
     res = run_mixed(base.model, start, base.train_tokens, cfg, qcfg, dev=base.dev_tokens)
@@ -37,12 +35,14 @@ def main():
 
     rows = []
     for name, (model, alloc) in res.candidates.items():
+        round_leftovers_to_fp16_(model)
         path = paths.mixed_candidate(name)
         save_checkpoint(path, model, kind=f"mixed-{name}", tokenizer_sha256=base.ckpt.tokenizer_sha256,
                         quant=mixed_config(alloc, cfg.group_size, start), meta=meta, layout="compact")
         rows.append({"name": name, "size_bytes": os.path.getsize(path),
                      "val_ppl": math.exp(base.evaluator.valid_loss(model)), **summarize(alloc, sizes, start)})
     quant = mixed_config(res.allocation, cfg.group_size, start)
+    round_leftovers_to_fp16_(res.model)
     loaded, metrics = publish(paths.MIXED_CKPT, res.model, base, kind=f"mixed-{cfg.policy}", quant=quant, meta=meta,
                               layout="compact")
     metrics.update(coding_metrics(paths.MIXED_CKPT, loaded, paths.MIXED_CODING_CSV, kind=f"mixed-{cfg.policy}",
@@ -51,7 +51,7 @@ def main():
     rows.append({"name": headline, "size_bytes": metrics["size_bytes"], "val_ppl": metrics["val_ppl"]})
     write_pareto(rows, paths.MIXED_PARETO_PNG, paths.MIXED_PARETO_CSV, base.metrics["val_ppl"], headline)
     plot_allocation(res.allocation, res.info["profile"], paths.MIXED_ALLOCATION_PNG,
-                    f"{headline}: precision per unit (from finetune@{cfg.from_ratio})")
+                    f"{headline}: precision per unit (from the student)")
     write_metrics(paths.MIXED_METRICS, {
         **metrics, "policy": cfg.policy, "objective": cfg.objective, "max_ppl_delta_pct": cfg.max_ppl_delta_pct,
         "from": src, **summarize(res.allocation, sizes, start),

@@ -75,6 +75,7 @@ def plan(ratios: list[float], int4_methods: list[str], peers: list[str], paths) 
     v.append(_stage_output("qat", "artifact", paths.QAT_CKPT, paths.QAT_METRICS))
     v += [_stage_output(f"{stage}_{r}", "artifact", paths.ratio_ckpt(stage, r), paths.ratio_metrics(stage, r))
           for r in ratios for stage in ("prune", "finetune")]
+    v.append(_stage_output("student", "artifact", paths.STUDENT_CKPT, paths.STUDENT_METRICS))
     v.append(_stage_output("mixed", "artifact", paths.MIXED_CKPT, paths.MIXED_METRICS))
     v.append(_stage_output("fused", "fused", paths.FUSED_CKPT, paths.FUSE_METRICS))
     v += [Variant(f"peer_{p}", p, paths.FP32_CKPT) for p in peers]

@@ -18,8 +18,10 @@ config and never stored. `codec` indexes CODECS, fixed for this layout version:
     1 rans  a packed integer code tensor (see `quant.coding`): its codes, entropy-coded
             (`quant.entropy`); decoding re-packs them, so the loaded model holds the very tensors
             the default layout would
+    2 f16   a float32 tensor every value of which is exactly an fp16 value (finite): its fp16
+            bytes, 2 * numel; lossless, so it is chosen only where it loses nothing
 
-So a raw tensor costs one index byte and a coded one two or three. A code tensor is stored coded
+So a raw or f16 tensor costs one index byte and a coded one two or three. A code tensor is stored coded
 only when the blob is smaller than its packed bytes. Reading checks, before decoding anything,
 that the index has one entry per rebuilt tensor with a known codec, that raw entries carry no
 length and that the lengths sum to the blob's size; every failure is a CheckpointError of one
@@ -78,26 +80,44 @@ def _rans_decode(data: bytes, like: torch.Tensor, view) -> torch.Tensor:
     return packed.reshape(like.shape)
 
 
+def _f16_encode(t: torch.Tensor, view) -> bytes | None:
+    if t.dtype != torch.float32 or not t.numel():
+        return None
+    h = t.detach().cpu().half()
+    if not torch.isfinite(h).all() or not torch.equal(h.float(), t.detach().cpu()):
+        return None  # not exactly representable: f16 would not be lossless
+    return _raw_bytes(h)
+
+
+def _f16_decode(data: bytes, like: torch.Tensor, view) -> torch.Tensor:
+    if like.dtype != torch.float32:
+        raise CheckpointError(f"is stored as f16 but the model holds a {like.dtype} tensor")
+    flat = torch.frombuffer(bytearray(data), dtype=torch.float16)
+    return flat.float().reshape(like.shape)
+
+
 @dataclass(frozen=True)
 class Codec:
     """encode(tensor, CodeView | None) -> bytes, or None where it does not apply;
     decode(bytes, like: the rebuilt model's tensor, CodeView | None) -> tensor like `like`.
-    implied: whether the stored length is the tensor's byte size (then the index omits it)."""
+    implied: like -> the stored length when the tensor implies it (then the index omits it),
+    None when the index must carry it."""
 
     name: str
     encode: Callable
     decode: Callable
-    implied: bool = False
+    implied: Callable | None = None
 
 
 # The position is the id stored in the index: append only (a new codec needs no new layout
 # version for old files to read, but an old reader refuses the new id clearly).
-CODECS: tuple[Codec, ...] = (Codec("raw", _raw_encode, _raw_decode, implied=True),
-                             Codec("rans", _rans_encode, _rans_decode))
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+CODECS: tuple[Codec, ...] = (Codec("raw", _raw_encode, _raw_decode, implied=_nbytes),
+                             Codec("rans", _rans_encode, _rans_decode),
+                             Codec("f16", _f16_encode, _f16_decode, implied=lambda like: 2 * like.numel()))
 
 
 # --------------------------------------------------------------------------- index
@@ -156,7 +176,7 @@ def write(state: dict[str, torch.Tensor], empty: nn.Module) -> tuple[dict[str, t
             data = codec.encode(t, views.get(key))
             if data is not None and (best is None or len(data) < len(best[1])):
                 best = (cid, data)
-        entries.append((best[0], 0 if CODECS[best[0]].implied else len(best[1])))
+        entries.append((best[0], 0 if CODECS[best[0]].implied is not None else len(best[1])))
         parts.append(best[1])
     blob = b"".join(parts)
     tensor = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
@@ -182,10 +202,10 @@ def read(stored: dict[str, torch.Tensor], meta: dict[str, str], empty: nn.Module
         if cid >= len(CODECS):
             raise CheckpointError(f"compact index: tensor '{key}' has codec id {cid}; this iteralite knows "
                                   + ", ".join(f"{i} ({c.name})" for i, c in enumerate(CODECS)))
-        if CODECS[cid].implied and length:
+        if CODECS[cid].implied is not None and length:
             raise CheckpointError(f"compact index: tensor '{key}' is stored {CODECS[cid].name} but its "
                                   f"entry carries a length ({length}); the stored config implies it")
-        lengths.append(_nbytes(like) if CODECS[cid].implied else length)
+        lengths.append(CODECS[cid].implied(like) if CODECS[cid].implied is not None else length)
     if sum(lengths) != blob.numel():
         raise CheckpointError(f"compact index covers {sum(lengths)} bytes; the blob holds {blob.numel()}")
     views = _views(empty)

@@ -30,7 +30,6 @@ DEFAULT_MANUAL = {"embedding": 8, "in_proj": 8, "out_proj": 8, "x_proj": 16, "dt
 
 @dataclass
 class MixedConfig:
-    from_ratio: float = 0.4  # start from checkpoints/finetune/<from_ratio>
     policy: str = "optimized"  # optimized | manual: the headline artifact
     objective: str = "ppl_budget"  # ppl_budget | bits_target
     max_ppl_delta_pct: float = 30.0  # versus FP32 perplexity, measured on the dev split
@@ -43,13 +42,14 @@ class MixedConfig:
     seed: int = 23
     max_refits: int = 4  # allocator reruns with a smaller budget when the measured loss exceeds it
     finetune_steps: int = 150  # distillation steps after assignment (optimizer settings: `finetune`)
+    finetune_lr: float = 0.0  # the fine-tunes' peak learning rate (0: finetune.lr; min_lr scales with it)
+    learned_range: bool = True  # fine-tunes train each group's range (quant.learned) instead of min/max
     manual: dict = field(default_factory=lambda: dict(DEFAULT_MANUAL))
     compare: list[int | str] = field(default_factory=lambda: [8, 4])  # uniform precisions on the Pareto plot
     control_finetune: bool = True  # also fine-tune uniform int4 for the same steps (a fair control)
     budget_rounds: int = 5  # reallocate with the dev budget the fine-tune left unused (one fine-tune each)
 
     def validate(self, section: str = "mixed_precision") -> None:
-        check(0.0 <= self.from_ratio < 1.0, section, "from_ratio", f"must be in [0, 1); got {self.from_ratio}")
         check(self.policy in POLICIES, section, "policy", f"must be one of {', '.join(POLICIES)}; got {self.policy!r}")
         check(self.objective in OBJECTIVES, section, "objective",
               f"must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
@@ -60,6 +60,7 @@ class MixedConfig:
         check(len(self.precisions) > 0, section, "precisions", "must list at least one precision")
         self.precisions = sorted({parse_precision(p, f"{section}.precisions") for p in self.precisions})
         self.compare = [parse_precision(p, f"{section}.compare") for p in self.compare]
+        check(self.finetune_lr >= 0, section, "finetune_lr", "must be >= 0 (0 = finetune.lr)")
         for key in ("group_size", "sens_samples", "batch_size", "finetune_steps"):
             check(getattr(self, key) >= 1, section, key, "must be >= 1")
         check(self.seq_len >= 2, section, "seq_len", "must be >= 2")
@@ -90,6 +91,20 @@ class MixedConfig:
               f"fine-tunes a uniform {precision_name(CONTROL_PRECISION)} control, which is {where}; add "
               f"{CONTROL_PRECISION} to precisions or set control_finetune: false")
 
+
+
+@torch.no_grad()
+def round_leftovers_to_fp16_(model: nn.Module) -> nn.Module:
+    """Round every float32 tensor left in a stored model (norms, the depthwise conv, A_log, D, the
+    dt bias) to its nearest fp16 value, in place: the compact layout then stores them in 2 bytes
+    each, losslessly (its f16 codec), and the model computes with exactly what is stored."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.dtype == torch.float32:
+            h = t.half()
+            if not torch.isfinite(h).all():
+                raise ValueError("a float tensor of the model exceeds the fp16 range; it cannot be stored in 16 bits")
+            t.copy_(h.float())
+    return model
 
 
 def finetune_allocation(start: nn.Module, teacher: nn.Module, data: torch.Tensor, allocation: dict,
@@ -144,7 +159,7 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
     check_stream(data, qat_cfg.seq_len, "mixed_precision", "finetune.seq_len")
     wins = windows(dev, cfg.sens_samples, cfg.seq_len, cfg.seed)
     teacher_loss = mean_loss(teacher, wins, cfg.batch_size)
-    base, sens = profile(start, wins, cfg.precisions, cfg.group_size, cfg.batch_size, progress)
+    base, sens = profile(start, wins, cfg.precisions, cfg.group_size, cfg.batch_size, progress, cfg.learned_range)
     sizes = sizes_table(start, cfg.precisions, cfg.group_size)
     shapes = units(start)
     info = {"calib_loss_fp32": round(teacher_loss, 6), "calib_loss_start": round(base, 6),

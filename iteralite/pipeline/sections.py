@@ -21,6 +21,7 @@ SECTIONS: dict[str, str] = {
     "qat": "iteralite.quant.qat:QATConfig",
     "prune": "iteralite.prune.config:PruneConfig",
     "finetune": "iteralite.quant.qat:QATConfig",
+    "student": "iteralite.pipeline.student:StudentConfig",
     "mixed_precision": "iteralite.pipeline.mixed:MixedConfig",
     "fuse": "iteralite.runtime.deploy:FuseConfig",
     "benchmark": "iteralite.bench.suite:BenchmarkConfig",

@@ -2,8 +2,9 @@
 
 1. Profile: for every allocation unit (see `mixed.units`: embedding/head, SSM projections,
    router, each expert) and every candidate precision, the calibration-loss increase when that
-   unit alone is stored at that precision (round to nearest; fp16 for 16), everything else as
-   in the starting model. Measured on training windows, never on the validation split.
+   unit alone is stored at that precision (round to nearest, its range from min/max or, when the
+   fine-tunes learn ranges, from the clip search they start at; fp16 for 16), everything else as
+   in the starting model. Measured on dev windows, never on the validation split.
 2. Allocate: start with every unit at the highest candidate precision and repeatedly take the
    move (one unit to a lower precision) with the smallest loss increase per saved bit, until the
    next move would break the budget (`objective: ppl_budget`) or the size reaches
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from iteralite.io.errors import IteraliteError
 from iteralite.quant.calibrate import mean_loss
 from iteralite.quant.fake import fake_weight
+from iteralite.quant.intcodes import quantize_rtn
 from iteralite.quant.units import precision_spec, split_expert, unit_bits, units
 
 UNIT_TYPES = ("embedding", "in_proj", "x_proj", "dt_proj", "out_proj", "router", "experts")
@@ -52,31 +54,36 @@ def _targets(model: nn.Module, name: str) -> list[tuple[torch.Tensor, int | None
     return [(m.w1, e), (m.w2, e)] if e is not None else [(m.weight, None)]
 
 
-def _fake(w: torch.Tensor, precision: int, group_size: int) -> torch.Tensor:
-    return fake_weight(w, precision_spec(precision, w.shape[-1], group_size))
+def _fake(w: torch.Tensor, precision: int, group_size: int, clip: bool = False) -> torch.Tensor:
+    spec = precision_spec(precision, w.shape[-1], group_size)
+    if clip and spec.method == "rtn":  # the MSE-optimal range: where a learned-range fine-tune starts
+        return quantize_rtn(w, spec.bits, spec.group_size, spec.symmetric, clip=True).dequantize()
+    return fake_weight(w, spec)
 
 
 @torch.no_grad()
-def set_allocation_(model: nn.Module, allocation: dict, group_size: int) -> None:
-    """Replace the float weights of `model` by their values at the allocated precisions, in place."""
+def set_allocation_(model: nn.Module, allocation: dict, group_size: int, clip: bool = False) -> None:
+    """Replace the float weights of `model` by their values at the allocated precisions, in place
+    (clip: each group's range from the clip search instead of min/max)."""
     for name, p in allocation.items():
         for t, e in _targets(model, name):
             if e is None:
-                t.copy_(_fake(t, p, group_size))
+                t.copy_(_fake(t, p, group_size, clip))
             else:
-                t[e].copy_(_fake(t[e], p, group_size))
+                t[e].copy_(_fake(t[e], p, group_size, clip))
 
 
 @torch.no_grad()
 def profile(model: nn.Module, wins: torch.Tensor, precisions, group_size: int, batch_size: int,
-            progress: bool = True) -> tuple[float, dict]:
-    """(baseline loss, {unit: {precision: loss increase}}), one unit quantized at a time."""
+            progress: bool = True, clip: bool = False) -> tuple[float, dict]:
+    """(baseline loss, {unit: {precision: loss increase}}), one unit quantized at a time
+    (clip: with clip-searched ranges, see `set_allocation_`)."""
     base = mean_loss(model, wins, batch_size)
     out: dict[str, dict[int, float]] = {}
     jobs = [(u, p) for u in units(model) for p in precisions]
     for name, p in tqdm(jobs, desc="profile", disable=not progress, dynamic_ncols=True):
         saved = [(t, e, (t if e is None else t[e]).clone()) for t, e in _targets(model, name)]
-        set_allocation_(model, {name: p}, group_size)
+        set_allocation_(model, {name: p}, group_size, clip)
         out.setdefault(name, {})[p] = mean_loss(model, wins, batch_size) - base
         for t, e, w in saved:
             (t if e is None else t[e]).copy_(w)
@@ -156,13 +163,13 @@ def optimize(start: nn.Module, wins: torch.Tensor, sizes: dict, sens: dict, cfg,
         raise IteraliteError(
             f"mixed_precision: the starting model is already {100 * math.expm1(base_loss - teacher_loss):.1f}% "
             f"above FP32 perplexity on the calibration windows, over the budget of {cfg.max_ppl_delta_pct}%: "
-            "raise mixed_precision.max_ppl_delta_pct or start from a smaller from_ratio")
+            "raise mixed_precision.max_ppl_delta_pct or cut a larger student (student.d_model, n_layers, tokens)")
     budget += extra
     allowed, out = budget, Optimized({}, budget)
     for _ in range(cfg.max_refits + 1):
         alloc = allocate(sizes, sens, budget=allowed)
         probe = copy.deepcopy(start)
-        set_allocation_(probe, alloc, cfg.group_size)
+        set_allocation_(probe, alloc, cfg.group_size, getattr(cfg, "learned_range", False))
         measured = mean_loss(probe, wins, cfg.batch_size) - base_loss
         out.allocation = alloc
         out.refits.append({"allowed": round(allowed, 6), "predicted": round(sum(sens[u][p] for u, p in alloc.items()), 6),

@@ -3,8 +3,10 @@
 Two stored formats, one rebuild path (`quant.swap.build_empty`):
 - "iteralite-quant": {"format", "version", "modules": {name: {"kind", **QuantSpec}}}, one spec per
   module (uniform int4 and its methods, QAT, pruned and fine-tuned artifacts);
-- "iteralite-mixed": {"format", "version", "group_size", "allocation": {unit: precision}, "bias"},
-  a precision per allocation unit (see `quant.units`).
+- "iteralite-mixed": a precision per allocation unit (see `quant.units`). Version 2 (written now):
+  {"format", "version", "group_size", "precisions": "322..."}, one character per unit in
+  `units(model)` order (PRECISION_CHARS), so the header stays ~100 bytes however many units there
+  are; version 1 (still read): {"allocation": {unit: precision}, "bias": {module: bool}}.
 `CONFIG_FORMATS` maps the format name to its reader (stored config + float model -> spec_for);
 `apply_config` is what the checkpoint loader calls.
 """
@@ -18,9 +20,11 @@ from iteralite.io.errors import CheckpointError, ParamsError
 from iteralite.quant.modules import HalfEmbedding, HalfLinear, MixedExperts, QuantEmbedding, QuantExperts, QuantLinear
 from iteralite.quant.spec import CONFIG_FORMAT, CONFIG_VERSION, QuantSpec
 from iteralite.quant.swap import build_empty, kind_of
-from iteralite.quant.units import allocation_spec_for, check_allocation, split_expert
+from iteralite.quant.units import allocation_spec_for, check_allocation, units
 
-MIXED_FORMAT, MIXED_VERSION = "iteralite-mixed", 1
+MIXED_FORMAT, MIXED_VERSION = "iteralite-mixed", 2
+PRECISION_CHARS = {1: "t", 2: "2", 3: "3", 4: "4", 8: "8", 16: "h"}  # version 2: one character per unit
+_CHAR_PRECISION = {c: p for p, c in PRECISION_CHARS.items()}
 _STORED_KINDS = {QuantLinear: "linear", QuantExperts: "experts", QuantEmbedding: "embedding"}
 
 
@@ -39,10 +43,28 @@ def quant_config(model: nn.Module) -> dict:
 def mixed_config(allocation: dict, group_size: int, model: nn.Module) -> dict:
     """The "iteralite-mixed" description of an allocation on float model `model`."""
     alloc = check_allocation(model, allocation)
-    biases = {n: getattr(model.get_submodule(n), "bias", None) is not None
-              for n in alloc if split_expert(n)[1] is None and n != "embedding"}
     return {"format": MIXED_FORMAT, "version": MIXED_VERSION, "group_size": group_size,
-            "allocation": alloc, "bias": biases}
+            "precisions": "".join(PRECISION_CHARS[alloc[u]] for u in units(model))}
+
+
+def _mixed_allocation(cfg: dict, model: nn.Module) -> dict:
+    """The {unit: precision} a stored mixed config describes (version 1 or 2)."""
+    if cfg.get("version") == 1:
+        alloc = cfg.get("allocation") or {}
+        for name, has_bias in (cfg.get("bias") or {}).items():
+            if name in alloc and bool(has_bias) != (getattr(model.get_submodule(name), "bias", None) is not None):
+                raise CheckpointError(f"mixed quant config: bias of '{name}' disagrees with the model config")
+        return alloc
+    _check_version(cfg, MIXED_VERSION, "mixed quant config")
+    text, names = cfg.get("precisions"), list(units(model))
+    if not isinstance(text, str) or len(text) != len(names):
+        raise CheckpointError(f"mixed quant config: 'precisions' must be a string of {len(names)} characters "
+                              f"(one per unit), got {text!r:.80}")
+    bad = sorted(set(text) - set(_CHAR_PRECISION))
+    if bad:
+        raise CheckpointError(f"mixed quant config: unknown precision characters {bad} "
+                              f"(known: {''.join(_CHAR_PRECISION)})")
+    return {n: _CHAR_PRECISION[c] for n, c in zip(names, text)}
 
 
 def _check_version(cfg: dict, version: int, what: str) -> None:
@@ -68,17 +90,13 @@ def _read_uniform(cfg: dict, model: nn.Module) -> Callable:
 
 
 def _read_mixed(cfg: dict, model: nn.Module) -> Callable:
-    _check_version(cfg, MIXED_VERSION, "mixed quant config")
     g = cfg.get("group_size")
     if not isinstance(g, int) or isinstance(g, bool) or g < 1:
         raise CheckpointError(f"mixed quant config: group_size {g!r} is not a positive integer")
     try:
-        alloc = check_allocation(model, cfg.get("allocation") or {})
+        alloc = check_allocation(model, _mixed_allocation(cfg, model))
     except ParamsError as e:
         raise CheckpointError(f"mixed quant config: {e}") from None
-    for name, has_bias in (cfg.get("bias") or {}).items():
-        if name in alloc and bool(has_bias) != (getattr(model.get_submodule(name), "bias", None) is not None):
-            raise CheckpointError(f"mixed quant config: bias of '{name}' disagrees with the model config")
     return allocation_spec_for(alloc, g)
 
 

@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 
 from iteralite.io.params import check
 from iteralite.quant.fake import FakeQuant
+from iteralite.quant.learned import LearnedRange
 from iteralite.quant.spec import QuantSpec
 from iteralite.quant.swap import SpecFor, kind_of, make_spec_for, quantize
 from iteralite.train.distill import distill_train
@@ -39,6 +40,7 @@ class QATConfig(ScheduleConfig):
     group_size: int = 64  # the exported 4-bit format (round to nearest, same quantizer as int4)
     symmetric: bool = False
     keep_float: list[str] = field(default_factory=lambda: ["dt_proj"])
+    learned_range: bool = False  # train a per-group range with the weights (quant.learned) instead of min/max
 
     def validate(self, section: str = "qat") -> None:
         super().validate(section)
@@ -55,9 +57,9 @@ def rtn_spec_for(spec: QuantSpec, keep_float=("dt_proj",)) -> SpecFor:
     return make_spec_for(spec, keep_float)
 
 
-def attach_fake_quant(model: nn.Module, spec_for: SpecFor) -> dict:
-    """Register FakeQuant on every weight `spec_for` names; returns {module name: spec}, the
-    spec_for of the matching export."""
+def attach_fake_quant(model: nn.Module, spec_for: SpecFor, learned: bool = False) -> dict:
+    """Register FakeQuant (learned: LearnedRange, a trained range per group) on every weight
+    `spec_for` names; returns {module name: spec}, the spec_for of the matching export."""
     chosen = {}
     for name, module in list(model.named_modules()):
         kind = kind_of(module)
@@ -65,16 +67,26 @@ def attach_fake_quant(model: nn.Module, spec_for: SpecFor) -> dict:
         if spec is None:
             continue
         for slot in _SLOTS[kind]:
-            parametrize.register_parametrization(module, slot, FakeQuant(spec))
+            fq = LearnedRange(spec, getattr(module, slot)) if learned and _integer(spec) else FakeQuant(spec)
+            parametrize.register_parametrization(module, slot, fq)
         chosen[name] = spec
     return chosen
 
 
+def _integer(spec) -> bool:
+    return any(s.method != "fp16" for s in (spec if isinstance(spec, (list, tuple)) else [spec]))
+
+
 def strip_fake_quant(model: nn.Module) -> nn.Module:
-    """Remove every FakeQuant parametrization, keeping the trained float weights."""
+    """Remove every fake-quant parametrization, keeping the trained float weights; a LearnedRange
+    weight is kept clamped to its learned range, so the plain export quantizes it as trained."""
     for name, module in list(model.named_modules()):
         if parametrize.is_parametrized(module):
             for slot in list(module.parametrizations.keys()):
+                plist = module.parametrizations[slot]
+                if isinstance(plist[0], LearnedRange):
+                    with torch.no_grad():
+                        plist.original.copy_(plist[0].clamped(plist.original))
                 parametrize.remove_parametrizations(module, slot, leave_parametrized=False)
     return model
 
@@ -89,7 +101,7 @@ def distill_quantized(student: nn.Module, teacher: nn.Module, data: torch.Tensor
                       cfg: "QATConfig", progress: bool = True, desc: str = "qat"):
     """Fake-quantize `student` as `spec_for` says, distill it from `teacher`, export it:
     (stored model, training stats). Every QAT-style stage goes through here."""
-    chosen = attach_fake_quant(student, spec_for)
+    chosen = attach_fake_quant(student, spec_for, learned=getattr(cfg, "learned_range", False))
     stats = distill_train(student, teacher, data, cfg, progress, desc)
     return export(student, chosen), stats
 

@@ -30,12 +30,14 @@ from iteralite.quant.spec import QuantSpec, fit_group_size
 from iteralite.quant.swap import quantize
 
 INT_PRECISIONS = (2, 3, 4, 8)
-PRECISIONS = INT_PRECISIONS + (16,)
-_NAMES = {**{f"int{b}": b for b in INT_PRECISIONS}, "fp16": 16}
+TERNARY = 1  # {-1, 0, +1} x a scale per group (log2(3) = 1.58 bits of information; 2-bit codes, entropy-coded)
+PRECISIONS = (TERNARY,) + INT_PRECISIONS + (16,)
+_NAMES = {**{f"int{b}": b for b in INT_PRECISIONS}, "fp16": 16, "ternary": TERNARY}
 
 
 def parse_precision(value, where: str = "precision") -> int:
-    """2 | 3 | 4 | 8 | 16 (or as text, '8'), or a name int2 | int3 | int4 | int8 | fp16 -> the bit width."""
+    """1 (ternary) | 2 | 3 | 4 | 8 | 16 (or as text, '8'), or a name ternary | int2 | int3 | int4 |
+    int8 | fp16 -> the precision's number (the bit width, 1 for ternary)."""
     if isinstance(value, str) and value.strip().lower() in _NAMES:
         return _NAMES[value.strip().lower()]
     if isinstance(value, str) and value.strip().isdigit() and int(value) in PRECISIONS:
@@ -47,16 +49,20 @@ def parse_precision(value, where: str = "precision") -> int:
 
 
 def precision_name(precision: int) -> str:
-    """16 -> 'fp16', 4 -> 'int4'."""
-    return "fp16" if precision == 16 else f"int{precision}"
+    """16 -> 'fp16', 4 -> 'int4', 1 -> 'ternary'."""
+    return {16: "fp16", TERNARY: "ternary"}.get(precision, f"int{precision}")
 
 
 def precision_spec(precision: int, in_dim: int | None, group_size: int) -> QuantSpec:
-    """The stored spec of a precision: fp16, or integer round to nearest with the group size shrunk
-    to the largest divisor of in_dim that is <= group_size (in_dim None: left to the module)."""
+    """The stored spec of a precision: fp16, ternary (symmetric 2-bit codes: levels -1, 0, +1 times
+    one fp16 scale per group, no zero-point), or integer round to nearest with a zero-point; the
+    group size shrunk to the largest divisor of in_dim that is <= group_size (in_dim None: left to
+    the module)."""
     if precision == 16:
         return QuantSpec(bits=16, group_size=group_size, symmetric=False, method="fp16")
     g = group_size if in_dim is None else fit_group_size(in_dim, group_size)
+    if precision == TERNARY:
+        return QuantSpec(bits=2, group_size=g, symmetric=True, method="rtn")
     return QuantSpec(bits=precision, group_size=g, symmetric=False, method="rtn")
 
 

@@ -16,6 +16,7 @@ def _paths(root):
     return SimpleNamespace(
         FP32_CKPT=f"{root}/ck/fp32.st", TRAIN_METRICS=f"{root}/m/train.json", INT4_METRICS=f"{root}/m/int4.json",
         QAT_CKPT=f"{root}/ck/qat.st", QAT_METRICS=f"{root}/m/qat.json", MIXED_CKPT=f"{root}/ck/mixed.st",
+        STUDENT_CKPT=f"{root}/ck/student.st", STUDENT_METRICS=f"{root}/m/student.json",
         MIXED_METRICS=f"{root}/m/mixed.json", FUSED_CKPT=f"{root}/ck/fused.st", FUSE_METRICS=f"{root}/m/fuse.json",
         int4_ckpt=lambda m: f"{root}/ck/int4-{m}.st",
         ratio_ckpt=lambda stage, r: f"{root}/ck/{stage}-{r}.st",
@@ -30,7 +31,7 @@ def _write(path, obj):
 def test_plan_takes_every_path_from_the_paths_object(tmp_path):
     p = _paths(tmp_path)
     q = {"val_ppl": 16.0, "params": 10, "not_a_quality_key": 1}
-    for f in (p.TRAIN_METRICS, p.QAT_METRICS, p.MIXED_METRICS, p.FUSE_METRICS,
+    for f in (p.TRAIN_METRICS, p.QAT_METRICS, p.MIXED_METRICS, p.FUSE_METRICS, p.STUDENT_METRICS,
               p.ratio_metrics("prune", 0.3), p.ratio_metrics("finetune", 0.3)):
         _write(tmp_path / f, q)
     _write(tmp_path / p.INT4_METRICS, {"methods": {"rtn": {"val_ppl": 17.0}, "gptq": {"val_ppl": 16.5}}})
@@ -43,6 +44,7 @@ def test_plan_takes_every_path_from_the_paths_object(tmp_path):
         ("qat", "artifact", p.QAT_CKPT, p.QAT_METRICS),
         ("prune_0.3", "artifact", p.ratio_ckpt("prune", 0.3), p.ratio_metrics("prune", 0.3)),
         ("finetune_0.3", "artifact", p.ratio_ckpt("finetune", 0.3), p.ratio_metrics("finetune", 0.3)),
+        ("student", "artifact", p.STUDENT_CKPT, p.STUDENT_METRICS),
         ("mixed", "artifact", p.MIXED_CKPT, p.MIXED_METRICS),
         ("fused", "fused", p.FUSED_CKPT, p.FUSE_METRICS),
         ("peer_int8_weight_only", "int8_weight_only", p.FP32_CKPT, ""),

@@ -172,13 +172,19 @@ def test_header_is_under_2_percent_of_a_realistic_artifact(tmp_path):
     assert header_bytes(tmp_path / "c.safetensors") <= 0.02 * c
 
 
+def _stored_float_bytes(t: torch.Tensor) -> int:
+    """A float tensor's bytes in the compact blob: fp16 bytes where every value is exactly fp16."""
+    exact = t.dtype == torch.float32 and torch.equal(t.half().float(), t)
+    return t.numel() * (2 if exact else t.element_size())
+
+
 def test_file_is_header_plus_float_tensors_plus_reported_code_bytes(tmp_path):
     """The report's stored bytes are exactly what the compact file spends on codes."""
     model, quant = build("mixed")
     path = tmp_path / "c.safetensors"
     size = save(path, model, quant)
     views = code_tensors(model)
-    floats = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in views)
+    floats = sum(_stored_float_bytes(t) for k, t in model.state_dict().items() if k not in views)
     totals = report_totals(coding_report(load_model(path)[0]))
     assert totals["coded"] >= 1
     assert size == header_bytes(path) + floats + totals["stored_bytes"]
@@ -202,7 +208,8 @@ def _entries(path) -> tuple[list, bytes, list]:
     empty = load_model(path)[0].state_dict()
     spans, pos = [], 0
     for (cid, length), (key, t) in zip(entries, empty.items()):
-        n = length if length else t.numel() * t.element_size()
+        implied = compact.CODECS[cid].implied
+        n = implied(t) if implied is not None else length
         spans.append((key, pos, n))
         pos += n
     return entries, tensors[compact.BLOB].numpy().tobytes(), spans
@@ -401,3 +408,29 @@ def test_mutated_compact_files_fail_only_with_checkpoint_error(tmp_path, kind, m
     path = tmp_path / "m.safetensors"
     path.write_bytes(mutate(artifacts(tmp_path)[kind][0], muts))
     _loads_as_original_or_fails_clearly(path, kind)
+
+
+def test_float_tensors_exactly_in_fp16_are_stored_in_two_bytes_and_load_exactly(tmp_path):
+    """The f16 codec: a float32 tensor whose every value is an fp16 value is stored as fp16
+    (half the bytes) and loads bit for bit; one value off the fp16 grid keeps it raw."""
+    from iteralite.pipeline.mixed import round_leftovers_to_fp16_
+
+    model, quant = build("mixed")
+    plain = save(tmp_path / "p.safetensors", model, quant)
+    rounded = round_leftovers_to_fp16_(copy.deepcopy(model))
+    half = save(tmp_path / "h.safetensors", rounded, quant)
+    off_grid = sum(t.numel() for t in model.state_dict().values()
+                   if t.dtype == torch.float32 and not torch.equal(t.half().float(), t))
+    assert off_grid > 0 and plain - half == 2 * off_grid
+    loaded, _ = load_model(tmp_path / "h.safetensors")
+    a, b = rounded.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        rounded.norm_f.weight[0] += 1e-4  # off the fp16 grid: that one tensor goes raw again
+    assert save(tmp_path / "o.safetensors", rounded, quant) == half + 2 * rounded.norm_f.weight.numel()
+
+
+def test_f16_entry_for_a_tensor_that_is_not_float32_is_refused():
+    like = torch.zeros(3, dtype=torch.uint8)
+    with pytest.raises(CheckpointError, match="stored as f16 but the model holds a torch.uint8"):
+        compact.CODECS[2].decode(b"\0" * 6, like, None)

@@ -110,7 +110,8 @@ def test_manual_map_assigns_by_unit_type(model):
     ({"objective": "speed"}, "must be one of ppl_budget, bits_target"),
     ({"manual": {"embedding": 8}}, "missing"),
     ({"manual": {"embeddings": 8}}, "unknown unit types"),
-    ({"from_ratio": 1.0}, r"must be in \[0, 1\)"),
+    ({"from_ratio": 0.4}, "unknown key .mixed_precision.from_ratio."),  # moved to the student stage
+    ({"finetune_lr": -1.0}, "must be >= 0"),
     ({"budget": 3}, "unknown key 'mixed_precision.budget'"),
 ])
 def test_config_errors_name_the_key_and_the_allowed_values(raw, match):

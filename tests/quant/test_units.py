@@ -11,7 +11,7 @@ import torch
 from iteralite.io.checkpoint import load_model as load_artifact
 from iteralite.io.checkpoint import checkpoint_checksum, header_bytes, save_checkpoint
 from iteralite.io.errors import CheckpointError, ParamsError
-from iteralite.quant.config import mixed_config
+from iteralite.quant.config import PRECISION_CHARS, mixed_config
 from iteralite.quant.modules import MixedExperts
 from iteralite.quant.swap import dequantize_model
 from iteralite.quant.units import (PRECISIONS, allocation_bits, parse_precision, precision_spec, quantize_allocation,
@@ -32,9 +32,10 @@ def _save(model, path, alloc, g=8):
 
 def test_precision_names_and_unknown_precision_error():
     assert [parse_precision(x) for x in ("int2", "INT3", "int4", "int8", "fp16", 2, 16)] == [2, 3, 4, 8, 16, 2, 16]
+    assert [parse_precision(x) for x in ("ternary", " Ternary", 1, "1")] == [1, 1, 1, 1]
     assert [parse_precision(x) for x in ("8", " 16 ")] == [8, 16]  # a number written as text
     for bad in (5, "int5", "bf16", 4.0, True, None, "5", "4.0", "-4"):
-        with pytest.raises(ParamsError, match=r"unknown precision .*allowed: 2, 3, 4, 8, 16"):
+        with pytest.raises(ParamsError, match=r"unknown precision .*allowed: 1, 2, 3, 4, 8, 16, .*ternary"):
             parse_precision(bad, "mixed_precision.precisions")
 
 
@@ -52,7 +53,8 @@ def test_saved_mixed_artifact_reloads_bit_for_bit(model, tmp_path):
     alloc = _alloc(model)
     q = _save(model, tmp_path / "m.safetensors", alloc)
     loaded, ckpt = load_artifact(tmp_path / "m.safetensors")
-    assert ckpt.quant["allocation"] == alloc
+    assert ckpt.quant["precisions"] == "".join(PRECISION_CHARS[alloc[u]] for u in units(model))
+    assert len(json.dumps(ckpt.quant)) < 120  # one character per unit, not a dictionary of names
     a, b = q.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     idx = torch.randint(0, model.cfg.vocab_size, (2, 12))
@@ -89,6 +91,19 @@ def test_bits_accounted_equal_the_file_bytes_minus_header_and_float_leftovers(mo
     assert leftovers < 0.1 * path.stat().st_size
 
 
+def test_ternary_stores_minus_one_zero_plus_one_times_a_scale_per_group(model):
+    """Every group of a ternary unit dequantizes to {-s, 0, +s} for its one fp16 scale s: three
+    levels, no zero-point stored."""
+    q = quantize_allocation(copy.deepcopy(model), {u: 1 for u in units(model)}, 8)
+    qt = q.layers[0].mixer.in_proj.qtensor("weight_")
+    assert qt.zeros is None and qt.symmetric and qt.bits == 2
+    assert set(qt.codes.unique().tolist()) <= {1, 2, 3}  # -1, 0, +1 offset by 2
+    w = qt.dequantize().reshape(*qt.scales.shape, -1)
+    s = qt.scales.float()[..., None]
+    assert torch.all((w == 0) | (w == s) | (w == -s))
+    assert (w == 0).any() and (w > 0).any() and (w < 0).any()
+
+
 def test_lower_precision_is_smaller_for_every_unit(model):
     for u, shape in units(model).items():
         sizes = [unit_bits(u, shape, p, 8) for p in PRECISIONS]
@@ -118,12 +133,17 @@ def _rewrite_quant(src, dst, edit):
     save_file(tensors, str(dst), metadata=meta)
 
 
+def _set_first(q, char):
+    q["precisions"] = char + q["precisions"][1:]
+
+
 @pytest.mark.parametrize("edit,match", [
-    (lambda q: q["allocation"].update({"embedding": 5}), "unknown precision 5"),
+    (lambda q: _set_first(q, "5"), r"unknown precision characters \['5'\]"),
     (lambda q: q.update(version=99), "version 99 is not supported"),
-    (lambda q: q["allocation"].pop("embedding"), "missing"),
-    (lambda q: q["allocation"].update({"embedding": 8 if q["allocation"]["embedding"] != 8 else 4}),
-     "tensors disagree with the stored config"),
+    (lambda q: q.update(precisions=q["precisions"][1:]), "one per unit"),
+    (lambda q: q.update(precisions=7), "must be a string"),
+    (lambda q: _set_first(q, "8" if q["precisions"][0] != "8" else "4"), "tensors disagree with the stored config"),
+    (lambda q: q.update(version=1, allocation={"embedding": 5}), r"missing \[.layers.0.mixer.dt_proj."),
 ])
 def test_bad_mixed_quant_config_is_a_clear_checkpoint_error(model, tmp_path, edit, match):
     src = tmp_path / "m.safetensors"
@@ -132,6 +152,20 @@ def test_bad_mixed_quant_config_is_a_clear_checkpoint_error(model, tmp_path, edi
     _rewrite_quant(src, bad, edit)
     with pytest.raises(CheckpointError, match=match):
         load_artifact(bad)
+
+
+def test_version_1_mixed_config_still_loads(model, tmp_path):
+    alloc = _alloc(model)
+    src, old = tmp_path / "m.safetensors", tmp_path / "v1.safetensors"
+    q = _save(model, src, alloc)
+
+    def to_v1(quant):
+        quant.update(version=1, allocation=alloc, bias={"layers.0.mixer.dt_proj": True})
+        del quant["precisions"]
+    _rewrite_quant(src, old, to_v1)
+    loaded, _ = load_artifact(old)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    assert torch.equal(q(idx)[0], loaded(idx)[0])
 
 
 def test_uniform_artifacts_still_load_through_the_same_loader(model, tmp_path):

@@ -1,0 +1,120 @@
+"""The student stage's computation: a width- and depth-cut copy of a fine-tuned pruned model,
+trained by logit distillation from the FP32 teacher for a budget of training tokens.
+
+The cuts are Minitron-style: whole blocks go first (the least "block influence" on the dev
+split, `prune.activation`), then residual channels (d_model) by their share of mean |RMSNorm
+output|, rescored on the depth-cut model. Both scores read dev windows only; the distillation
+reads the training split. `tokens: 0` keeps the cut model as it is (no distillation), and a cut
+to the model's own d_model and n_layers removes nothing, so `student` can also pass the
+fine-tuned model through unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from iteralite.io.params import check
+from iteralite.prune.activation import activation_scores, channels_to_remove, layers_to_remove
+from iteralite.prune.depth import prune_layers
+from iteralite.prune.width import prune_residual
+from iteralite.quant.calibrate import mean_loss, windows
+from iteralite.quant.qat import QATConfig
+from iteralite.train.distill import distill_train
+from iteralite.train.loop import check_stream
+
+
+@dataclass
+class StudentConfig:
+    from_ratio: float = 0.4  # cut checkpoints/finetune/<from_ratio> (one of prune.ratios)
+    d_model: int = 64  # residual width kept
+    n_layers: int = 3  # blocks kept
+    tokens: int = 6553600  # distillation budget in training tokens (0: keep the cut model untrained)
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01
+    distill_weight: float = 0.9  # loss = w * KL(teacher || student) + (1 - w) * CE
+    temperature: float = 1.0
+    calib_windows: int = 64  # dev windows the cuts are scored on
+    dev_windows: int = 32  # dev windows scored before and after distillation (reported)
+    seed: int = 29
+    threads: int = 0
+
+    def validate(self, section: str = "student") -> None:
+        check(0.0 <= self.from_ratio < 1.0, section, "from_ratio", f"must be in [0, 1); got {self.from_ratio}")
+        for key in ("d_model", "n_layers", "batch_size", "calib_windows", "dev_windows"):
+            check(getattr(self, key) >= 1, section, key, "must be >= 1")
+        check(self.tokens >= 0, section, "tokens", "must be >= 0 (0 = no distillation)")
+        check(self.seq_len >= 2, section, "seq_len", "must be >= 2")
+        check(self.lr > 0, section, "lr", "must be > 0")
+        check(0 <= self.min_lr <= self.lr, section, "min_lr", "must be in [0, lr]")
+        check(self.grad_clip > 0, section, "grad_clip", "must be > 0")
+        check(self.aux_loss_coef >= 0, section, "aux_loss_coef", "must be >= 0")
+        check(0.0 <= self.distill_weight <= 1.0, section, "distill_weight", "must be in [0, 1]")
+        check(self.temperature > 0, section, "temperature", "must be > 0")
+        check(self.threads >= 0, section, "threads", "must be >= 0 (0 = all cores)")
+        steps = self.steps
+        check(self.tokens == 0 or 0 <= self.warmup_steps < steps, section, "warmup_steps",
+              f"must be in [0, {steps}): the budget of {self.tokens} tokens is {steps} steps of "
+              f"{self.batch_size} x {self.seq_len}")
+
+    @property
+    def steps(self) -> int:
+        """Distillation steps: the token budget in whole batches (rounded up)."""
+        return math.ceil(self.tokens / (self.batch_size * self.seq_len))
+
+    def distill_config(self) -> QATConfig:
+        return QATConfig(seed=self.seed, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
+                         lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
+                         aux_loss_coef=self.aux_loss_coef, threads=self.threads, distill_weight=self.distill_weight,
+                         temperature=self.temperature)
+
+
+def check_cut(model: nn.Module, cfg: StudentConfig, section: str = "student") -> None:
+    """The cut must not grow the model (one line naming the key)."""
+    check(cfg.d_model <= model.cfg.d_model, section, "d_model",
+          f"{cfg.d_model} is wider than the model it cuts (d_model {model.cfg.d_model})")
+    check(cfg.n_layers <= model.cfg.n_layers, section, "n_layers",
+          f"{cfg.n_layers} is more than the model it cuts has ({model.cfg.n_layers})")
+
+
+def cut(model: nn.Module, calib: torch.Tensor, d_model: int, n_layers: int, batch_size: int) -> dict:
+    """Depth then width, in place, scored on `calib` windows (n, l+1). Returns what was removed."""
+    scores = activation_scores(model, calib.split(batch_size))
+    layers = layers_to_remove(scores, n_layers) if n_layers < len(model.layers) else []
+    if layers:
+        prune_layers(model, layers)
+    channels = []
+    if d_model < model.cfg.d_model:
+        scores = activation_scores(model, calib.split(batch_size))  # rescored on the blocks kept
+        channels = channels_to_remove(scores, d_model)
+        prune_residual(model, channels)
+    return {"layers_removed": layers, "layer_influence": [round(float(v), 6) for v in scores.layers],
+            "channels_removed": len(channels)}
+
+
+def make_student(teacher: nn.Module, start: nn.Module, train: torch.Tensor, dev: torch.Tensor, cfg: StudentConfig,
+                 progress: bool = True) -> tuple[nn.Module, dict]:
+    """Cut `start` (a float model, modified in place) and distil it from `teacher`:
+    (the student, JSON-able stats: what was cut, dev losses, distillation stats)."""
+    check_cut(start, cfg)
+    check_stream(dev, cfg.seq_len, "student", "student.seq_len", "dev")
+    calib = windows(dev, cfg.calib_windows, cfg.seq_len, cfg.seed)
+    probe = windows(dev, cfg.dev_windows, cfg.seq_len, cfg.seed + 1)
+    params_before = sum(p.numel() for p in start.parameters())
+    info = cut(start, calib, cfg.d_model, cfg.n_layers, cfg.batch_size)
+    info.update(params_before=params_before, params_after=sum(p.numel() for p in start.parameters()),
+                dev_loss_teacher=round(mean_loss(teacher, probe, cfg.batch_size), 6),
+                dev_loss_cut=round(mean_loss(start, probe, cfg.batch_size), 6),
+                distill_tokens=cfg.steps * cfg.batch_size * cfg.seq_len, distill_steps=cfg.steps)
+    if cfg.steps:
+        check_stream(train, cfg.seq_len, "student", "student.seq_len")
+        info["distill"] = distill_train(start, teacher, train, cfg.distill_config(), progress, "student")
+    info["dev_loss_student"] = round(mean_loss(start, probe, cfg.batch_size), 6)
+    return start, info

@@ -1,0 +1,103 @@
+"""The student stage's computation: depth then width cuts scored on dev windows, distillation for
+a token budget on the training split, and the checks that stop a bad config before any work."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from iteralite.io.errors import ParamsError
+from iteralite.io.params import from_dict
+from iteralite.pipeline import student as student_mod
+from iteralite.pipeline.student import StudentConfig, cut, make_student
+from iteralite.prune.activation import activation_scores, channels_to_remove, layers_to_remove
+from iteralite.prune.depth import prune_layers
+from iteralite.prune.width import prune_residual
+from tests.prune.helpers import build, logits, tokens
+
+
+def stream(n=4000, seed=0, vocab=300):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def cfg(**kw):
+    base = dict(d_model=24, n_layers=1, tokens=8 * 2 * 16, batch_size=2, seq_len=16, warmup_steps=1,
+                calib_windows=4, dev_windows=4, threads=1)
+    return from_dict(StudentConfig, {**base, **kw}, "student")
+
+
+def test_steps_are_the_token_budget_in_whole_batches():
+    assert cfg(tokens=0).steps == 0
+    assert cfg(tokens=1, warmup_steps=0).steps == 1
+    assert cfg(tokens=2 * 16, warmup_steps=0).steps == 1
+    assert cfg(tokens=2 * 16 + 1).steps == 2
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"tokens": -1}, "'student.tokens' must be >= 0"),
+    ({"d_model": 0}, "'student.d_model' must be >= 1"),
+    ({"tokens": 32, "warmup_steps": 1}, r"'student.warmup_steps' must be in \[0, 1\): the budget of 32 tokens"),
+    ({"min_lr": 1.0}, "'student.min_lr' must be in"),
+])
+def test_bad_config_is_one_params_error(kw, match):
+    with pytest.raises(ParamsError, match=match):
+        cfg(**kw)
+
+
+def test_a_cut_that_would_grow_the_model_is_refused_before_any_work():
+    m = build(n_layers=2)
+    for kw, key in (({"d_model": m.cfg.d_model + 8}, "d_model"), ({"n_layers": 3}, "n_layers")):
+        with pytest.raises(ParamsError, match=f"'student.{key}'"):
+            make_student(m, copy.deepcopy(m), stream(), stream(seed=1), cfg(**kw), progress=False)
+
+
+def test_cut_is_depth_then_width_by_activation_scores():
+    """The cut equals the two library cuts applied by hand in that order, the width cut rescored on
+    the depth-cut model."""
+    m = build(n_layers=3, n_heads=4, d_ff=32, n_experts=4)
+    calib = torch.stack([tokens(1, 17, seed=s)[0] for s in range(4)])
+    ref = copy.deepcopy(m)
+    sc = activation_scores(ref, calib.split(2))
+    prune_layers(ref, layers_to_remove(sc, 2))
+    prune_residual(ref, channels_to_remove(activation_scores(ref, calib.split(2)), 24))
+    info = cut(m, calib, 24, 2, 2)
+    assert m.cfg == ref.cfg and m.cfg.d_model == 24 and m.cfg.n_layers == 2
+    assert len(info["layers_removed"]) == 1 and info["channels_removed"] == m.cfg.d_model + 8 - 24
+    idx = tokens(2, 12)
+    assert torch.equal(logits(m, idx), logits(ref, idx))
+
+
+def test_no_cut_and_no_tokens_pass_the_model_through():
+    m = build(n_layers=2)
+    out, info = make_student(m, copy.deepcopy(m), stream(), stream(seed=1),
+                             cfg(d_model=m.cfg.d_model, n_layers=2, tokens=0), progress=False)
+    idx = tokens(2, 12)
+    assert torch.equal(logits(out, idx), logits(m, idx))
+    assert info["layers_removed"] == [] and info["channels_removed"] == 0 and "distill" not in info
+    assert info["dev_loss_cut"] == info["dev_loss_student"]
+
+
+def test_cuts_score_dev_and_distillation_reads_train(monkeypatch):
+    """Spies: the cut's calibration windows come from dev, the distillation's stream is train."""
+    seen = {}
+    real_cut, real_distill = student_mod.cut, student_mod.distill_train
+
+    def spy_cut(model, calib, *a):
+        seen["calib"] = calib
+        return real_cut(model, calib, *a)
+
+    def spy_distill(student, teacher, data, *a, **kw):
+        seen["data"] = data
+        return real_distill(student, teacher, data, *a, **kw)
+
+    monkeypatch.setattr(student_mod, "cut", spy_cut)
+    monkeypatch.setattr(student_mod, "distill_train", spy_distill)
+    m = build(n_layers=2)
+    train, dev = stream(seed=2, vocab=150), 150 + stream(seed=3, vocab=150)  # disjoint token ranges
+    out, info = make_student(m, copy.deepcopy(m), train, dev, cfg(), progress=False)
+    assert seen["calib"].min() >= 150 and seen["data"] is train
+    assert info["distill"]["steps"] == 8 and info["distill_tokens"] == 8 * 2 * 16
+    assert out.cfg.d_model == 24 and out.cfg.n_layers == 1
+    assert info["params_after"] < info["params_before"]
+    assert all(torch.isfinite(p).all() for p in out.parameters())
