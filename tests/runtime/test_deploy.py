@@ -18,7 +18,7 @@ from iteralite.io.params import from_dict
 
 @pytest.fixture
 def mixed_path(model, tmp_path):
-    alloc = {u: (2, 3, 4, 8, 16)[i % 5] for i, u in enumerate(units(model))}
+    alloc = {u: (1, 2, 3, 4, 8, 16)[i % 6] for i, u in enumerate(units(model))}  # 1: ternary
     q = quantize_allocation(copy.deepcopy(model), alloc, 8)
     path = tmp_path / "mixed.safetensors"
     save_checkpoint(path, q, kind="mixed", tokenizer_sha256="t", quant=mixed_config(alloc, 8, model))

@@ -87,7 +87,7 @@ def test_from_model_reads_every_stored_format(model):
     from iteralite.quant.swap import dequantize_model
     from iteralite.quant.units import quantize_allocation, units
 
-    alloc = {u: (2, 3, 4, 8, 16)[i % 5] for i, u in enumerate(units(model))}
+    alloc = {u: (1, 2, 3, 4, 8, 16)[i % 6] for i, u in enumerate(units(model))}  # 1: ternary
     q = quantize_allocation(copy.deepcopy(model), alloc, 8)
     assert {"HalfLinear", "MixedExperts"} <= {type(m).__name__ for m in q.modules()}
     _steps_match(dequantize_model(copy.deepcopy(q)), FusedIteraLite.from_model(q), torch.randint(0, 300, (1, 9)))
