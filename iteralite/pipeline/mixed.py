@@ -127,17 +127,18 @@ def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bit
     fine-tuned headline lands under the budget: budget left unused. Each round gives the allocator
     the dev-measured slack on top of its budget (`reallocate(extra_nats) -> Optimized`), fine-tunes
     the smaller allocation it returns (`fit(allocation) -> (model, stats, dev loss)`) and keeps it
-    if that dev loss still meets `target`; otherwise the previous one stays.
+    if that dev loss still meets `target`. A round over the target keeps the previous one and backs
+    off: the next round offers half as much on top of the kept allocation's allowance.
     first: (Optimized, model, stats, dev loss) of the first fine-tune -> (the kept one, rounds record)."""
-    kept, record, extra = first, [], 0.0
+    kept, record, extra, step = first, [], 0.0, None
     for _ in range(rounds):
         opt, _, _, final = kept
         slack = target - final
-        if slack < SLACK_NATS:
+        step = slack if step is None else step
+        if step < SLACK_NATS:
             break
-        extra += slack
-        cand = reallocate(extra)
-        row = {"slack_nats": round(slack, 6), "extra_nats": round(extra, 6), "bits": bits(cand.allocation)}
+        cand = reallocate(extra + step)
+        row = {"slack_nats": round(slack, 6), "extra_nats": round(extra + step, 6), "bits": bits(cand.allocation)}
         record.append(row)
         if row["bits"] >= bits(opt.allocation):
             row["kept"] = False
@@ -145,8 +146,9 @@ def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bit
         model, stats, loss = fit(cand.allocation)
         row.update(dev_loss=round(loss, 6), kept=loss <= target)
         if loss > target:
-            break
-        kept = (cand, model, stats, loss)
+            step /= 2
+            continue
+        kept, extra, step = (cand, model, stats, loss), extra + step, None
     return kept, record
 
 

@@ -78,7 +78,8 @@ class _Opt:
 
 
 def _slack_run(first_loss, target, results, rounds=2):
-    """use_the_slack with fakes: allocation = its bit count; results[i] = dev loss of round i's fine-tune."""
+    """use_the_slack with fakes: allocation = its bit count; results[i] = dev loss of round i's
+    fine-tune; the extra nats offered in each round are recorded too."""
     calls = []
 
     def reallocate(extra):
@@ -100,8 +101,14 @@ def test_slack_is_given_back_while_the_fine_tuned_loss_meets_the_budget():
 
 
 def test_a_round_over_the_budget_keeps_the_previous_allocation():
-    kept, record, calls = _slack_run(2.0, 2.5, [2.6])
+    kept, record, calls = _slack_run(2.0, 2.5, [2.6], rounds=1)
     assert calls == [90] and kept[1] == "model100" and record[0]["kept"] is False
+
+
+def test_after_a_round_over_the_budget_the_next_offers_half_as_much():
+    kept, record, calls = _slack_run(2.0, 2.5, [2.3, 2.6, 2.45], rounds=3)
+    assert [r["extra_nats"] for r in record] == [0.5, 0.7, 0.6]  # 0.5 kept; +0.2 failed; +0.1 kept
+    assert [r["kept"] for r in record] == [True, False, True] and kept[1] == "model70" and kept[3] == 2.45
 
 
 def test_no_slack_no_round():
