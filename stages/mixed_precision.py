@@ -10,7 +10,7 @@ from iteralite.io.params import load_section
 from iteralite.pipeline import paths
 from iteralite.pipeline.artifacts import coding_metrics, publish
 from iteralite.pipeline.baseline import load_baseline
-from iteralite.pipeline.mixed import MixedConfig, round_leftovers_to_fp16_, run_mixed
+from iteralite.pipeline.mixed import MixedConfig, run_mixed
 from iteralite.pipeline.mixed_report import plot_allocation, write_pareto
 from iteralite.pipeline.stage import run, write_metrics
 from iteralite.quant.allocate import sizes_table, summarize
@@ -30,19 +30,17 @@ def main():
     base = load_baseline()
     start = dequantize_model(load_model(src)[0])
     res = run_mixed(base.model, start, base.train_tokens, cfg, qcfg, dev=base.dev_tokens)
-    sizes = sizes_table(start, cfg.precisions, cfg.group_size)
+    sizes = sizes_table(start, cfg.precisions, cfg.group_size, cfg.scale_bits)
     meta = {"stage": "mixed_precision", "parent": src}
 
     rows = []
     for name, (model, alloc) in res.candidates.items():
-        round_leftovers_to_fp16_(model)
         path = paths.mixed_candidate(name)
         save_checkpoint(path, model, kind=f"mixed-{name}", tokenizer_sha256=base.ckpt.tokenizer_sha256,
                         quant=mixed_config(alloc, cfg.group_size, start), meta=meta, layout="compact")
         rows.append({"name": name, "size_bytes": os.path.getsize(path),
                      "val_ppl": math.exp(base.evaluator.valid_loss(model)), **summarize(alloc, sizes, start)})
     quant = mixed_config(res.allocation, cfg.group_size, start)
-    round_leftovers_to_fp16_(res.model)
     loaded, metrics = publish(paths.MIXED_CKPT, res.model, base, kind=f"mixed-{cfg.policy}", quant=quant, meta=meta,
                               layout="compact")
     metrics.update(coding_metrics(paths.MIXED_CKPT, loaded, paths.MIXED_CODING_CSV, kind=f"mixed-{cfg.policy}",

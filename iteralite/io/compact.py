@@ -1,12 +1,12 @@
-"""The compact checkpoint layout ("compact-v1"): one uint8 tensor, a tiny index, codes entropy-coded.
+"""The compact checkpoint layout ("compact-v2"): one uint8 tensor, a tiny index, codes entropy-coded.
 
 The default layout stores every state_dict tensor as its own safetensors entry, so the JSON header
 repeats a name, dtype, shape and offsets per tensor (~100 bytes each; 95% of a small mixed-precision
 artifact's header). In the compact layout the file is still a plain safetensors file, but it holds
 ONE tensor, "blob" (uint8, 1-D), plus these header fields besides the usual ones:
 
-    layout  "compact-v1"
-    index   base64 of one unsigned LEB128 varint (minimal length) per tensor: (length << 2) | codec,
+    layout  "compact-v2"
+    index   base64 of one unsigned LEB128 varint (minimal length) per tensor: (length << 3) | codec,
             where length is the stored byte length for a codec whose size the tensor does not imply
             and 0 for raw (its size is the rebuilt tensor's: storing it would only repeat it)
 
@@ -20,8 +20,14 @@ config and never stored. `codec` indexes CODECS, fixed for this layout version:
             the default layout would
     2 f16   a float32 tensor every value of which is exactly an fp16 value (finite): its fp16
             bytes, 2 * numel; lossless, so it is chosen only where it loses nothing
+    3 grid  a float16/float32 tensor every value of which lies on the b-bit grid its own min and
+            max define (`io.grid`: log for group scales, linear for the float leftovers): b bits
+            a value plus 5 bytes; also lossless, so it applies only to tensors snapped to a grid
+            (`mixed_precision.scale_bits`, `leftover_bits`)
 
-So a raw or f16 tensor costs one index byte and a coded one two or three. A code tensor is stored coded
+compact-v1 (2 codec bits, codecs 0-2) is no longer read: its artifacts are rebuilt by `dvc repro`.
+
+So a raw or f16 tensor costs one index byte and a coded or grid one two or three. A code tensor is stored coded
 only when the blob is smaller than its packed bytes. Reading checks, before decoding anything,
 that the index has one entry per rebuilt tensor with a known codec, that raw entries carry no
 length and that the lengths sum to the blob's size; every failure is a CheckpointError of one
@@ -38,12 +44,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from iteralite.io import varint
+from iteralite.io import grid, varint
 from iteralite.io.errors import CheckpointError
 
-LAYOUT = "compact-v1"
+LAYOUT = "compact-v2"
 BLOB = "blob"
-_CODEC_BITS = 2  # low bits of an index entry; room for 4 codecs in this layout version
+_CODEC_BITS = 3  # low bits of an index entry; room for 8 codecs in this layout version
 _MAX_VARINT_BYTES = 10  # 2**70 > any length a file can hold
 
 
@@ -96,6 +102,14 @@ def _f16_decode(data: bytes, like: torch.Tensor, view) -> torch.Tensor:
     return flat.float().reshape(like.shape)
 
 
+def _grid_encode(t: torch.Tensor, view) -> bytes | None:
+    return grid.encode(t)
+
+
+def _grid_decode(data: bytes, like: torch.Tensor, view) -> torch.Tensor:
+    return grid.decode(data, like)
+
+
 @dataclass(frozen=True)
 class Codec:
     """encode(tensor, CodeView | None) -> bytes, or None where it does not apply;
@@ -117,7 +131,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 CODECS: tuple[Codec, ...] = (Codec("raw", _raw_encode, _raw_decode, implied=_nbytes),
                              Codec("rans", _rans_encode, _rans_decode),
-                             Codec("f16", _f16_encode, _f16_decode, implied=lambda like: 2 * like.numel()))
+                             Codec("f16", _f16_encode, _f16_decode, implied=lambda like: 2 * like.numel()),
+                             Codec("grid", _grid_encode, _grid_decode))
 
 
 # --------------------------------------------------------------------------- index

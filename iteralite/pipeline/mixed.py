@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from iteralite.io.grid import snap_linear
 from iteralite.io.params import check
 from iteralite.quant.allocate import (UNIT_TYPES, manual_allocation, monotone, optimize, profile, sizes_table,
                                       uniform_allocation)
 from iteralite.quant.calibrate import mean_loss, windows
 from iteralite.quant.qat import distill_quantized
+from iteralite.quant.spec import SCALE_BITS
 from iteralite.train.loop import check_stream
 from iteralite.quant.units import allocation_spec_for, parse_precision, precision_name, quantize_allocation, units
 
@@ -36,6 +38,8 @@ class MixedConfig:
     target_bits_per_weight: float = 3.5  # bits of the allocated weights / their count
     precisions: list[int | str] = field(default_factory=lambda: [2, 3, 4, 8, 16])
     group_size: int = 64
+    scale_bits: int = 0  # 0: fp16 group scales; b: each tensor's scales on its b-bit log grid (io.grid)
+    leftover_bits: int = 0  # 0: float leftovers (norms, conv, biases) in fp16; b: on their b-bit linear grid
     sens_samples: int = 32  # dev-split windows for the profile and the budget
     seq_len: int = 256
     batch_size: int = 16
@@ -64,6 +68,10 @@ class MixedConfig:
         for key in ("group_size", "sens_samples", "batch_size", "finetune_steps"):
             check(getattr(self, key) >= 1, section, key, "must be >= 1")
         check(self.seq_len >= 2, section, "seq_len", "must be >= 2")
+        check(self.scale_bits in SCALE_BITS, section, "scale_bits",
+              f"must be 0 (fp16 scales) or 2..{SCALE_BITS[-1]} (a log grid); got {self.scale_bits!r}")
+        check(self.leftover_bits in SCALE_BITS, section, "leftover_bits",
+              f"must be 0 (fp16) or 2..{SCALE_BITS[-1]} (a linear grid); got {self.leftover_bits!r}")
         check(self.max_refits >= 0, section, "max_refits", "must be >= 0")
         check(self.budget_rounds >= 0, section, "budget_rounds", "must be >= 0")
         unknown = sorted(set(self.manual) - set(UNIT_TYPES))
@@ -94,24 +102,35 @@ class MixedConfig:
 
 
 @torch.no_grad()
-def round_leftovers_to_fp16_(model: nn.Module) -> nn.Module:
+def round_leftovers_(model: nn.Module, bits: int = 0) -> nn.Module:
     """Round every float32 tensor left in a stored model (norms, the depthwise conv, A_log, D, the
-    dt bias) to its nearest fp16 value, in place: the compact layout then stores them in 2 bytes
-    each, losslessly (its f16 codec), and the model computes with exactly what is stored."""
+    dt bias), in place: bits 0 to its nearest fp16 value (the compact layout's f16 codec stores it
+    in 2 bytes a value), bits b to the nearest value of its own b-bit linear grid (`io.grid`; the
+    grid codec stores b bits a value). Lossless either way: the model computes with exactly what
+    is stored."""
     for t in list(model.parameters()) + list(model.buffers()):
         if t.dtype == torch.float32:
             h = t.half()
             if not torch.isfinite(h).all():
                 raise ValueError("a float tensor of the model exceeds the fp16 range; it cannot be stored in 16 bits")
-            t.copy_(h.float())
+            t.copy_(snap_linear(h.float(), bits) if bits else h.float())
     return model
 
 
 def finetune_allocation(start: nn.Module, teacher: nn.Module, data: torch.Tensor, allocation: dict,
-                        group_size: int, qat_cfg, progress: bool = True, desc: str = "mixed finetune"):
-    """(packed mixed model, stats): distill a fake-quantized copy of `start`, then export."""
-    return distill_quantized(copy.deepcopy(start), teacher, data, allocation_spec_for(allocation, group_size),
-                             qat_cfg, progress, desc)
+                        cfg: MixedConfig, qat_cfg, progress: bool = True, desc: str = "mixed finetune"):
+    """(packed mixed model, stats): distill a fake-quantized copy of `start`, export it and round
+    its float leftovers as stored (so every check measures the stored model)."""
+    model, stats = distill_quantized(copy.deepcopy(start), teacher, data,
+                                     allocation_spec_for(allocation, cfg.group_size, cfg.scale_bits), qat_cfg,
+                                     progress, desc)
+    return round_leftovers_(model, cfg.leftover_bits), stats
+
+
+def stored_allocation(start: nn.Module, allocation: dict, cfg: MixedConfig) -> nn.Module:
+    """A copy of `start` stored at `allocation` by round to nearest, its leftovers rounded as stored."""
+    model = quantize_allocation(copy.deepcopy(start), allocation, cfg.group_size, cfg.scale_bits)
+    return round_leftovers_(model, cfg.leftover_bits)
 
 
 @dataclass
@@ -162,7 +181,7 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
     wins = windows(dev, cfg.sens_samples, cfg.seq_len, cfg.seed)
     teacher_loss = mean_loss(teacher, wins, cfg.batch_size)
     base, sens = profile(start, wins, cfg.precisions, cfg.group_size, cfg.batch_size, progress, cfg.learned_range)
-    sizes = sizes_table(start, cfg.precisions, cfg.group_size)
+    sizes = sizes_table(start, cfg.precisions, cfg.group_size, cfg.scale_bits)
     shapes = units(start)
     info = {"calib_loss_fp32": round(teacher_loss, 6), "calib_loss_start": round(base, 6),
             "profile": {u: {str(p): round(v, 6) for p, v in by_p.items()} for u, by_p in sens.items()}}
@@ -173,12 +192,12 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
     candidates = {}
     for p in cfg.compare:
         alloc = uniform_allocation(shapes, p)
-        candidates[f"uniform_{precision_name(p)}"] = (quantize_allocation(copy.deepcopy(start), alloc, cfg.group_size), alloc)
+        candidates[f"uniform_{precision_name(p)}"] = (stored_allocation(start, alloc, cfg), alloc)
     manual = manual_allocation(shapes, cfg.manual)
-    candidates["manual"] = (quantize_allocation(copy.deepcopy(start), manual, cfg.group_size), manual)
+    candidates["manual"] = (stored_allocation(start, manual, cfg), manual)
 
     def fit(alloc, desc="mixed finetune"):
-        m, st = finetune_allocation(start, teacher, data, alloc, cfg.group_size, qat_cfg, progress, desc)
+        m, st = finetune_allocation(start, teacher, data, alloc, cfg, qat_cfg, progress, desc)
         return m, st, mean_loss(m, wins, cfg.batch_size)
 
     model, stats, final = fit(headline)
@@ -190,8 +209,7 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
             lambda alloc: sum(sizes[u][p] for u, p in alloc.items()))
         headline = opt.allocation
         info["budget_nats_final"] = round(opt.budget, 6)
-    candidates["optimized_before_finetune"] = (quantize_allocation(copy.deepcopy(start), opt.allocation, cfg.group_size),
-                                               opt.allocation)
+    candidates["optimized_before_finetune"] = (stored_allocation(start, opt.allocation, cfg), opt.allocation)
     info["finetune"] = stats
     info["calib_loss_final"] = round(final, 6)
     if cfg.control_finetune:

@@ -169,7 +169,7 @@ def optimize(start: nn.Module, wins: torch.Tensor, sizes: dict, sens: dict, cfg,
     for _ in range(cfg.max_refits + 1):
         alloc = allocate(sizes, sens, budget=allowed)
         probe = copy.deepcopy(start)
-        set_allocation_(probe, alloc, cfg.group_size, getattr(cfg, "learned_range", False))
+        set_allocation_(probe, alloc, cfg.group_size, cfg.learned_range)
         measured = mean_loss(probe, wins, cfg.batch_size) - base_loss
         out.allocation = alloc
         out.refits.append({"allowed": round(allowed, 6), "predicted": round(sum(sens[u][p] for u, p in alloc.items()), 6),
@@ -184,9 +184,9 @@ def _unit_count(name: str, model: nn.Module) -> int:
     return sum((t if e is None else t[e]).numel() for t, e in _targets(model, name))
 
 
-def sizes_table(model: nn.Module, precisions, group_size: int) -> dict:
-    """{unit: {precision: exact stored bits}}."""
-    return {u: {p: unit_bits(u, s, p, group_size) for p in precisions} for u, s in units(model).items()}
+def sizes_table(model: nn.Module, precisions, group_size: int, scale_bits: int = 0) -> dict:
+    """{unit: {precision: exact stored bits}} (scale_bits: the scales' grid, 0 = fp16)."""
+    return {u: {p: unit_bits(u, s, p, group_size, scale_bits) for p in precisions} for u, s in units(model).items()}
 
 
 

@@ -25,11 +25,11 @@ class _STE(torch.autograd.Function):
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                  in_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  in_scale: torch.Tensor | None = None, scale_bits: int = 0) -> torch.Tensor:
     """dequantize(quantize_rtn(w)) with a straight-through gradient. w (*lead, out, in).
     Uses the export's code path, so the forward equals the exported weights bit for bit."""
     with torch.no_grad():
-        qt = quantize_rtn(w, bits, group_size, symmetric, in_scale=in_scale)
+        qt = quantize_rtn(w, bits, group_size, symmetric, in_scale=in_scale, scale_bits=scale_bits)
         wq = qt.dequantize().to(w.dtype)
         ws = w.detach().float()
         if qt.in_scale is not None:
@@ -52,13 +52,13 @@ def fake_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """dequantize(quantize(w)) under `spec` (integer round to nearest or fp16), no gradient."""
     if spec.method == "fp16":
         return w.detach().half().float()
-    return quantize_rtn(w, spec.bits, spec.group_size, spec.symmetric).dequantize()
+    return quantize_rtn(w, spec.bits, spec.group_size, spec.symmetric, scale_bits=spec.scale_bits).dequantize()
 
 
 def _fake_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.method == "fp16":
         return w + (w.half().float() - w).detach()
-    return fake_quantize(w, spec.bits, spec.group_size, spec.symmetric)
+    return fake_quantize(w, spec.bits, spec.group_size, spec.symmetric, scale_bits=spec.scale_bits)
 
 
 class FakeQuant(nn.Module):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from iteralite.io.errors import CheckpointError
+from iteralite.io.grid import snap_log_up
 from iteralite.quant.packing import pack_bits, packed_nbytes, unpack_bits
 from iteralite.quant.spec import QuantSpec, check_group_size
 
@@ -50,19 +51,27 @@ def _group(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
 
 
-def _group_params(wg: torch.Tensor, bits: int, symmetric: bool, shrink=1.0):
+def _stored_scale(s: torch.Tensor, scale_bits: int) -> torch.Tensor:
+    """Float step sizes -> the stored fp16 scales: rounded up to fp16, then (scale_bits > 0) up
+    to the tensor's log grid (`io.grid`), over all of its groups."""
+    s16 = _fp16_ceil(s)
+    return snap_log_up(s16, scale_bits) if scale_bits else s16
+
+
+def _group_params(wg: torch.Tensor, bits: int, symmetric: bool, shrink=1.0, scale_bits: int = 0):
     """Scales and zeros for groups wg (..., G, g).
 
     shrink: float or (..., G) tensor, multiplies the range (clipping search; 1 = min/max).
+    scale_bits: 0 = fp16 scales; b = scales rounded up to the tensor's b-bit log grid.
     Returns scale fp16 (..., G) and zero fp16 (..., G), or None when symmetric.
     """
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        return _fp16_ceil(wg.abs().amax(-1) * shrink / qmax), None
+        return _stored_scale(wg.abs().amax(-1) * shrink / qmax, scale_bits), None
     qmax = 2 ** bits - 1
     lo = wg.amin(-1).clamp(max=0) * shrink  # the range always contains 0: pruned zeros stay exact
     hi = wg.amax(-1).clamp(min=0) * shrink
-    s16 = _fp16_ceil((hi - lo) / qmax)
+    s16 = _stored_scale((hi - lo) / qmax, scale_bits)
     z = torch.round(-lo / s16.float()).clamp(0, qmax)
     return s16, z.half()
 
@@ -93,15 +102,15 @@ def _in_view(t: torch.Tensor) -> torch.Tensor:
     return t.float().unsqueeze(-2)
 
 
-def _rtn_core(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, shrink=1.0):
+def _rtn_core(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, shrink=1.0, scale_bits: int = 0):
     """w (*lead, in) float32 -> codes uint8 (*lead, in), scales fp16 (*lead, G), zeros or None."""
     wg = _group(w, group_size)
-    s16, z16 = _group_params(wg, bits, symmetric, shrink)
+    s16, z16 = _group_params(wg, bits, symmetric, shrink, scale_bits)
     q = _codes(wg, s16, z16, bits, symmetric)
     return q.reshape(w.shape), s16, z16
 
 
-def _clip_search(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, weight=None):
+def _clip_search(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, weight=None, scale_bits: int = 0):
     """Per-group range shrink minimizing sum(weight * (w - dq)^2) over CLIP_SHRINKS.
 
     w (*lead, out, in); weight (*lead, 1, in) per-input-channel error weights, or None.
@@ -113,7 +122,7 @@ def _clip_search(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, w
     best_err = torch.full(wg.shape[:-1], math.inf)
     best = torch.ones(wg.shape[:-1])
     for r in CLIP_SHRINKS:
-        s16, z16 = _group_params(wg, bits, symmetric, r)
+        s16, z16 = _group_params(wg, bits, symmetric, r, scale_bits)
         dq = _dequant_groups(_codes(wg, s16, z16, bits, symmetric), s16, z16, bits, symmetric)
         err = ((wg - dq) ** 2 * wt).sum(-1)
         better = err < best_err
@@ -210,13 +219,14 @@ def _take_layout(d: dict, prefix: str, layout: dict) -> dict[str, torch.Tensor]:
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, *,
                  in_scale: torch.Tensor | None = None, clip: bool = False,
-                 clip_weight: torch.Tensor | None = None, name: str = "weight") -> QTensor:
+                 clip_weight: torch.Tensor | None = None, name: str = "weight", scale_bits: int = 0) -> QTensor:
     """Round-to-nearest group quantization.
 
     w float (out, in) or (e, out, in). in_scale fp16 (*lead, in): quantize w * in_scale (AWQ).
     clip: search a per-group range shrink, weighting the error by clip_weight (*lead, in) if given.
+    scale_bits: 0 = fp16 scales; b = scales on the tensor's b-bit log grid (one grid per call).
     """
-    QuantSpec(bits, group_size, symmetric, "rtn").validate()
+    QuantSpec(bits, group_size, symmetric, "rtn", scale_bits=scale_bits).validate()
     check_group_size(name, w.shape[-1], group_size)
     w = w.detach().float()
     if in_scale is not None:
@@ -227,8 +237,8 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, *
         weight = None if clip_weight is None else _in_view(clip_weight)
         if weight is not None and in_scale is not None:  # error in original units: (dw / s)^2 * act
             weight = weight / _in_view(in_scale) ** 2
-        shrink = _clip_search(w, bits, group_size, symmetric, weight)
-    codes, s16, z16 = _rtn_core(w, bits, group_size, symmetric, shrink)
+        shrink = _clip_search(w, bits, group_size, symmetric, weight, scale_bits)
+    codes, s16, z16 = _rtn_core(w, bits, group_size, symmetric, shrink, scale_bits)
     return QTensor(codes, s16, z16, in_scale, bits, group_size, symmetric)
 
 

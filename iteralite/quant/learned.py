@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from iteralite.quant.fake import _fake_ste
 from iteralite.quant.intcodes import _clip_search, _group, _group_params
 from iteralite.quant.spec import QuantSpec, fitted
 
@@ -47,7 +48,7 @@ def learned_fake_quantize(w: torch.Tensor, shrink: torch.Tensor, spec: QuantSpec
     """The forward of `LearnedRange` for one weight (*lead, out, in) under integer `spec`."""
     bits, g, sym = spec.bits, spec.group_size, spec.symmetric
     wc = _group(clamp_to_range(w, shrink, g), g)
-    s16, z16 = _group_params(wc.detach().float(), bits, sym)  # exactly the export's scale and zero
+    s16, z16 = _group_params(wc.detach().float(), bits, sym, scale_bits=spec.scale_bits)  # the export's, exactly
     # the float step size the stored fp16 scale rounds up from, differentiable in shrink
     if sym:
         s = wc.abs().amax(-1) / (2 ** (bits - 1) - 1)
@@ -82,12 +83,12 @@ class LearnedRange(nn.Module):
     def _init(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         if spec.method == "fp16":
             return torch.ones(0)
-        return _clip_search(w, spec.bits, spec.group_size, spec.symmetric)
+        return _clip_search(w, spec.bits, spec.group_size, spec.symmetric, scale_bits=spec.scale_bits)
 
     def _one(self, w, spec, shrink):
         spec = fitted(spec, w.shape[-1])
         if spec.method == "fp16":
-            return w + (w.half().float() - w).detach()
+            return _fake_ste(w, spec)
         return learned_fake_quantize(w, shrink, spec)
 
     def forward(self, w):

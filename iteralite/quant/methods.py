@@ -28,7 +28,7 @@ class Method:
 
 def _q_rtn(w, spec, stat, name):
     return quantize_rtn(w, spec.bits, spec.group_size, spec.symmetric, clip=spec.clip,
-                        clip_weight=stat, name=name)
+                        clip_weight=stat, name=name, scale_bits=spec.scale_bits)
 
 
 def _q_awq(w, spec, stat, name):

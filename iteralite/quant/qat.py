@@ -101,7 +101,7 @@ def distill_quantized(student: nn.Module, teacher: nn.Module, data: torch.Tensor
                       cfg: "QATConfig", progress: bool = True, desc: str = "qat"):
     """Fake-quantize `student` as `spec_for` says, distill it from `teacher`, export it:
     (stored model, training stats). Every QAT-style stage goes through here."""
-    chosen = attach_fake_quant(student, spec_for, learned=getattr(cfg, "learned_range", False))
+    chosen = attach_fake_quant(student, spec_for, learned=cfg.learned_range)
     stats = distill_train(student, teacher, data, cfg, progress, desc)
     return export(student, chosen), stats
 

@@ -19,6 +19,7 @@ FLOAT_METHODS = ("fp16",)
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 matmul accepts
 CONFIG_FORMAT, CONFIG_VERSION = "iteralite-quant", 1
+SCALE_BITS = (0, 2, 3, 4, 5, 6, 7, 8)  # 0: fp16 scales; else the bits of a per-tensor log grid (io.grid)
 
 class QuantSpecError(ParamsError, ValueError):
     """A quantization setting is invalid. Both a ParamsError (the CLI prints it plainly) and a
@@ -37,6 +38,7 @@ class QuantSpec:
     method: str = "rtn"  # rtn | awq | gptq | nf4
     clip: bool = False  # rtn/awq: search a per-group range shrink (no storage cost)
     act_int8: bool = False  # at run time, quantize the module's inputs per token to int8
+    scale_bits: int = 0  # integer methods: 0 = fp16 scales; b = scales on a per-tensor b-bit log grid (io.grid)
 
     def validate(self, section: str = "quantize") -> None:
         def bad(key: str, msg: str):
@@ -59,9 +61,16 @@ class QuantSpec:
             bad("bits", f"must be one of {', '.join(map(str, ALLOWED_BITS))}; got {self.bits!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             bad("group_size", f"must be an integer >= 1; got {self.group_size!r}")
+        if isinstance(self.scale_bits, bool) or self.scale_bits not in SCALE_BITS:
+            bad("scale_bits", f"must be 0 (fp16 scales) or 2..{SCALE_BITS[-1]} (a log grid); got {self.scale_bits!r}")
+        if self.scale_bits and self.method != "rtn":
+            bad("scale_bits", f"(a scale grid) is supported by method rtn only; got method {self.method!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["scale_bits"]:
+            del d["scale_bits"]  # fp16 scales, the default: configs written before the field read the same
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, section: str = "quantize") -> "QuantSpec":

@@ -53,26 +53,34 @@ def precision_name(precision: int) -> str:
     return {16: "fp16", TERNARY: "ternary"}.get(precision, f"int{precision}")
 
 
-def precision_spec(precision: int, in_dim: int | None, group_size: int) -> QuantSpec:
+def precision_spec(precision: int, in_dim: int | None, group_size: int, scale_bits: int = 0) -> QuantSpec:
     """The stored spec of a precision: fp16, ternary (symmetric 2-bit codes: levels -1, 0, +1 times
     one fp16 scale per group, no zero-point), or integer round to nearest with a zero-point; the
     group size shrunk to the largest divisor of in_dim that is <= group_size (in_dim None: left to
-    the module)."""
+    the module); scale_bits: the integer precisions' scale grid (0: fp16 scales)."""
     if precision == 16:
         return QuantSpec(bits=16, group_size=group_size, symmetric=False, method="fp16")
     g = group_size if in_dim is None else fit_group_size(in_dim, group_size)
     if precision == TERNARY:
-        return QuantSpec(bits=2, group_size=g, symmetric=True, method="rtn")
-    return QuantSpec(bits=precision, group_size=g, symmetric=False, method="rtn")
+        return QuantSpec(bits=2, group_size=g, symmetric=True, method="rtn", scale_bits=scale_bits)
+    return QuantSpec(bits=precision, group_size=g, symmetric=False, method="rtn", scale_bits=scale_bits)
 
 
-def weight_bits(shape, precision: int, group_size: int) -> int:
-    """Exact stored bits of one weight of `shape` (out, in) at `precision`, as laid out on disk."""
+GRID_HEAD_BITS = 40  # a scale grid's kind/bits byte and fp16 lo, hi (io.grid)
+
+
+def weight_bits(shape, precision: int, group_size: int, scale_bits: int = 0) -> int:
+    """Exact stored bits of one weight of `shape` (out, in) at `precision`, as laid out on disk
+    (uncoded; with a scale grid, its scales as the compact layout's grid codec stores them)."""
     if precision == 16:
         return 16 * math.prod(shape)
     spec = precision_spec(precision, shape[-1], group_size)
-    return sum(8 * math.prod(s) * torch.empty((), dtype=dt).element_size()
-               for s, dt in QTensor.layout(shape, spec).values())
+    layout = QTensor.layout(shape, spec)
+    bits = sum(8 * math.prod(s) * torch.empty((), dtype=dt).element_size() for s, dt in layout.values())
+    if scale_bits:
+        n = math.prod(layout["scales"][0])
+        bits += 8 * math.ceil(n * scale_bits / 8) + GRID_HEAD_BITS - 16 * n
+    return bits
 
 
 def units(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -94,12 +102,13 @@ def unit_numel(shape) -> int:
     return math.prod(shape)
 
 
-def unit_bits(name: str, shape, precision: int, group_size: int) -> int:
+def unit_bits(name: str, shape, precision: int, group_size: int, scale_bits: int = 0) -> int:
     """Exact stored bits of a unit at `precision`."""
     if "experts[" in name:
         f, d = shape
-        return weight_bits((f, d), precision, group_size) + weight_bits((d, f), precision, group_size)
-    return weight_bits(shape, precision, group_size)
+        return weight_bits((f, d), precision, group_size, scale_bits) + weight_bits((d, f), precision, group_size,
+                                                                                   scale_bits)
+    return weight_bits(shape, precision, group_size, scale_bits)
 
 
 def unit_weight_count(name: str, shape) -> int:
@@ -125,7 +134,7 @@ def check_allocation(model: nn.Module, allocation: dict) -> dict[str, int]:
 
 
 
-def allocation_spec_for(allocation: dict, group_size: int):
+def allocation_spec_for(allocation: dict, group_size: int, scale_bits: int = 0):
     """A `quant.swap` spec_for that stores each unit at its allocated precision; experts get one
     spec per expert (fitted to each matrix's input dim by MixedExperts)."""
     by_module: dict[str, object] = {}
@@ -137,14 +146,14 @@ def allocation_spec_for(allocation: dict, group_size: int):
         else:
             experts.setdefault(base, {})[e] = p
     for base, by_e in experts.items():
-        by_module[base] = [precision_spec(by_e[e], None, group_size) for e in sorted(by_e)]
+        by_module[base] = [precision_spec(by_e[e], None, group_size, scale_bits) for e in sorted(by_e)]
 
     def spec_for(name: str, module: nn.Module):
         p = by_module.get(name)
         if p is None or isinstance(p, list):
             return p
         in_dim = module.weight.shape[1]  # Linear (out, in) and TiedEmbedding (V, d)
-        return precision_spec(p, in_dim, group_size)
+        return precision_spec(p, in_dim, group_size, scale_bits)
 
     return spec_for
 
@@ -155,7 +164,7 @@ def allocation_bits(model: nn.Module, allocation: dict, group_size: int) -> int:
     return sum(unit_bits(n, shapes[n], p, group_size) for n, p in check_allocation(model, allocation).items())
 
 
-def quantize_allocation(model: nn.Module, allocation: dict, group_size: int) -> nn.Module:
+def quantize_allocation(model: nn.Module, allocation: dict, group_size: int, scale_bits: int = 0) -> nn.Module:
     """Store every unit of a float IteraLite at its allocated precision, in place (round to
     nearest: the same codes a fake-quantized forward of the allocation computes)."""
-    return quantize(model, allocation_spec_for(check_allocation(model, allocation), group_size))
+    return quantize(model, allocation_spec_for(check_allocation(model, allocation), group_size, scale_bits))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import struct
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from iteralite.core.model import IteraLite
-from iteralite.io import compact
+from iteralite.io import compact, grid
 from iteralite.io.checkpoint import (checkpoint_checksum, header_bytes, load_model, read_checkpoint,
                                      save_checkpoint)
 from iteralite.io.errors import CheckpointError
@@ -173,9 +174,11 @@ def test_header_is_under_2_percent_of_a_realistic_artifact(tmp_path):
 
 
 def _stored_float_bytes(t: torch.Tensor) -> int:
-    """A float tensor's bytes in the compact blob: fp16 bytes where every value is exactly fp16."""
+    """A float tensor's bytes in the compact blob: fp16 bytes where every value is exactly fp16,
+    fewer where its values lie on a grid (io.grid: 5 bytes + bits per value)."""
     exact = t.dtype == torch.float32 and torch.equal(t.half().float(), t)
-    return t.numel() * (2 if exact else t.element_size())
+    on_grid = grid.encode(t)
+    return min(t.numel() * (2 if exact else t.element_size()), 10 ** 9 if on_grid is None else len(on_grid))
 
 
 def test_file_is_header_plus_float_tensors_plus_reported_code_bytes(tmp_path):
@@ -251,9 +254,9 @@ def test_truncated_blob(saved):
 
 def test_unknown_codec_id(saved):
     entries, _, spans = _entries(saved)
-    entries[0] = (3, spans[0][2])
+    entries[0] = (7, spans[0][2])
     _resign(saved, index=_index(entries))
-    msg = rf"tensor '{spans[0][0]}' has codec id 3; this iteralite knows 0 \(raw\), 1 \(rans\)"
+    msg = rf"tensor '{spans[0][0]}' has codec id 7; this iteralite knows 0 \(raw\), 1 \(rans\)"
     with pytest.raises(CheckpointError, match=msg):
         load_model(saved)
 
@@ -338,11 +341,12 @@ def test_missing_index_unknown_layout_and_extra_tensors(saved, tmp_path):
     path = tmp_path / "u.safetensors"
     model, quant = build("mixed")
     save(path, model, quant)
-    _resign(path, layout="compact-v9")
-    msg = "tensor layout 'compact-v9' is unknown; this iteralite reads the default layout and compact-v1"
-    with pytest.raises(CheckpointError, match=msg) as e:
-        load_model(path)
-    _one_line(e, path)
+    for old in ("compact-v9", "compact-v1"):  # v1: before the grid codec (2 codec bits)
+        _resign(path, layout=old)
+        msg = f"tensor layout '{old}' is unknown; this iteralite reads the default layout and compact-v2"
+        with pytest.raises(CheckpointError, match=msg) as e:
+            load_model(path)
+        _one_line(e, path)
     save(path, model, quant, "default")
     _resign(path, layout=compact.LAYOUT, index="")  # a default file that claims the compact layout
     with pytest.raises(CheckpointError, match="compact layout holds tensors .* expected only 'blob'"):
@@ -413,11 +417,11 @@ def test_mutated_compact_files_fail_only_with_checkpoint_error(tmp_path, kind, m
 def test_float_tensors_exactly_in_fp16_are_stored_in_two_bytes_and_load_exactly(tmp_path):
     """The f16 codec: a float32 tensor whose every value is an fp16 value is stored as fp16
     (half the bytes) and loads bit for bit; one value off the fp16 grid keeps it raw."""
-    from iteralite.pipeline.mixed import round_leftovers_to_fp16_
+    from iteralite.pipeline.mixed import round_leftovers_
 
     model, quant = build("mixed")
     plain = save(tmp_path / "p.safetensors", model, quant)
-    rounded = round_leftovers_to_fp16_(copy.deepcopy(model))
+    rounded = round_leftovers_(copy.deepcopy(model))
     half = save(tmp_path / "h.safetensors", rounded, quant)
     off_grid = sum(t.numel() for t in model.state_dict().values()
                    if t.dtype == torch.float32 and not torch.equal(t.half().float(), t))
@@ -425,12 +429,38 @@ def test_float_tensors_exactly_in_fp16_are_stored_in_two_bytes_and_load_exactly(
     loaded, _ = load_model(tmp_path / "h.safetensors")
     a, b = rounded.state_dict(), loaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    before = _stored_float_bytes(rounded.norm_f.weight.detach())
     with torch.no_grad():
         rounded.norm_f.weight[0] += 1e-4  # off the fp16 grid: that one tensor goes raw again
-    assert save(tmp_path / "o.safetensors", rounded, quant) == half + 2 * rounded.norm_f.weight.numel()
+    assert save(tmp_path / "o.safetensors", rounded, quant) == half - before + 4 * rounded.norm_f.weight.numel()
 
 
 def test_f16_entry_for_a_tensor_that_is_not_float32_is_refused():
     like = torch.zeros(3, dtype=torch.uint8)
     with pytest.raises(CheckpointError, match="stored as f16 but the model holds a torch.uint8"):
         compact.CODECS[2].decode(b"\0" * 6, like, None)
+
+
+def test_tensors_on_a_grid_are_stored_at_its_bit_width_and_load_exactly(tmp_path):
+    """The grid codec: scales snapped to a 6-bit log grid and leftovers to an 8-bit linear grid
+    take 6 and 8 bits a value (+5 bytes a tensor) and load bit for bit."""
+    from iteralite.pipeline.mixed import round_leftovers_
+
+    model, quant = build("mixed")
+    plain = save(tmp_path / "p.safetensors", round_leftovers_(copy.deepcopy(model)), quant)
+    snapped = round_leftovers_(copy.deepcopy(model), 8)
+    with torch.no_grad():
+        for k, t in snapped.state_dict().items():
+            if k.endswith("scales"):
+                t.copy_(grid.snap_log_up(t, 6))
+    size = save(tmp_path / "g.safetensors", snapped, quant)
+    state = snapped.state_dict()
+    floats = {k: t for k, t in state.items() if t.dtype in (torch.float16, torch.float32)}
+    bound = sum(5 + math.ceil(t.numel() * (6 if k.endswith("scales") else 8) / 8) for k, t in floats.items())
+    codes = sum(t.numel() for k, t in state.items() if k not in floats)  # packed bytes, or fewer coded
+    assert size < plain and size - header_bytes(tmp_path / "g.safetensors") <= bound + codes
+    entries = compact.decode_index(_stored(tmp_path / "g.safetensors")[0]["index"])
+    big = [i for i, k in enumerate(state) if k.endswith("scales") and state[k].numel() >= 16]
+    assert big and all(entries[i][0] == 3 for i in big)
+    loaded, _ = load_model(tmp_path / "g.safetensors")
+    assert all(torch.equal(state[k], t) for k, t in loaded.state_dict().items())

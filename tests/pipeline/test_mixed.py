@@ -4,16 +4,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iteralite.io.errors import DataError
+from iteralite.io import grid
+from iteralite.io.errors import DataError, ParamsError
 from iteralite.io.params import from_dict
 from iteralite.pipeline.mixed import SLACK_NATS, MixedConfig, run_mixed, use_the_slack
 from iteralite.quant.qat import QATConfig
 from iteralite.quant.units import allocation_bits, check_allocation
 
 
-def test_run_mixed_on_a_tiny_model(model):
+@pytest.mark.parametrize("scale_bits,leftover_bits", [(0, 0), (6, 8)])
+def test_run_mixed_on_a_tiny_model(model, scale_bits, leftover_bits):
     cfg = from_dict(MixedConfig, {"group_size": 8, "sens_samples": 4, "seq_len": 17, "batch_size": 4,
-                                  "finetune_steps": 2, "max_ppl_delta_pct": 50.0}, "mixed_precision")
+                                  "finetune_steps": 2, "max_ppl_delta_pct": 50.0, "scale_bits": scale_bits,
+                                  "leftover_bits": leftover_bits}, "mixed_precision")
     qcfg = QATConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, threads=1)
     data = torch.randint(0, model.cfg.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
     res = run_mixed(model, model, data, cfg, qcfg, progress=False, dev=data.flip(0))
@@ -28,6 +31,22 @@ def test_run_mixed_on_a_tiny_model(model):
     assert res.info["calib_loss_final"] > 0
     idx = torch.randint(0, model.cfg.vocab_size, (1, 8))
     assert torch.isfinite(res.model(idx)[0]).all()
+    for packed, _ in [(res.model, None), *res.candidates.values()]:  # every artifact is stored as computed
+        state = packed.state_dict()
+        scales = [t for k, t in state.items() if k.endswith("scales")]
+        floats = [t for t in state.values() if t.dtype == torch.float32]
+        assert scales and floats
+        assert all(torch.equal(t.half().float(), t) for t in floats)
+        if scale_bits:
+            assert all(grid.encode(t)[0] & 0x0F <= scale_bits for t in scales)
+            assert all(grid.encode(t)[0] & 0x0F <= leftover_bits for t in floats)
+
+
+@pytest.mark.parametrize("key,value,match", [("scale_bits", 1, "must be 0 \\(fp16 scales\\) or 2..8"),
+                                             ("leftover_bits", 9, "must be 0 \\(fp16\\) or 2..8")])
+def test_grid_bits_are_checked(key, value, match):
+    with pytest.raises(ParamsError, match=f"'mixed_precision.{key}' {match}"):
+        from_dict(MixedConfig, {key: value}, "mixed_precision").validate()
 
 
 @pytest.mark.parametrize("mixed_seq,ft_seq,key,split", [(64, 16, "mixed_precision.seq_len", "dev"),

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from iteralite.io import grid
 from iteralite.quant.allocate import uniform_allocation
 from iteralite.quant.intcodes import _clip_search, quantize_rtn
 from iteralite.quant.learned import LearnedRange, clamp_to_range, learned_fake_quantize
@@ -23,12 +24,13 @@ def weight(shape=(12, 32), seed=0):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("shape", [(12, 32), (3, 12, 32)])
-def test_forward_equals_round_to_nearest_of_the_clamped_weight(bits, symmetric, shape):
+@pytest.mark.parametrize("scale_bits", [0, 5])
+def test_forward_equals_round_to_nearest_of_the_clamped_weight(bits, symmetric, shape, scale_bits):
     w = weight(shape)
-    spec = QuantSpec(bits, 8, symmetric, "rtn")
+    spec = QuantSpec(bits, 8, symmetric, "rtn", scale_bits=scale_bits)
     shrink = torch.rand(*shape[:-1], 4, generator=torch.Generator().manual_seed(1)) * 0.9 + 0.1
     got = learned_fake_quantize(w, shrink, spec)
-    want = quantize_rtn(clamp_to_range(w, shrink, 8), bits, 8, symmetric).dequantize()
+    want = quantize_rtn(clamp_to_range(w, shrink, 8), bits, 8, symmetric, scale_bits=scale_bits).dequantize()
     assert torch.equal(got, want)
 
 
@@ -74,13 +76,13 @@ def test_training_the_range_lowers_the_2_bit_error_below_min_max():
     assert loss.item() < 0.85 * minmax and loss.item() < 1.05 * best_grid
 
 
-@pytest.mark.parametrize("alloc_bits", [(2,), (2, 3, 16)])
-def test_learned_qat_forward_equals_its_export(model, cfg, alloc_bits):
-    """Uniform and mixed (per-expert specs, fp16 units) allocations: the exported packed model
-    computes exactly what the learned-range QAT model computed, after its ranges moved."""
+@pytest.mark.parametrize("alloc_bits,scale_bits", [((2,), 0), ((2, 3, 16), 0), ((1, 2, 3, 16), 6)])
+def test_learned_qat_forward_equals_its_export(model, cfg, alloc_bits, scale_bits):
+    """Uniform and mixed (per-expert specs, fp16 units, a scale grid) allocations: the exported
+    packed model computes exactly what the learned-range QAT model computed, after its ranges moved."""
     student = copy.deepcopy(model)
     alloc = {u: alloc_bits[i % len(alloc_bits)] for i, u in enumerate(units(student))}
-    chosen = attach_fake_quant(student, allocation_spec_for(alloc, 8), learned=True)
+    chosen = attach_fake_quant(student, allocation_spec_for(alloc, 8, scale_bits), learned=True)
     ranges = [p for n, p in student.named_parameters() if n.endswith(".shrink.0") or ".shrink." in n]
     assert ranges
     with torch.no_grad():
@@ -91,6 +93,9 @@ def test_learned_qat_forward_equals_its_export(model, cfg, alloc_bits):
         fq = student(idx)[0]
     exported = export(student, chosen)
     assert not any("shrink" in n for n, _ in exported.named_parameters())
+    if scale_bits:  # every scale tensor (one per expert, too) lies on its own grid
+        scales = [t for k, t in exported.state_dict().items() if k.endswith("scales")]
+        assert scales and all(grid.encode(t)[0] & 0x0F <= scale_bits for t in scales)
     with torch.no_grad():
         assert torch.equal(exported(idx)[0], fq)
 

@@ -10,6 +10,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from iteralite.core.config import ModelConfig
+from iteralite.io import grid
 from iteralite.io.errors import CheckpointError, ParamsError
 from iteralite.core.model import IteraLite
 from iteralite.core.moe import Experts
@@ -43,10 +44,16 @@ def group_view(t, g):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [8, 32])
-def test_rtn_error_within_half_step(bits, symmetric, group_size):
+@pytest.mark.parametrize("scale_bits", [0, 3, 6])
+def test_rtn_error_within_half_step(bits, symmetric, group_size, scale_bits):
+    """Also with the scales on a log grid (scale_bits): rounded up, so still within half a step."""
     w = randw(16, 64, seed=bits)
     w[0, :5] = 0.0  # pruned weights
-    qt = quantize_rtn(w, bits, group_size, symmetric)
+    qt = quantize_rtn(w, bits, group_size, symmetric, scale_bits=scale_bits)
+    if scale_bits:
+        assert qt.scales.unique().numel() <= 2 ** scale_bits
+        assert grid.encode(qt.scales) is not None  # the compact layout stores them at <= scale_bits bits
+        assert grid.encode(qt.scales)[0] & 0x0F <= scale_bits
     assert qt.codes.dtype == torch.uint8 and qt.codes.shape == (16, 64)
     assert int(qt.codes.max()) < 2 ** bits
     assert qt.scales.dtype == torch.float16 and qt.scales.shape == (16, 64 // group_size)
@@ -134,6 +141,12 @@ def test_bad_bits_and_method():
         QuantSpec(bits=3, group_size=64, method="nf4").validate()
     with pytest.raises(ParamsError, match="unknown key 'quantize.bitz'"):
         QuantSpec.from_dict({"bitz": 4})
+    with pytest.raises(ParamsError, match=r"'quantize.scale_bits' must be 0 \(fp16 scales\) or 2..8 .*got 1"):
+        QuantSpec(scale_bits=1).validate()
+    with pytest.raises(ParamsError, match=r"'quantize.scale_bits' .* rtn only; got method 'awq'"):
+        QuantSpec(method="awq", scale_bits=6).validate()
+    assert "scale_bits" not in QuantSpec().to_dict()  # the default leaves configs as they were
+    assert QuantSpec.from_dict(QuantSpec(scale_bits=6).to_dict()).scale_bits == 6
 
 
 def test_missing_or_wrong_stats_are_clear_errors():
@@ -219,10 +232,11 @@ def test_int8_activation_quantization():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_fake_quantize_equals_export_and_passes_gradients(symmetric):
+@pytest.mark.parametrize("scale_bits", [0, 4])
+def test_fake_quantize_equals_export_and_passes_gradients(symmetric, scale_bits):
     w = randw(8, 32, seed=7).requires_grad_(True)
-    wq = fake_quantize(w, 4, 8, symmetric)
-    assert torch.equal(wq, dequantize(quantize_rtn(w, 4, 8, symmetric)))
+    wq = fake_quantize(w, 4, 8, symmetric, scale_bits=scale_bits)
+    assert torch.equal(wq, dequantize(quantize_rtn(w, 4, 8, symmetric, scale_bits=scale_bits)))
     upstream = torch.randn(8, 32)
     (wq * upstream).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0

@@ -8,6 +8,8 @@ import struct
 import pytest
 import torch
 
+from iteralite.io import grid
+
 from iteralite.io.checkpoint import load_model as load_artifact
 from iteralite.io.checkpoint import checkpoint_checksum, header_bytes, save_checkpoint
 from iteralite.io.errors import CheckpointError, ParamsError
@@ -15,7 +17,7 @@ from iteralite.quant.config import PRECISION_CHARS, mixed_config
 from iteralite.quant.modules import MixedExperts
 from iteralite.quant.swap import dequantize_model
 from iteralite.quant.units import (PRECISIONS, allocation_bits, parse_precision, precision_spec, quantize_allocation,
-                                   unit_bits, units)
+                                   split_expert, unit_bits, units)
 from iteralite.quant.packing import pack_bits, unpack_bits
 from iteralite.quant.fake import fake_weight
 
@@ -108,6 +110,25 @@ def test_lower_precision_is_smaller_for_every_unit(model):
     for u, shape in units(model).items():
         sizes = [unit_bits(u, shape, p, 8) for p in PRECISIONS]
         assert sizes == sorted(sizes), (u, sizes)
+
+
+def test_unit_bits_with_a_scale_grid_bound_what_the_grid_codec_stores(model):
+    """With scale_bits, a unit's scales are counted at scale_bits each plus the grid's 5 bytes:
+    what the compact layout's grid codec takes at most (it may find a narrower grid)."""
+    alloc = _alloc(model)
+    q = quantize_allocation(copy.deepcopy(model), alloc, 8, scale_bits=5)
+    state = q.state_dict()
+    for u, p in alloc.items():
+        if p == 16:
+            continue
+        saved = unit_bits(u, units(model)[u], p, 8) - unit_bits(u, units(model)[u], p, 8, scale_bits=5)
+        base, e = split_expert(u)
+        keys = [k for k in state if k.endswith("scales") and k.startswith(base + ".")
+                and (e is None or f".{e}.weight_scales" in k)]
+        assert keys, u
+        fp16 = sum(16 * state[k].numel() for k in keys)
+        coded = sum(8 * len(grid.encode(state[k])) for k in keys)
+        assert coded <= fp16 - saved, u
 
 
 def test_to_float_matches_the_mixed_model(model):
