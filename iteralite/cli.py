@@ -23,11 +23,9 @@ def _load(args):
     return _runtime(model, ckpt, args), ckpt, tok
 
 
-def _runtime(model, ckpt, args):
-    """The fuse stage's artifact runs through the fused model: eager fused ops by default, or
-    compiled (step + this prompt's prefill) with --compile."""
-    if ckpt.kind != "fused":
-        return model
+def _fused(model, ckpt, args):
+    """The fused model: eager fused ops by default, or compiled (step + this prompt's prefill)
+    with --compile."""
     from iteralite.runtime.deploy import fuse
     from iteralite.data.tokenizer import load_tokenizer
 
@@ -35,6 +33,29 @@ def _runtime(model, ckpt, args):
         return fuse(model, "eager")
     n = len(load_tokenizer(args.tokenizer).encode(args.prompt, add_special_tokens=False).ids) or 1
     return fuse(model, ckpt.meta.get("runtime", {}).get("backend", "aoti"), [n])
+
+
+def _native(model, ckpt, args):
+    """The C step over the packed codes (NativeUnsupported / NativeUnavailable say why not)."""
+    from iteralite.runtime.native import NativeIteraLite
+    return NativeIteraLite.from_model(model)
+
+
+RUNTIMES = {"native": _native, "fused": _fused, "eager": lambda model, ckpt, args: model}
+
+
+def _runtime(model, ckpt, args):
+    """--runtime: native (the C step; the default, `auto`, wherever the artifact is packed and the
+    library is built), fused (the fused ops; auto's choice for the fuse stage's artifact when
+    native cannot run it) or eager (the model as loaded)."""
+    choice = getattr(args, "runtime", "auto")
+    if choice != "auto":
+        return RUNTIMES[choice](model, ckpt, args)
+    from iteralite.runtime.native import NativeUnavailable, NativeUnsupported
+    try:
+        return _native(model, ckpt, args)
+    except (NativeUnsupported, NativeUnavailable):
+        return RUNTIMES["fused" if ckpt.kind == "fused" else "eager"](model, ckpt, args)
 
 
 def _cpu_count() -> int:
@@ -67,15 +88,27 @@ def cmd_generate(args) -> None:
         sys.stdout.flush()
 
     write(args.prompt)
+    timing: dict = {}
     try:
         stream_text(tok, model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                    write)
+                    write, timing)
     except KeyboardInterrupt:
         # Ctrl-C ends the story where it is: keep what was shown, end the line, no traceback.
         sys.stdout.write("\n")
         sys.stdout.flush()
         raise
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(timing_line(type(model).__name__, timing), file=sys.stderr)
+
+
+def timing_line(runtime: str, t: dict) -> str:
+    """'runtime: prompt N tokens in X ms (R tok/s), generated M tokens in Y ms (S tok/s)'."""
+    def rate(n, s):
+        return f"{n / s:,.0f} tok/s" if s > 0 and n else "- tok/s"
+    return (f"[{runtime}] prompt {t['prompt_tokens']} tokens in {1000 * t['prompt_s']:.1f} ms "
+            f"({rate(t['prompt_tokens'], t['prompt_s'])}), generated {t['gen_tokens']} tokens in "
+            f"{1000 * t['gen_s']:.1f} ms ({rate(t['gen_tokens'], t['gen_s'])})")
 
 
 def _eval_config(args):
@@ -167,6 +200,9 @@ def main(argv=None) -> int:
     g.add_argument("--top-k", type=int, default=40, help="0 = no top-k filter")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="0 = torch default")
+    g.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
+                   help="native: the C step over the packed codes (auto's choice for packed artifacts); "
+                        "fused: the fused ops; eager: the model as loaded")
     g.add_argument("--compile", action="store_true",
                    help="fused artifacts: compile the step and this prompt's prefill first (~40 s), then decode fast")
     g.set_defaults(func=cmd_generate)

@@ -34,7 +34,7 @@ def run(args, cwd, env, check=True):
 
 def make_clone(dst: Path, params: str) -> Path:
     """Copy the tracked (and new, unignored) files to `dst`, make it a git repo, add the raw data
-    (as `dvc pull` would) and write `params` as params.yaml. Committed results are left out."""
+    (as `dvc pull` would) and the built native library (as `make setup` would) and write `params` as params.yaml. Committed results are left out."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split("\n")
     for f in filter(None, files):
@@ -48,4 +48,8 @@ def make_clone(dst: Path, params: str) -> Path:
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-q", "-m", "test clone"], dst, env)
     shutil.copytree(raw_data(), dst / "data" / "raw", dirs_exist_ok=True)
+    from iteralite.runtime.native.runtime import library_path
+    lib = library_path()  # the setup's build of the native step (ignored by git), as a clone's setup builds it
+    if lib is not None:
+        shutil.copy2(lib, dst / Path(lib).resolve().relative_to(REPO.resolve()))
     return dst

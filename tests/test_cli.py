@@ -220,3 +220,40 @@ def test_evaluate_params_path_that_is_a_fifo_or_unreadable_is_one_line(ckpt, tok
     monkeypatch.setattr(os, "stat", denied)
     assert main(_eval(ckpt, tok_dir, "--params", str(tmp_path / "locked.yaml"))) == 2
     assert "cannot read the params file: Permission denied" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "auto"])  # a float model: auto falls back to eager
+def test_generate_ends_with_a_timing_line_naming_the_runtime(ckpt, tok_dir, capsys, runtime):
+    import re
+    assert main(_gen(ckpt, tok_dir, "--temperature", "0", "--max-new-tokens", "5", "--runtime", runtime)) == 0
+    err = capsys.readouterr().err
+    pattern = (r"\[IteraLite\] prompt \d+ tokens in [\d.]+ ms \([\d,]+ tok/s\), "
+               r"generated 4 tokens in [\d.]+ ms \([\d,]+ tok/s\)\n")
+    assert re.fullmatch(pattern, err), err
+
+
+def _packed(ckpt, tok_dir, tmp_path):
+    from iteralite.quant.config import mixed_config
+    from iteralite.quant.units import quantize_allocation, units
+
+    model = load_model(ckpt)[0]
+    alloc = {u: (2, 3, 4)[i % 3] for i, u in enumerate(units(model))}
+    q = quantize_allocation(model, dict(alloc), 8)
+    path = tmp_path / "packed.safetensors"
+    save_checkpoint(path, q, kind="mixed", tokenizer_sha256=file_sha256(tok_dir / "tokenizer.json"),
+                    quant=mixed_config(alloc, 8, load_model(ckpt)[0]), layout="compact")
+    return path
+
+
+def test_generate_runs_a_packed_artifact_on_the_native_step_by_default(ckpt, tok_dir, tmp_path, capsys):
+    path = _packed(ckpt, tok_dir, tmp_path)
+    assert main(_gen(path, tok_dir, "--temperature", "0", "--max-new-tokens", "6")) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Once upon a time") and err.startswith("[NativeIteraLite] prompt ")
+    assert main(_gen(path, tok_dir, "--temperature", "0", "--max-new-tokens", "6", "--runtime", "eager")) == 0
+    assert capsys.readouterr().err.startswith("[IteraLite] prompt ")
+
+
+def test_native_runtime_on_a_float_model_is_one_line(ckpt, tok_dir, capsys):
+    assert main(_gen(ckpt, tok_dir, "--runtime", "native", "--max-new-tokens", "3")) == 2
+    assert "the native step runs packed artifacts" in _one_error_line(capsys.readouterr().err)

@@ -31,6 +31,9 @@ COLUMNS = [
     ("prefill_ms_128", "prefill 128 (ms)", lambda v: f"{v:.1f}"),
     ("peak_rss_mb", "peak RSS (MiB)", lambda v: f"{v:.0f}"),
     ("peak_minus_baseline_mb", "RSS over baseline (MiB)", lambda v: f"{v:.0f}"),
+    ("resident_weight_bytes", "resident weights (bytes)", lambda v: f"{int(v):,}"),
+    ("load_to_first_token_ms", "load to 1st token (ms)", lambda v: f"{v:.0f}"),
+    ("decode_speedup_vs_fused", "decode vs fused", lambda v: f"{v:.2f}x"),
 ]
 
 HOW_TO_READ = """\
@@ -41,7 +44,12 @@ token of our tokenizer on the held-out TinyStories split; bits per byte does not
 tokenizer. Decode speed is batch-1 greedy generation with the recurrent step, the median of
 repeats after warm-up, measured in one process; prefill is one batch-1 forward over 128 tokens.
 Peak RSS is measured in a fresh process per variant (load, then decode a few tokens); the
-baseline is that process with torch imported, before loading. Speed and size are reported
+baseline is that process with torch imported, before loading. Resident weights are the bytes
+of weight tensors the loaded runtime holds (the native step keeps the packed codes; the others
+hold float or packed tensors as loaded); load to first token is loading plus one decode step, in
+this process (the fused path's includes its compile). The native row runs the mixed artifact on
+the C step (one thread, so its two decode columns agree; its greedy loop runs in C) and is scored
+here. Speed and size are reported
 separately and never multiplied into an "effective compression". Speed numbers come from a
 shared 2-core machine and move by 10-20% between runs; differences smaller than that are noise.
 """

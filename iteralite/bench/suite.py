@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from iteralite.bench.memory import peak_rss
 from iteralite.bench.memory import state_bytes
 from iteralite.bench.timing import measure_variant, profile_hotspots
-from iteralite.bench.variants import PEER_KINDS, load_variant, variant_kind
+from iteralite.bench.variants import PEER_KINDS, load_variant, resolve, variant_kind
 from iteralite.io.params import check
 
 QUALITY_KEYS = ("params", "bits_per_weight", "compression_vs_fp32", "val_ppl", "val_bpb", "val_ppl_delta_pct",
@@ -78,6 +79,8 @@ def plan(ratios: list[float], int4_methods: list[str], peers: list[str], paths) 
     v.append(_stage_output("student", "artifact", paths.STUDENT_CKPT, paths.STUDENT_METRICS))
     v.append(_stage_output("mixed", "artifact", paths.MIXED_CKPT, paths.MIXED_METRICS))
     v.append(_stage_output("fused", "fused", paths.FUSED_CKPT, paths.FUSE_METRICS))
+    v.append(Variant("native", "native", paths.MIXED_CKPT))  # the headline artifact on the C step
+    v.append(Variant("peer_onnxruntime", "onnxruntime", paths.MIXED_CKPT))  # ... on ONNX Runtime
     v += [Variant(f"peer_{p}", p, paths.FP32_CKPT) for p in peers]
     return v
 
@@ -90,9 +93,16 @@ def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32
     # (1, 128): the prefill shape every compiled variant is warmed up for, so no new compile here
     probe = torch.randint(0, 100, (1, 128), generator=torch.Generator().manual_seed(0))
     for v in variants:
+        t0 = time.perf_counter()
         model = load_variant(v.kind, v.path)
-        row: dict = {"kind": v.kind}
-        if v.quality is not None:
+        with torch.no_grad():
+            model.step(torch.zeros(1, dtype=torch.long), model.init_state(1))
+        row: dict = {"kind": v.kind, "load_to_first_token_ms": round(1000 * (time.perf_counter() - t0), 1),
+                     "resident_weight_bytes": getattr(model, "resident_weight_bytes", None) or state_bytes(model)}
+        scorer = variant_kind(v.kind).scorer
+        if scorer is not None:
+            row.update(resolve(scorer)(model, v.path, evaluator, fp32_metrics, results))
+        elif v.quality is not None:
             row.update(v.quality, size_bytes=os.path.getsize(v.path), size_kind="file", quality_from=v.quality_from)
         elif variant_kind(v.kind).same_weights_as_fp32:  # its logits are checked against fp32 below
             fp32 = results["fp32"]
@@ -112,13 +122,17 @@ def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32
         row["max_abs_logit_diff_vs_fp32"] = round(float((logits - fp32_logits).abs().max()), 6)
         row.update(measure_variant(v.name, model, cfg.decode_tokens, cfg.repeats))
         row.update(peak_rss(v.kind, v.path, cfg.rss_tokens))
+        if "peak_minus_baseline_mb" in row:  # the probe's MB are MiB (kB / 1024)
+            row["rss_over_baseline_mib"] = row["peak_minus_baseline_mb"]
         if v.name in ("fp32", "fused"):
             hotspots[f"{v.name} (1 thread, {cfg.profile_tokens} decode steps)"] = profile_hotspots(
                 model, cfg.profile_tokens, cfg.hotspots_top)
         results[v.name] = row
         del model
-    base = results["fp32"]
+    base, fused = results["fp32"], results.get("fused")
     for row in results.values():
+        if fused is not None:
+            row["decode_speedup_vs_fused"] = round(row["decode_tok_s_1thread"] / fused["decode_tok_s_1thread"], 2)
         row["decode_speedup_vs_fp32_eager"] = round(row["decode_tok_s_1thread"] / base["decode_tok_s_1thread"], 2)
         row["decode_speedup_vs_fp32_eager_all_threads"] = round(
             row["decode_tok_s_all_threads"] / base["decode_tok_s_all_threads"], 2)

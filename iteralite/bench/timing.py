@@ -41,8 +41,12 @@ def num_threads(n: int | None) -> Iterator[None]:
 
 
 def greedy_steps(model, n: int) -> None:
-    """`n` batch-1 greedy `model.step` calls from a fresh state, starting from token 0."""
+    """`n` batch-1 greedy `model.step` calls from a fresh state, starting from token 0; a model
+    with its own greedy loop (the native runtime's, in C) runs that instead."""
     state = model.init_state(1)
+    if hasattr(model, "greedy"):
+        model.greedy(0, n, state)
+        return
     tok = torch.zeros(1, dtype=torch.long)
     for _ in range(n):
         logits, state = model.step(tok, state)

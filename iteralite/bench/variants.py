@@ -1,7 +1,8 @@
 """The variant kinds the benchmark can load by name, in one explicit registry.
 
 A kind is how a model is obtained from a checkpoint path: "artifact" loads any checkpoint as
-saved, "fused" rebuilds and compiles the fused runtime model, and each peer (bitsandbytes NF4,
+saved, "fused" rebuilds and compiles the fused runtime model, "native" runs a packed artifact
+on the C step (iteralite.runtime.native), and each peer (bitsandbytes NF4,
 int8 weight-only, torch.compile) is built from the FP32 checkpoint. Every loader is named as a
 "module:attribute" string and imported only when a variant of that kind is loaded, so importing
 this module (or the timing and memory modules that use it) imports neither the peers (nor
@@ -30,11 +31,15 @@ class VariantKind:
         FP32's (the benchmark checks its logits against FP32's instead of scoring it again).
     scoring_loader: "module:attr", called like `loader`, of the model whose quality is scored
         when that should not be the timed model itself (None: score the variant as loaded).
+    scorer: "module:attr" of scorer(model, path, evaluator, fp32_metrics, results so far) -> the
+        variant's quality row, for a runtime of an artifact scored against that artifact
+        (None: the peers' scoring).
     """
     loader: str
     from_fp32: bool = False
     same_weights_as_fp32: bool = False
     scoring_loader: str | None = None
+    scorer: str | None = None
 
 
 def load_artifact(path) -> nn.Module:
@@ -45,6 +50,10 @@ def load_artifact(path) -> nn.Module:
 VARIANTS: dict[str, VariantKind] = {
     "artifact": VariantKind("iteralite.bench.variants:load_artifact"),
     "fused": VariantKind("iteralite.runtime.deploy:load_fused"),
+    "native": VariantKind("iteralite.runtime.native.runtime:load_native",
+                          scorer="iteralite.bench.native:score_native"),
+    "onnxruntime": VariantKind("iteralite.bench.ort_peer:load_onnxruntime",
+                               scorer="iteralite.bench.ort_peer:score_onnxruntime"),
     "bnb_nf4": VariantKind("iteralite.bench.peers:bnb_nf4", from_fp32=True),
     # torch's int8 kernel is slow on CPUs without a fast path; quality is scored on the same
     # weights through F.linear (see peers.int8_weight_only_for_scoring)

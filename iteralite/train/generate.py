@@ -3,6 +3,7 @@ O(1) work per new token. Works for every artifact kind the checkpoint loader can
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Iterator
 
 import torch
@@ -84,7 +85,7 @@ def check_prompt(prompt: str) -> None:
 
 
 def stream_text(tok, model, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-                write: Callable[[str], None]) -> list[int]:
+                write: Callable[[str], None], timing: dict | None = None) -> list[int]:
     """Generate after `prompt`, calling `write` with each new piece of decoded text.
 
     Decoding is incremental, so the work per token does not grow with the story: only the ids not
@@ -103,8 +104,16 @@ def stream_text(tok, model, prompt: str, max_new_tokens: int, temperature: float
     prompt_ids = prompt_ids or [eot]  # an empty prompt starts a fresh story
     out: list[int] = []
     tail: list[int] = []
+    timing = {} if timing is None else timing
+    timing.update(prompt_tokens=len(prompt_ids), prompt_s=0.0, gen_tokens=0, gen_s=0.0)
+    t0 = time.perf_counter()
     for t in generate_ids(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                           seed=seed, stop_id=eot):
+        now = time.perf_counter()
+        if not timing["prompt_s"]:  # the prefill and the first sampled token
+            timing["prompt_s"], t0 = now - t0, now
+        else:
+            timing["gen_tokens"], timing["gen_s"] = timing["gen_tokens"] + 1, now - t0
         if t == eot:
             break
         out.append(t)

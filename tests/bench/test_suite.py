@@ -47,6 +47,8 @@ def test_plan_takes_every_path_from_the_paths_object(tmp_path):
         ("student", "artifact", p.STUDENT_CKPT, p.STUDENT_METRICS),
         ("mixed", "artifact", p.MIXED_CKPT, p.MIXED_METRICS),
         ("fused", "fused", p.FUSED_CKPT, p.FUSE_METRICS),
+        ("native", "native", p.MIXED_CKPT, ""),
+        ("peer_onnxruntime", "onnxruntime", p.MIXED_CKPT, ""),
         ("peer_int8_weight_only", "int8_weight_only", p.FP32_CKPT, ""),
         ("peer_compiled", "compiled", p.FP32_CKPT, ""),
     ]
@@ -92,3 +94,22 @@ def test_run_benchmark_takes_peer_behaviour_from_the_registry(model, tmp_path, m
     assert max_tokens == 0 and evaluator.cfg.max_tokens == 123
     assert results["fp32"]["decode_speedup_vs_fp32_eager"] == 1.0
     assert list(hotspots) == ["fp32 (1 thread, 2 decode steps)"]
+
+
+def _fake_scorer(model, path, evaluator, fp32, results):
+    return {"val_ppl": 99.0, "params": 1, "size_bytes": 5, "quality_from": "scorer", "seen": sorted(results)}
+
+
+def test_a_kind_with_a_scorer_is_scored_by_it_with_the_rows_so_far(model, tmp_path, monkeypatch):
+    path = tmp_path / "fp32.safetensors"
+    save_checkpoint(path, model, kind="fp32", tokenizer_sha256="x")
+    monkeypatch.setitem(variants.VARIANTS, "scored", variants.VariantKind(
+        "iteralite.bench.variants:load_artifact", scorer="tests.bench.test_suite:_fake_scorer"))
+    monkeypatch.setattr(suite, "peak_rss", lambda kind, p, n: {"peak_rss_mb": 1.0})
+    plan = [suite.Variant("fp32", "artifact", str(path), {"params": model.num_params(), "val_ppl": 16.0}, "m"),
+            suite.Variant("s", "scored", str(path))]
+    cfg = suite.BenchmarkConfig(decode_tokens=2, repeats=1, profile_tokens=2, hotspots_top=3)
+    results, _ = suite.run_benchmark(plan, cfg, _Evaluator(), {"size_bytes": path.stat().st_size, "val_ppl": 16.0})
+    row = results["s"]
+    assert row["val_ppl"] == 99.0 and row["quality_from"] == "scorer" and row["seen"] == ["fp32"]
+    assert row["load_to_first_token_ms"] > 0 and row["resident_weight_bytes"] > 0

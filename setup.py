@@ -1,0 +1,10 @@
+"""The one native piece: the decode step in C (iteralite/runtime/native/itl_step.c), built as a
+shared library loaded with ctypes (no Python C API). Portable flags: its AVX2 code is compiled per
+function (`__attribute__((target))`) and chosen at run time. Optional: without a compiler the
+install still succeeds and the native runtime reports itself unavailable. Everything else about
+the package is in pyproject.toml."""
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("iteralite.runtime.native._itl_native",
+                             sources=["iteralite/runtime/native/itl_step.c"],
+                             extra_compile_args=["-O3", "-std=gnu11"], libraries=["m"], optional=True)])
