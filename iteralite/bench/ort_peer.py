@@ -12,6 +12,7 @@ from torch import nn
 
 from iteralite.bench.memory import state_bytes
 from iteralite.bench.variants import load_artifact
+from iteralite.runtime.native.runtime import InferenceOnly
 
 
 class _Step(nn.Module):
@@ -34,7 +35,7 @@ def export_step(fused) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-class OrtStep:
+class OrtStep(InferenceOnly):
     """`init_state` / `step` / `forward` over an onnxruntime session (one per thread count, made
     when first used at that count: the benchmark times 1 thread and all threads)."""
 
@@ -53,13 +54,6 @@ class OrtStep:
             self._sessions[n] = self._ort.InferenceSession(self._bytes, so, providers=["CPUExecutionProvider"])
         return self._sessions[n]
 
-    training = False  # inference only; `train`/`eval` keep the nn.Module calls working
-
-    def eval(self):
-        return self
-
-    def train(self, mode: bool = True):
-        return self
 
     def init_state(self, batch: int = 1):
         return [[np.zeros(s, np.float32) for s in self._shapes] for _ in range(batch)]

@@ -239,6 +239,13 @@ static void unpack_row_avx2(const uint8_t *src, int bits, int in, uint8_t *dst) 
 }
 
 __attribute__((target("avx2,fma,f16c")))
+static inline int32_t hsum_epi32(__m128i s) {
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+__attribute__((target("avx2,fma,f16c")))
 static inline int32_t dot_u8_i16_avx2(const uint8_t *q, const int16_t *x, int n) {
     __m256i acc = _mm256_setzero_si256();
     int i = 0;
@@ -252,9 +259,7 @@ static inline int32_t dot_u8_i16_avx2(const uint8_t *q, const int16_t *x, int n)
         s = _mm_add_epi32(s, _mm_madd_epi16(qw, _mm_loadu_si128((const __m128i *)(x + i))));
         i += 8;
     }
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    int32_t dot = _mm_cvtsi128_si32(s);
+    int32_t dot = hsum_epi32(s);
     for (; i < n; i++) dot += (int32_t)q[i] * (int32_t)x[i];
     return dot;
 }
@@ -285,9 +290,7 @@ static inline int32_t dot_u4_s8_avx2(const uint8_t *q, const int8_t *x, int n) {
         s = _mm_add_epi32(s, _mm_madd_epi16(p, ones4));
         i += 8;
     }
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-    int32_t dot = _mm_cvtsi128_si32(s);
+    int32_t dot = hsum_epi32(s);
     for (; i < n; i++) dot += (int32_t)q[i] * (int32_t)x[i];
     return dot;
 }

@@ -74,7 +74,20 @@ def _fptr(a: np.ndarray):
     return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
 
-class NativeIteraLite:
+class InferenceOnly:
+    """What callers written for nn.Module ask of an inference-only runtime (`training`, `eval()`,
+    `train()`): a runtime with no training mode answers them as a no-op."""
+
+    training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+
+class NativeIteraLite(InferenceOnly):
     """A packed IteraLite on the native step. `isa`: "avx2" (default where the CPU has it) or
     "scalar"; the environment variable ITERALITE_NATIVE_ISA=scalar forces scalar too."""
 
@@ -121,13 +134,6 @@ class NativeIteraLite:
     def resident_weight_bytes(self) -> int:
         return self.w.resident_bytes
 
-    training = False  # inference only; `train`/`eval` keep the nn.Module calls working
-
-    def eval(self):
-        return self
-
-    def train(self, mode: bool = True):
-        return self
 
     # ----------------------------------------------------------------- the contract
 
