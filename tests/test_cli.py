@@ -113,8 +113,11 @@ def test_ctrl_c_during_generation_ends_quietly(ckpt, tok_dir):
     """SIGINT while tokens stream: what was shown stays, one newline, no traceback, status 130."""
     cmd = [sys.executable, "-m", "iteralite.cli",
            *_gen(ckpt, tok_dir, "--temperature", "0", "--max-new-tokens", "1000000")]
+    # SIGINT back to its default in the child: a test run started as a background job (`cmd &` in a
+    # script) ignores SIGINT, children inherit that, and Python then installs no KeyboardInterrupt
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         head = p.stdout.read(len("Once upon a time") + 20)  # the prompt and some generated text
         p.send_signal(signal.SIGINT)
