@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from iteralite.io.errors import IteraliteError
+from iteralite.quant.packing import pack_bits, unpack_bits
 from iteralite.quant.spec import fit_group_size
 
 INT, F16 = 0, 1
@@ -51,11 +52,9 @@ class NativeMat:
 
     def unpacked_codes(self) -> torch.Tensor:
         """uint8 (out, in) codes from the resident rows."""
-        rb, per = self.bits, 8 // self.bits
-        raw = torch.from_numpy(self.codes.astype(np.int64))
-        shifts = torch.arange(per) * rb
-        codes = ((raw[:, :, None] >> shifts) & ((1 << rb) - 1)).reshape(self.out, -1)
-        return codes[:, :self.in_]
+        rows = torch.from_numpy(self.codes)
+        padded = rows.shape[1] * 8 // self.bits
+        return unpack_bits(rows.reshape(-1), self.bits, self.out * padded).view(self.out, padded)[:, :self.in_]
 
     def dequantize(self) -> torch.Tensor:
         """float32 (out, in): what the stored codes stand for (the `_ref` twins' weight)."""
@@ -75,13 +74,11 @@ class NativeMat:
 
 
 def _repack_rows(codes: torch.Tensor, bits: int) -> np.ndarray:
-    """uint8 codes (out, in) -> (out, ceil(in * bits / 8)), `8 // bits` codes a byte, LSB first."""
-    per = 8 // bits
+    """uint8 codes (out, in) -> (out, ceil(in * bits / 8)): `packing.pack_bits` of the rows, each
+    padded with zero codes to whole bytes, so every row starts on a byte."""
     out, n = codes.shape
-    pad = (-n) % per
-    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).view(out, -1, per)
-    packed = (c << (torch.arange(per) * bits)).sum(-1)
-    return np.ascontiguousarray(packed.to(torch.uint8).numpy())
+    padded = torch.nn.functional.pad(codes, (0, (-n) % (8 // bits)))
+    return np.ascontiguousarray(pack_bits(padded, bits).view(out, -1).numpy())
 
 
 def _fp16_bits(t: torch.Tensor) -> np.ndarray:
