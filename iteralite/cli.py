@@ -103,7 +103,7 @@ def cmd_generate(args) -> None:
 
 
 def timing_line(runtime: str, t: dict) -> str:
-    """'runtime: prompt N tokens in X ms (R tok/s), generated M tokens in Y ms (S tok/s)'."""
+    """'[Runtime] prompt N tokens in X ms (R tok/s), generated M tokens in Y ms (S tok/s)'."""
     def rate(n, s):
         return f"{n / s:,.0f} tok/s" if s > 0 and n else "- tok/s"
     return (f"[{runtime}] prompt {t['prompt_tokens']} tokens in {1000 * t['prompt_s']:.1f} ms "
