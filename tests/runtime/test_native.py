@@ -96,6 +96,23 @@ def test_wide_layers_take_the_simd_main_loops(isa):
     assert worst < 1e-4 and dconv < 1e-4 and dssm < 1e-4
 
 
+@pytest.mark.parametrize("group_size", [8, 16, 24, 32, 40, 48, 56, 64])
+@pytest.mark.parametrize("cycle", [[2], [4], ["ternary", 3]], ids=lambda c: "".join(map(str, c)))
+def test_every_specialised_group_kernel_equals_the_ref(group_size, cycle):
+    """The AVX2 8-row kernel is compiled once per (code width, group of 8..64); each one, on a
+    model whose matrices all take that group (inputs of 48/64/160 with groups dividing them, or
+    the nearest divisor), equals the ref twin."""
+    cfg = tiny_config(**dict(WIDE, d_model=group_size * (64 // group_size), d_ff=group_size * 2))
+    q = packed(cycle, cfg, group_size=group_size, seed=group_size)
+    w = layout.native_weights(q)
+    assert group_size in {m.group for m in w.all_mats()}
+    model = NativeIteraLite(w, q.cfg, isa="avx2")
+    if model.isa != "avx2":
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    worst, dconv, dssm = _run(model, RefModel(w), [3, 250, 9, 100])
+    assert worst < 1e-4 and dconv < 1e-4 and dssm < 1e-4
+
+
 def test_avx2_and_scalar_paths_agree_and_the_environment_forces_scalar(monkeypatch):
     q = packed(list(PRECISIONS), tiny_config(**WIDE), group_size=64, seed=2)
     w = layout.native_weights(q)

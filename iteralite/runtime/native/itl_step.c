@@ -382,6 +382,17 @@ static inline __m128i unpack16_avx2(const uint8_t *src, int bits) {
     return _mm_unpacklo_epi16(_mm_unpacklo_epi8(c0, c1), _mm_unpacklo_epi8(c2, c3));
 }
 
+/* 8 codes held in the low bytes of a word -> 8 bytes (the upper 8 lanes are zero or don't-care). */
+__attribute__((target("avx2,fma,f16c")))
+static inline __m128i unpack16_word(uint32_t word, int bits) {
+    const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03);
+    __m128i b = _mm_cvtsi32_si128((int32_t)word);
+    if (bits == 4) return _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
+    __m128i c0 = _mm_and_si128(b, m2), c1 = _mm_and_si128(_mm_srli_epi16(b, 2), m2);
+    __m128i c2 = _mm_and_si128(_mm_srli_epi16(b, 4), m2), c3 = _mm_and_si128(_mm_srli_epi16(b, 6), m2);
+    return _mm_unpacklo_epi16(_mm_unpacklo_epi8(c0, c1), _mm_unpacklo_epi8(c2, c3));
+}
+
 __attribute__((target("avx2,fma,f16c")))
 static inline __m256i unpack32_avx2(const uint8_t *src, int bits) {
     const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03);
@@ -412,21 +423,31 @@ static inline __m256i dot_small_group(const uint8_t *row, int bits, int start, i
         acc4 = _mm_madd_epi16(_mm_maddubs_epi16(unpack16_avx2(row + (start + i) * bits / 8, bits), x16v), ones4);
         i += 16;
     }
-    if (n8) { /* 8 codes: 4 (4-bit) or 2 (2-bit) bytes; the upper activation lanes are zero */
-        uint8_t tmp[8] = {0};
-        memcpy(tmp, row + (start + i) * bits / 8, (size_t)bits);
-        acc4 = _mm_add_epi32(acc4, _mm_madd_epi16(_mm_maddubs_epi16(unpack16_avx2(tmp, bits), x8v), ones4));
+    if (n8) { /* 8 codes: 4 (4-bit) or 2 (2-bit) bytes, read as one word (a byte-wise copy into a
+                 stack buffer stalls the wide load that follows); the upper activation lanes are zero */
+        const uint8_t *src = row + (start + i) * bits / 8;
+        uint32_t word;
+        if (bits == 4) {
+            memcpy(&word, src, 4);
+        } else {
+            uint16_t half;
+            memcpy(&half, src, 2);
+            word = half;
+        }
+        acc4 = _mm_add_epi32(acc4, _mm_madd_epi16(_mm_maddubs_epi16(unpack16_word(word, bits), x8v), ones4));
     }
     return _mm256_add_epi32(acc, _mm256_zextsi128_si256(acc4));
 }
 
 /* Eight rows at once: their group dots reduced to one vector of 8 sums, then the zero-point,
-   scale and activation-scale arithmetic for all 8 in float lanes. */
-__attribute__((target("avx2,fma,f16c")))
-static void matvec_int_avx2_rows8(itl_ctx *c, const itl_mat *w, float *y, int o) {
+   scale and activation-scale arithmetic for all 8 in float lanes. `rows8_body` is inlined with
+   constant (bits, n32, n16, n8) for the common small groups, so each shape gets a straight-line
+   kernel with the eight rows' sums kept in registers. */
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline void rows8_body(itl_ctx *c, const itl_mat *w, float *y, int o, const int fast, const int bits,
+                              const int n32, const int n16, const int n8) {
     int ng = w->in / w->group, g = w->group;
     __m256 acc = _mm256_setzero_ps();
-    int fast = w->bits <= 4 && g <= 64, n32 = g / 32, n16 = (g % 32) / 16, n8 = (g % 16) / 8;
     for (int b = 0; b < ng; b++) {
         __m256i d[8];
         if (fast) {
@@ -436,7 +457,7 @@ static void matvec_int_avx2_rows8(itl_ctx *c, const itl_mat *w, float *y, int o)
             __m128i x16v = n16 ? _mm_loadu_si128((const __m128i *)(xa + 32 * n32)) : _mm_setzero_si128();
             __m128i x8v = n8 ? _mm_loadl_epi64((const __m128i *)(xa + 32 * n32 + 16 * n16)) : _mm_setzero_si128();
             for (int r = 0; r < 8; r++)
-                d[r] = dot_small_group(w->codes + (size_t)(o + r) * w->rowbytes, w->bits, b * g, n32, n16, n8,
+                d[r] = dot_small_group(w->codes + (size_t)(o + r) * w->rowbytes, bits, b * g, n32, n16, n8,
                                        x32, x16v, x8v);
         } else {
             for (int r = 0; r < 8; r++)
@@ -455,12 +476,43 @@ static void matvec_int_avx2_rows8(itl_ctx *c, const itl_mat *w, float *y, int o)
     _mm256_storeu_ps(y + o, acc);
 }
 
+/* One specialised kernel per (bits, group) of the fast path: group = 8 * (4 * n32 + 2 * n16 + n8). */
+#define ITL_ROWS8_FN(B, G)                                                                              \
+    __attribute__((target("avx2,fma,f16c"))) static void rows8_b##B##_g##G(itl_ctx *c, const itl_mat *w, \
+                                                                            float *y, int o) {          \
+        rows8_body(c, w, y, o, 1, B, (G) / 32, ((G) % 32) / 16, ((G) % 16) / 8);                        \
+    }
+#define ITL_ROWS8_BITS(B) \
+    ITL_ROWS8_FN(B, 8) ITL_ROWS8_FN(B, 16) ITL_ROWS8_FN(B, 24) ITL_ROWS8_FN(B, 32) \
+    ITL_ROWS8_FN(B, 40) ITL_ROWS8_FN(B, 48) ITL_ROWS8_FN(B, 56) ITL_ROWS8_FN(B, 64)
+ITL_ROWS8_BITS(2)
+ITL_ROWS8_BITS(4)
+
+typedef void (*itl_rows8_fn)(itl_ctx *, const itl_mat *, float *, int);
+static const itl_rows8_fn ROWS8_FAST[2][8] = {
+    {rows8_b2_g8, rows8_b2_g16, rows8_b2_g24, rows8_b2_g32, rows8_b2_g40, rows8_b2_g48, rows8_b2_g56, rows8_b2_g64},
+    {rows8_b4_g8, rows8_b4_g16, rows8_b4_g24, rows8_b4_g32, rows8_b4_g40, rows8_b4_g48, rows8_b4_g56, rows8_b4_g64},
+};
+
+__attribute__((target("avx2,fma,f16c")))
+static void rows8_generic(itl_ctx *c, const itl_mat *w, float *y, int o) {
+    rows8_body(c, w, y, o, 0, w->bits, 0, 0, 0);
+}
+
+/* The 8-row kernel for a matrix (needs group % 8 == 0). */
+static itl_rows8_fn rows8_kernel(const itl_mat *w) {
+    if ((w->bits == 2 || w->bits == 4) && w->group <= 64) return ROWS8_FAST[w->bits == 4][w->group / 8 - 1];
+    return rows8_generic;
+}
+
 __attribute__((target("avx2,fma,f16c")))
 static void matvec_int_avx2(itl_ctx *c, const itl_mat *w, float *y) {
     int ng = w->in / w->group, g = w->group, small = w->bits <= 4;
     int o = 0;
-    if (g % 8 == 0)
-        for (; o + 8 <= w->out; o += 8) matvec_int_avx2_rows8(c, w, y, o);
+    if (g % 8 == 0) {
+        itl_rows8_fn kernel = rows8_kernel(w);
+        for (; o + 8 <= w->out; o += 8) kernel(c, w, y, o);
+    }
     for (; o < w->out; o++) {
         unpack_row_avx2(w->codes + (size_t)o * w->rowbytes, w->bits, w->in, c->row);
         float acc = 0.f;
