@@ -42,6 +42,8 @@ MIXED_CODING_CSV = "plots/mixed_coding.csv"  # per code tensor: packed, entropy-
 BENCH_PARETO_PNG, BENCH_SPEED_PNG, BENCH_PARETO_CSV = \
     "plots/bench_pareto.png", "plots/bench_speed.png", "plots/bench_pareto.csv"
 
+LIVE_ROOT = "dvclive"  # one dvclive folder per training stage: step metrics, summary, plot data
+
 
 def int4_ckpt(method: str) -> str:
     return f"checkpoints/int4/{method}.safetensors"
@@ -58,3 +60,9 @@ def ratio_metrics(stage: str, ratio) -> str:
 
 def mixed_candidate(name: str) -> str:
     return f"{MIXED_CANDIDATES_DIR}/{name}.safetensors"
+
+
+def live_dir(stage: str, ratio=None) -> str:
+    """dvclive/<stage> (dvclive/<stage>_<ratio> for a matrix stage): where a training stage's
+    dvclive logger writes its step metrics (plots/metrics/*.tsv) and summary (metrics.json)."""
+    return f"{LIVE_ROOT}/{stage}" if ratio is None else f"{LIVE_ROOT}/{stage}_{ratio}"
