@@ -66,16 +66,57 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+DEFAULT_PROMPT = "Once upon a time"
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt text: `prompt`, or the UTF-8 text of `prompt_file` or stdin (`-` for either).
+
+    One trailing newline (what `echo` and editors add) is dropped, as llama.cpp's `-f` does, so
+    `echo "Once upon a time" | iteralite generate --prompt -` continues the line, not a new one.
+    """
+    if prompt_file is None and prompt != "-":
+        return DEFAULT_PROMPT if prompt is None else prompt
+    source = "-" if prompt_file is None else prompt_file
+    if source == "-":
+        name, stdin = "stdin", getattr(sys.stdin, "buffer", None)
+        if stdin is None:
+            raise IteraliteError("stdin is closed: no prompt to read (pass --prompt TEXT or --prompt-file PATH)")
+        if stdin.isatty():  # otherwise it would look like a hang
+            print("iteralite: reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
+        try:
+            data = stdin.read()
+        except OSError as e:
+            raise IteraliteError(f"stdin: cannot read the prompt: {e.strerror or e}") from None
+    else:
+        name = f"--prompt-file {source}"
+        try:  # not only regular files: `--prompt-file <(cmd)` is a pipe
+            data = Path(source).read_bytes()
+        except FileNotFoundError:
+            raise IteraliteError(f"{name}: no such file") from None
+        except IsADirectoryError:
+            raise IteraliteError(f"{name}: is a directory, not a prompt file") from None
+        except OSError as e:  # permission denied, a symlink loop, ...
+            raise IteraliteError(f"{name}: cannot read the prompt file: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a BOM (Windows editors) is not text
+    except UnicodeDecodeError as e:
+        raise IteraliteError(f"{name}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at offset "
+                             f"{e.start})") from None
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
 def cmd_generate(args) -> None:
     from iteralite.train.generate import check_prompt, check_sampling, stream_text
 
-    # Every argument is checked before anything is loaded.
+    # Every argument is checked, and the prompt read, before anything is loaded.
     check_sampling(temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                   max_new_tokens=args.max_new_tokens)
+                   max_new_tokens=args.max_new_tokens, top_p=args.top_p)
     cpus = _cpu_count()
     if not 0 <= args.threads <= cpus:  # torch overflows, or crashes, on absurd thread counts
         raise IteraliteError(f"--threads must be in [0, {cpus}] (0 = torch default; at most the "
                              f"{cpus} CPUs here), got {args.threads}")
+    args.prompt = read_prompt(args.prompt, args.prompt_file)  # --compile sizes its prefill from it
     check_prompt(args.prompt)
     import torch
 
@@ -91,7 +132,7 @@ def cmd_generate(args) -> None:
     timing: dict = {}
     try:
         stream_text(tok, model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                    write, timing)
+                    write, timing, top_p=args.top_p)
     except KeyboardInterrupt:
         # Ctrl-C ends the story where it is: keep what was shown, end the line, no traceback.
         sys.stdout.write("\n")
@@ -194,11 +235,21 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="stream a story from a checkpoint (any artifact kind)")
     g.add_argument("--checkpoint", default="checkpoints/fp32.safetensors")
     g.add_argument("--tokenizer", default="data/tokenizer/tokenizer.json")
-    g.add_argument("--prompt", default="Once upon a time")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT",
+                     help=f"the text to continue (default: {DEFAULT_PROMPT!r}); - reads it from stdin")
+    src.add_argument("--prompt-file", metavar="PATH",
+                     help="read the prompt from this UTF-8 file (- = stdin); one trailing newline is dropped")
     g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=40, help="0 = no top-k filter")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="divide the logits by this first; 0 = greedy (top-k and top-p then do nothing); "
+                        "default %(default)s")
+    g.add_argument("--top-k", type=int, default=40,
+                   help="then keep the k most likely tokens; 0 = no top-k filter; default %(default)s")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="then keep the smallest set of most likely tokens whose probability reaches P "
+                        "(nucleus sampling), 0 < P <= 1; 1 = no top-p filter (the default)")
+    g.add_argument("--seed", type=int, default=0, help="the same seed and flags give the same story")
     g.add_argument("--threads", type=int, default=0, help="0 = torch default")
     g.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
                    help="native: the C step over the packed codes (auto's choice for packed artifacts); "

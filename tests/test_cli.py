@@ -260,3 +260,166 @@ def test_generate_runs_a_packed_artifact_on_the_native_step_by_default(ckpt, tok
 def test_native_runtime_on_a_float_model_is_one_line(ckpt, tok_dir, capsys):
     assert main(_gen(ckpt, tok_dir, "--runtime", "native", "--max-new-tokens", "3")) == 2
     assert "the native step runs packed artifacts" in _one_error_line(capsys.readouterr().err)
+
+
+# --- --top-p on every runtime, --prompt-file and stdin ------------------------------------------
+
+def _ref_story(runtime_model, tok, prompt: str, n: int, temperature: float, top_k: int, top_p: float,
+               seed: int) -> str:
+    """What `generate` prints, rebuilt with the plain-Python sampler on the runtime's own logits."""
+    from iteralite.train.generate import sampling_probs_ref
+
+    gen, eot = torch.Generator().manual_seed(seed), eot_id(tok)
+
+    def draw(logits):
+        probs = torch.tensor(sampling_probs_ref(logits.tolist(), temperature, top_k, top_p))
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    logits, _, state = runtime_model(torch.tensor([ids]), return_state=True)
+    out = [draw(logits[0, -1])]
+    while len(out) < n and out[-1] != eot:
+        logits, state = runtime_model.step(torch.tensor([out[-1]]), state)
+        out.append(draw(logits[0]))
+    return prompt + tok.decode(out[:out.index(eot)] if eot in out else out) + "\n"
+
+
+@pytest.mark.parametrize("runtime", ["native", "fused", "eager", "auto"])
+def test_top_p_on_every_runtime_matches_the_reference_sampler(ckpt, tok_dir, tmp_path, capsys, runtime):
+    """A packed artifact on each runtime: the story equals the reference sampler's on that runtime's
+    logits; the same seed repeats it; a tiny P is greedy; P = 1 is the story without --top-p."""
+    from argparse import Namespace
+
+    from iteralite.cli import RUNTIMES
+
+    path = _packed(ckpt, tok_dir, tmp_path)
+
+    def run(*extra):
+        assert main(_gen(path, tok_dir, "--max-new-tokens", "12", "--runtime", runtime, *extra)) == 0
+        return capsys.readouterr().out
+
+    story = run("--temperature", "1.3", "--top-k", "0", "--top-p", "0.9", "--seed", "3")
+    model, ck = load_model(path)
+    rt = RUNTIMES["native" if runtime == "auto" else runtime](model, ck, Namespace())
+    tok = load_tokenizer(tok_dir / "tokenizer.json")
+    assert story == _ref_story(rt, tok, "Once upon a time", 12, 1.3, 0, 0.9, 3)
+    assert run("--temperature", "1.3", "--top-k", "0", "--top-p", "0.9", "--seed", "3") == story
+    assert run("--temperature", "1.5", "--top-k", "5", "--top-p", "1e-9", "--seed", "7") == run("--temperature", "0")
+    assert run("--seed", "5", "--top-p", "1") == run("--seed", "5")
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--top-p", "0"], "--top-p must be in (0, 1] (1 = no top-p filter), got 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1] (1 = no top-p filter), got 1.5"),
+    (["--top-p=-0.1"], "--top-p must be in (0, 1] (1 = no top-p filter), got -0.1"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1] (1 = no top-p filter), got nan"),
+    (["--top-p", "inf"], "--top-p must be in (0, 1] (1 = no top-p filter), got inf"),
+])
+def test_bad_top_p_is_one_line_before_loading(tmp_path, tok_dir, capsys, args, msg):
+    assert main(_gen(tmp_path / "missing.safetensors", tok_dir, *args, "--prompt-file", "-")) == 2
+    captured = capsys.readouterr()  # nor was stdin read: capsys's stdin raises when read
+    assert msg in _one_error_line(captured.err) and captured.out == ""
+
+
+def test_unparsable_top_p_and_two_prompts_are_one_argparse_line(tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("Hi")
+    for argv, msg in ((["--top-p", "most"], "argument --top-p: invalid float value: 'most'"),
+                      (["--prompt", "Hi", "--prompt-file", str(f)],
+                       "argument --prompt-file: not allowed with argument --prompt"),
+                      (["--prompt-file", "-", "--prompt", "-"],
+                       "argument --prompt: not allowed with argument --prompt-file")):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", *argv])
+        assert e.value.code == 2 and msg in _one_error_line(capsys.readouterr().err)
+
+
+def test_generate_help_documents_the_new_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    for text in ("--top-p P", "nucleus sampling", "0 < P <= 1", "--prompt-file PATH", "- = stdin",
+                 "- reads it from stdin", "[--prompt TEXT | --prompt-file PATH]"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("content", [b"The cat saw \xe2\x98\x83", b"The cat saw \xe2\x98\x83\n",
+                                     b"The cat saw \xe2\x98\x83\r\n", b"\xef\xbb\xbfThe cat saw \xe2\x98\x83\n"])
+def test_prompt_file_equals_the_same_text_as_prompt(ckpt, tok_dir, tmp_path, capsys, content):
+    """One trailing newline (echo's, an editor's, CRLF) and a UTF-8 BOM are not part of the prompt."""
+    f = tmp_path / "prompt.txt"
+    f.write_bytes(content)
+    flags = ("--max-new-tokens", "8", "--top-p", "0.8", "--seed", "2")
+    assert main(_gen(ckpt, tok_dir, "--prompt-file", str(f), *flags)) == 0
+    from_file = capsys.readouterr()
+    assert main(_gen(ckpt, tok_dir, "--prompt", "The cat saw ☃", *flags)) == 0
+    assert from_file.out == capsys.readouterr().out and from_file.out.startswith("The cat saw ☃")
+    assert from_file.err.startswith("[IteraLite] prompt ")  # the timing line, unchanged
+
+
+def test_empty_prompt_file_is_an_empty_prompt(ckpt, tok_dir, tmp_path, capsys):
+    """As `--prompt ""` does today: a fresh story from <|endoftext|>."""
+    for i, content in enumerate((b"", b"\n")):
+        f = tmp_path / f"empty{i}.txt"
+        f.write_bytes(content)
+        assert main(_gen(ckpt, tok_dir, "--prompt-file", str(f), "--max-new-tokens", "6", "--seed", "1")) == 0
+        from_file = capsys.readouterr().out
+        assert main(_gen(ckpt, tok_dir, "--prompt", "", "--max-new-tokens", "6", "--seed", "1")) == 0
+        assert from_file == capsys.readouterr().out
+
+
+def test_unusable_prompt_file_is_one_line_before_loading(tmp_path, tok_dir, capsys, monkeypatch):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9 au lait")
+    locked = tmp_path / "locked.txt"
+    locked.write_text("Hi")
+    missing_ckpt = tmp_path / "missing.safetensors"  # the prompt error comes first: nothing was loaded
+    real_read = type(locked).read_bytes
+
+    def denied(self):
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(type(locked), "read_bytes", denied)  # root reads a chmod 000 file anyway
+    for path, msg in ((tmp_path / "nope.txt", f"--prompt-file {tmp_path / 'nope.txt'}: no such file"),
+                      (tmp_path, f"--prompt-file {tmp_path}: is a directory, not a prompt file"),
+                      (bad, f"--prompt-file {bad}: not UTF-8 text (invalid byte 0xe9 at offset 3)"),
+                      (locked, f"--prompt-file {locked}: cannot read the prompt file: Permission denied")):
+        assert main(_gen(missing_ckpt, tok_dir, "--prompt-file", str(path))) == 2
+        captured = capsys.readouterr()
+        assert msg in _one_error_line(captured.err) and captured.out == ""
+
+
+def _stdin(monkeypatch, data: bytes):
+    import io
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--prompt-file"])
+def test_dash_reads_the_prompt_from_stdin(ckpt, tok_dir, capsys, monkeypatch, flag):
+    flags = ("--max-new-tokens", "8", "--temperature", "1.1", "--top-p", "0.7", "--seed", "4")
+    _stdin(monkeypatch, "Lily and Tom ☃\n".encode())
+    assert main(_gen(ckpt, tok_dir, flag, "-", *flags)) == 0
+    from_stdin = capsys.readouterr().out
+    assert main(_gen(ckpt, tok_dir, "--prompt", "Lily and Tom ☃", *flags)) == 0
+    assert from_stdin == capsys.readouterr().out
+    _stdin(monkeypatch, b"ok \xff")
+    assert main(_gen(ckpt, tok_dir, flag, "-")) == 2
+    assert "stdin: not UTF-8 text (invalid byte 0xff at offset 3)" in _one_error_line(capsys.readouterr().err)
+
+
+def test_stdin_prompt_through_the_real_command(ckpt, tok_dir, capsys):
+    """`printf ... | python -m iteralite.cli generate --prompt -` (and --prompt-file -) prints what
+    main() prints for the same text as --prompt, then the timing line on stderr."""
+    flags = ("--max-new-tokens", "10", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.85",
+             "--seed", "6", "--threads", "1", "--runtime", "eager")
+    assert main(_gen(ckpt, tok_dir, "--prompt", "The sun was big", *flags)) == 0
+    want = capsys.readouterr().out
+    for flag in ("--prompt", "--prompt-file"):
+        r = subprocess.run([sys.executable, "-m", "iteralite.cli", *_gen(ckpt, tok_dir, flag, "-", *flags)],
+                           input=b"The sun was big\n", capture_output=True, cwd=REPO,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr.decode()
+        assert r.stdout.decode() == want and r.stderr.decode().startswith("[IteraLite] prompt ")

@@ -13,6 +13,7 @@ from typing import Callable
 
 from iteralite.io.errors import IteraliteError
 from iteralite.io.atomic import write_json
+from iteralite.pipeline import headline
 from iteralite.pipeline.dvcfile import DVC_YAML, stage_outputs
 
 # OS errors that mean "the disk refuses this write": one line for the user, not a traceback.
@@ -122,8 +123,15 @@ def _file_being_written(e: BaseException) -> str | None:
 
 
 def write_metrics(path: str, metrics: dict) -> None:
+    """The stage's whole result to `path` (its contract) and, for a stage in the headline registry,
+    the numbers people compare to `metrics/headline/<name>` (what dvc.yaml declares as metrics)."""
     write_json(path, metrics)
     print(f"wrote {path}")
+    top = headline.select(headline.stage_of(path), metrics)
+    if top is not None:
+        target = headline.headline_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_json(target, top)
 
 
 def ratio_arg(ratios: list[float], script: str) -> tuple[str, float]:

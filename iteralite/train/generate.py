@@ -17,7 +17,7 @@ SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit see
 
 
 def check_sampling(*, temperature: float, top_k: int, seed: int | None = None,
-                   max_new_tokens: int | None = None) -> None:
+                   max_new_tokens: int | None = None, top_p: float = 1.0) -> None:
     """Raise IteraliteError for sampling settings that would crash, hang or silently misbehave.
 
     The messages name the CLI flags, so the command line and a Python caller read the same text.
@@ -31,28 +31,75 @@ def check_sampling(*, temperature: float, top_k: int, seed: int | None = None,
         raise IteraliteError(f"--temperature must be 0 (greedy) or in [{lo:g}, {hi:g}], got {temperature:g}")
     if top_k < 0:
         raise IteraliteError(f"--top-k must be >= 0 (0 = no top-k filter), got {top_k}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):  # NaN fails every comparison: refused too
+        raise IteraliteError(f"--top-p must be in (0, 1] (1 = no top-p filter), got {top_p:g}")
     if seed is not None and not 0 <= seed <= SEED_MAX:
         raise IteraliteError(f"--seed must be in [0, 2**64 - 1] = [0, {SEED_MAX}], got {seed}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> int:
-    """logits (V,) -> token id; temperature 0 means greedy."""
-    check_sampling(temperature=temperature, top_k=top_k)
-    if temperature == 0:
-        return int(logits.argmax())
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits (V,) -> the distribution `sample_next` draws from (V,), float32, summing to 1.
+
+    In the usual order: divide by `temperature` (> 0), keep the `top_k` largest logits (0 = all;
+    tokens tied with the k-th are kept), softmax, then keep the smallest set of most probable
+    tokens whose mass reaches `top_p` (1 = all; at least the most probable token; ties in rank
+    go to the lower id, as `argmax` does) and renormalise.
+    """
     logits = logits.float() / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    if top_p < 1:  # exactly 1 is off: a float cumsum can reach 1 early and cut the tail
+        p, order = torch.sort(probs, descending=True, stable=True)
+        # Mass of the tokens ranked above each one, in float64 so the cut sits where P says.
+        above = torch.cat([p.new_zeros(1, dtype=torch.float64), p.double().cumsum(0)[:-1]])
+        probs = probs.index_fill(0, order[above >= top_p], 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sampling_probs_ref(logits: list[float], temperature: float, top_k: int = 0,
+                       top_p: float = 1.0) -> list[float]:
+    """Plain-Python twin of `sampling_probs` (float64, one token at a time): the tests' reference."""
+    z = [float(x) / temperature for x in logits]
+    if 0 < top_k < len(z):
+        kth = sorted(z, reverse=True)[top_k - 1]
+        z = [x if x >= kth else -math.inf for x in z]
+    m = max(z)
+    e = [math.exp(x - m) for x in z]
+    total = sum(e)
+    probs = [x / total for x in e]
+    if top_p < 1:
+        keep, mass = set(), 0.0
+        for i in sorted(range(len(probs)), key=lambda i: -probs[i]):  # sorted() is stable
+            if mass >= top_p:
+                break
+            keep.add(i)
+            mass += probs[i]
+        kept = sum(probs[i] for i in keep)
+        probs = [x / kept if i in keep else 0.0 for i, x in enumerate(probs)]
+    return probs
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator,
+                top_p: float = 1.0) -> int:
+    """logits (V,) -> token id drawn from `sampling_probs`; temperature 0 means greedy (top-k and
+    top-p then change nothing)."""
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    if temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=gen))
 
 
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.8,
-                 top_k: int = 40, seed: int = 0, stop_id: int | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time."""
-    check_sampling(temperature=temperature, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens)
+                 top_k: int = 40, seed: int = 0, stop_id: int | None = None,
+                 top_p: float = 1.0) -> Iterator[int]:
+    """Yield new token ids one at a time. Sampling is here, on the logits of any runtime's
+    `forward`/`step` (eager, fused or native), so every runtime samples the same way."""
+    check_sampling(temperature=temperature, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens,
+                   top_p=top_p)
     if not prompt_ids:
         raise IteraliteError("the prompt encodes to no tokens")
     if max_new_tokens == 0:
@@ -60,13 +107,13 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, temperatu
     gen = torch.Generator().manual_seed(seed)
     idx = torch.tensor([prompt_ids], dtype=torch.long)
     logits, _, state = model(idx, return_state=True)
-    nxt = sample_next(logits[0, -1], temperature, top_k, gen)
+    nxt = sample_next(logits[0, -1], temperature, top_k, gen, top_p)
     for i in range(max_new_tokens):
         yield nxt
         if nxt == stop_id or i == max_new_tokens - 1:
             return
         logits, state = model.step(torch.tensor([nxt]), state)
-        nxt = sample_next(logits[0], temperature, top_k, gen)
+        nxt = sample_next(logits[0], temperature, top_k, gen, top_p)
 
 
 def check_prompt(prompt: str) -> None:
@@ -85,7 +132,7 @@ def check_prompt(prompt: str) -> None:
 
 
 def stream_text(tok, model, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-                write: Callable[[str], None], timing: dict | None = None) -> list[int]:
+                write: Callable[[str], None], timing: dict | None = None, *, top_p: float = 1.0) -> list[int]:
     """Generate after `prompt`, calling `write` with each new piece of decoded text.
 
     Decoding is incremental, so the work per token does not grow with the story: only the ids not
@@ -108,7 +155,7 @@ def stream_text(tok, model, prompt: str, max_new_tokens: int, temperature: float
     timing.update(prompt_tokens=len(prompt_ids), prompt_s=0.0, gen_tokens=0, gen_s=0.0)
     t0 = time.perf_counter()
     for t in generate_ids(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                          seed=seed, stop_id=eot):
+                          seed=seed, stop_id=eot, top_p=top_p):
         now = time.perf_counter()
         if not timing["prompt_s"]:  # the prefill and the first sampled token
             timing["prompt_s"], t0 = now - t0, now

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from iteralite.io import grid
-from iteralite.quant.allocate import uniform_allocation
 from iteralite.quant.intcodes import _clip_search, quantize_rtn
 from iteralite.quant.learned import LearnedRange, clamp_to_range, learned_fake_quantize
 from iteralite.quant.qat import attach_fake_quant, export, rtn_spec_for

@@ -134,7 +134,7 @@ def test_sparse_moe_runs_only_the_top_k_experts_and_equals_dense_gating():
     q = packed([4])
     w = layout.native_weights(q)
     ref = RefModel(w)
-    state, probs = ref.init_state(), []
+    state = ref.init_state()
     x = ref._deq[id(w.emb)][3].clone()
     x, _, _ = ref.mixer_ref(0, x, *state[0])
     L = w.layers[0]
@@ -186,3 +186,16 @@ def test_a_missing_library_says_how_to_build_it(monkeypatch):
     monkeypatch.setattr(runtime, "library_path", lambda: None)
     with pytest.raises(NativeUnavailable, match="not built here .*make setup.*needs a C compiler"):
         NativeIteraLite.from_model(packed([4]))
+
+
+def test_sampling_on_the_native_step_with_a_tiny_top_p_is_the_greedy_loop_in_c():
+    """Sampling lives in generate_ids, on the native step's logits: a nucleus of one token at any
+    temperature and seed is the C greedy loop's story, and a real nucleus repeats with its seed."""
+    from iteralite.train.generate import generate_ids
+
+    model = NativeIteraLite.from_model(packed(list(PRECISIONS)))
+    want = model.greedy(5, 12, model.init_state(1))
+    for seed in range(3):
+        assert list(generate_ids(model, [5], 12, temperature=1.7, top_k=0, top_p=1e-9, seed=seed)) == want
+    a = list(generate_ids(model, [5], 12, temperature=1.2, top_k=0, top_p=0.9, seed=1))
+    assert a == list(generate_ids(model, [5], 12, temperature=1.2, top_k=0, top_p=0.9, seed=1))

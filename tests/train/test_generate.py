@@ -12,7 +12,8 @@ from iteralite.cli import main
 from iteralite.core.model import IteraLite
 from iteralite.data.tokenizer import eot_id, file_sha256, load_tokenizer
 from iteralite.io.errors import IteraliteError
-from iteralite.train.generate import generate_ids, sample_next, stream_text
+from iteralite.train.generate import (generate_ids, sample_next, sampling_probs, sampling_probs_ref,
+                                      stream_text)
 from tests.conftest import REPO, tiny_config
 
 
@@ -109,6 +110,10 @@ BAD_SAMPLING = [
     (dict(seed=-1), "--seed must be in [0, 2**64 - 1]"),
     (dict(seed=2**64), "--seed must be in [0, 2**64 - 1]"),
     (dict(max_new_tokens=-1), "--max-new-tokens must be >= 0"),
+    (dict(top_p=0.0), "--top-p must be in (0, 1] (1 = no top-p filter), got 0"),
+    (dict(top_p=1.5), "--top-p must be in (0, 1] (1 = no top-p filter), got 1.5"),
+    (dict(top_p=-0.2), "--top-p must be in (0, 1] (1 = no top-p filter), got -0.2"),
+    (dict(top_p=math.nan), "--top-p must be in (0, 1] (1 = no top-p filter), got nan"),
 ]
 
 
@@ -118,10 +123,10 @@ def test_library_rejects_bad_sampling_values(model, bad, msg):
     kw = dict(temperature=0.8, top_k=40, seed=0) | {k: v for k, v in bad.items() if k != "max_new_tokens"}
     with pytest.raises(IteraliteError, match=re.escape(msg)):
         next(generate_ids(model, [1, 2, 3], bad.get("max_new_tokens", 5), **kw))
-    if set(bad) <= {"temperature", "top_k"}:
-        args = dict(temperature=0.8, top_k=40) | bad
+    if set(bad) <= {"temperature", "top_k", "top_p"}:
+        args = dict(temperature=0.8, top_k=40, top_p=1.0) | bad
         with pytest.raises(IteraliteError, match=re.escape(msg)):
-            sample_next(torch.zeros(8), args["temperature"], args["top_k"], torch.Generator())
+            sample_next(torch.zeros(8), args["temperature"], args["top_k"], torch.Generator(), args["top_p"])
 
 
 def test_sampling_edges_still_work(model):
@@ -220,3 +225,96 @@ def test_decode_work_per_token_is_bounded(tok):
     out, pieces = _stream(counting, ids)
     assert len(out) == 2000 and "".join(pieces) == tok.decode(out)
     assert counting.calls <= 2001 and counting.ids <= 3 * len(out)
+
+
+# --- the sampler: temperature, then top-k, then top-p, against its plain-Python twin -------------
+
+# Probabilities picked so no top-p cut below falls on a float boundary.
+P5 = [0.05, 0.5, 0.1, 0.2, 0.15]
+LOG_P5 = torch.tensor(P5).log()
+
+
+def _renorm(p: list[float], keep: set[int]) -> list[float]:
+    kept = sum(p[i] for i in keep)
+    return [x / kept if i in keep else 0.0 for i, x in enumerate(p)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,want", [
+    (1.0, 0, 0.45, _renorm(P5, {1})),                 # the top token alone already holds 0.5
+    (1.0, 0, 0.6, _renorm(P5, {1, 3})),               # 0.5 < 0.6 <= 0.5 + 0.2
+    (1.0, 0, 0.8, _renorm(P5, {1, 3, 4})),            # 0.7 < 0.8 <= 0.85
+    (1.0, 0, 0.99, _renorm(P5, {0, 1, 2, 3, 4})),     # 0.95 < 0.99: the whole vocabulary
+    (1.0, 2, 0.9, _renorm(P5, {1, 3})),               # top-k first: 0.5/0.7 + 0.2/0.7 = 1 >= 0.9
+    (1.0, 2, 0.7, _renorm(P5, {1})),                  # top-p on top-k's renormalised 0.714 >= 0.7
+    (1.0, 3, 1.0, _renorm(P5, {1, 3, 4})),            # P = 1 is no top-p filter
+    # temperature 2 flattens p to sqrt(p) first: 0.340 < 0.45 <= 0.340 + 0.215 keeps two tokens
+    (2.0, 0, 0.45, _renorm([math.sqrt(x) for x in P5], {1, 3})),
+])
+def test_top_p_filters_to_hand_computed_distributions(temperature, top_k, top_p, want):
+    got = sampling_probs(LOG_P5, temperature, top_k, top_p)
+    assert got.dtype == torch.float32 and got.tolist() == pytest.approx(want, abs=1e-6)
+    ref = sampling_probs_ref([math.log(x) for x in P5], temperature, top_k, top_p)  # float64 throughout
+    assert ref == pytest.approx(want, abs=1e-12)
+
+
+def test_sampling_probs_equals_its_ref_twin():
+    """Random logits (with ties: values rounded to 0.5) and every combination of the three filters;
+    cases where a cut lands within 1e-4 of P are skipped (float32 vs float64 may disagree there)."""
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for case in range(300):
+        logits = torch.randn(40, generator=g) * (0.5 + case % 4)
+        if case % 3 == 0:
+            logits = (logits * 2).round() / 2
+        temperature = (0.3, 0.8, 1.0, 2.5)[case % 4]
+        top_k = (0, 1, 5, 17, 40, 100)[case % 6]
+        top_p = (1.0, 0.95, 0.5, 0.1, 1e-9, 0.73)[case // 6 % 6]
+        ref = sampling_probs_ref(logits.tolist(), temperature, top_k, top_p)
+        if top_p < 1:
+            unfiltered = sorted(sampling_probs_ref(logits.tolist(), temperature, top_k), reverse=True)
+            above = [sum(unfiltered[:i]) for i in range(1, len(unfiltered))]  # the top token always stays
+            if any(abs(a - top_p) < 1e-4 for a in above):
+                continue
+        got = sampling_probs(logits, temperature, top_k, top_p)
+        assert got.tolist() == pytest.approx(ref, abs=1e-5), (case, temperature, top_k, top_p)
+        # the same support (up to float32 underflow of what float64 still holds)
+        assert all(r > 0 if g > 0 else r < 1e-30 for g, r in zip(got.tolist(), ref))
+        checked += 1
+    assert checked > 250
+
+
+def test_top_p_one_is_no_filter_and_tiny_top_p_is_the_argmax():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        logits = torch.randn(300, generator=g) * 3
+        logits[int(logits.argmax()) - 7] = logits.max()  # a tie for the top: argmax takes the lower id
+        for k in (0, 10):
+            assert torch.equal(sampling_probs(logits, 0.7, k, 1.0), sampling_probs(logits, 0.7, k))
+        assert torch.equal(sampling_probs(logits, 0.7), torch.softmax(logits / 0.7, -1))
+        onehot = sampling_probs(logits, 1.3, 0, 1e-9)
+        assert onehot.nonzero().flatten().tolist() == [int(logits.argmax())] and float(onehot.max()) == 1.0
+
+
+def test_sample_next_draws_from_the_filtered_distribution():
+    """4,000 seeded draws: only tokens in the nucleus, at their renormalised frequencies."""
+    gen = torch.Generator().manual_seed(0)
+    want = _renorm(P5, {1, 3, 4})
+    counts = [0] * len(P5)
+    for _ in range(4000):
+        counts[sample_next(LOG_P5, 1.0, 0, gen, top_p=0.8)] += 1
+    assert counts[0] == counts[2] == 0
+    assert [c / 4000 for c in counts] == pytest.approx(want, abs=0.03)
+
+
+def test_generate_with_top_p_is_seeded_and_tiny_top_p_is_greedy(model):
+    prompt = [1, 2, 3]
+    greedy = list(generate_ids(model, prompt, 25, temperature=0))
+    for seed in range(3):
+        assert list(generate_ids(model, prompt, 25, temperature=1.0, top_k=0, top_p=1e-9, seed=seed)) == greedy
+        assert list(generate_ids(model, prompt, 25, temperature=1.5, top_k=7, top_p=1e-9, seed=seed)) == greedy
+    a = list(generate_ids(model, prompt, 25, temperature=1.2, top_k=0, top_p=0.9, seed=4))
+    assert a == list(generate_ids(model, prompt, 25, temperature=1.2, top_k=0, top_p=0.9, seed=4))
+    assert a != list(generate_ids(model, prompt, 25, temperature=1.2, top_k=0, top_p=0.9, seed=5))
+    # top_p = 1 leaves the seeded stories exactly as they were before top-p existed
+    assert list(generate_ids(model, prompt, 25, temperature=0.8, top_k=40, seed=2)) == \
+        list(generate_ids(model, prompt, 25, temperature=0.8, top_k=40, seed=2, top_p=1.0))
