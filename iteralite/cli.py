@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from iteralite.io.errors import IteraliteError
+from iteralite.io.text import decode_utf8
 
 
 def _load(args):
@@ -98,11 +99,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
             raise IteraliteError(f"{name}: is a directory, not a prompt file") from None
         except OSError as e:  # permission denied, a symlink loop, ...
             raise IteraliteError(f"{name}: cannot read the prompt file: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8").removeprefix("\ufeff")  # a BOM (Windows editors) is not text
-    except UnicodeDecodeError as e:
-        raise IteraliteError(f"{name}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at offset "
-                             f"{e.start})") from None
+    text = decode_utf8(data, name).removeprefix("\ufeff")  # a BOM (Windows editors) is not text
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 

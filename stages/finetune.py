@@ -1,4 +1,5 @@
-"""Stage `finetune@<ratio>`: recovery fine-tuning of a pruned model (QAT on, distilled from FP32)."""
+"""Stage `finetune@<ratio>`: recovery fine-tuning of a pruned model (QAT on, distilled from FP32);
+step metrics in dvclive/finetune_<ratio>."""
 import json
 
 from iteralite.io.checkpoint import load_model
@@ -12,6 +13,7 @@ from iteralite.quant.config import quant_config
 from iteralite.quant.qat import QATConfig, qat
 from iteralite.quant.spec import QuantSpec
 from iteralite.quant.swap import dequantize_model
+from iteralite.train.live import stage_live
 
 
 def main():
@@ -21,8 +23,9 @@ def main():
     src = paths.ratio_ckpt("prune", text)
     pruned, _ = load_model(src)
     spec = QuantSpec(bits=4, group_size=cfg.group_size, symmetric=cfg.symmetric, method="rtn")
-    model, stats = qat(base.model, spec, base.train_tokens, cfg, student=dequantize_model(pruned),
-                       desc=f"finetune {text}")
+    with stage_live(paths.live_dir("finetune", text)) as live:
+        model, stats = qat(base.model, spec, base.train_tokens, cfg, student=dequantize_model(pruned),
+                           desc=f"finetune {text}", live=live)
     _, metrics = publish(paths.ratio_ckpt("finetune", text), model, base, kind="int4-pruned-finetuned",
                          quant=quant_config(model), meta={"stage": "finetune", "parent": src, **stats})
     with open(paths.ratio_metrics("prune", text)) as f:

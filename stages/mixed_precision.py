@@ -1,6 +1,7 @@
 """Stage `mixed_precision`: the smallest allocation of per-tensor precisions inside a quality budget,
 fine-tuned, packed and entropy-coded (compact checkpoint layout), beside uniform precisions and the
-plan's manual map for comparison (stored the same way)."""
+plan's manual map for comparison (stored the same way); the fine-tunes' step metrics in
+dvclive/mixed_precision."""
 import dataclasses
 import math
 import os
@@ -17,6 +18,7 @@ from iteralite.quant.allocate import sizes_table, summarize
 from iteralite.quant.config import mixed_config
 from iteralite.quant.qat import QATConfig
 from iteralite.quant.swap import dequantize_model
+from iteralite.train.live import stage_live
 
 
 def main():
@@ -29,7 +31,8 @@ def main():
                                learned_range=cfg.learned_range)
     base = load_baseline()
     start = dequantize_model(load_model(src)[0])
-    res = run_mixed(base.model, start, base.train_tokens, cfg, qcfg, dev=base.dev_tokens)
+    with stage_live(paths.live_dir("mixed_precision")) as live:
+        res = run_mixed(base.model, start, base.train_tokens, cfg, qcfg, dev=base.dev_tokens, live=live)
     sizes = sizes_table(start, cfg.precisions, cfg.group_size, cfg.scale_bits)
     meta = {"stage": "mixed_precision", "parent": src}
 

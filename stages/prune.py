@@ -1,4 +1,5 @@
-"""Stage `prune@<ratio>`: iterative structured pruning of the QAT model with recovery, 4-bit export."""
+"""Stage `prune@<ratio>`: iterative structured pruning of the QAT model with recovery, 4-bit export;
+the recoveries' step metrics in dvclive/prune_<ratio>."""
 from iteralite.io.checkpoint import load_model
 from iteralite.io.params import load_section
 from iteralite.pipeline import paths
@@ -11,6 +12,7 @@ from iteralite.quant.config import quant_config
 from iteralite.quant.qat import QATConfig
 from iteralite.quant.spec import QuantSpec
 from iteralite.quant.swap import make_spec_for, quantize
+from iteralite.train.live import stage_live
 
 
 def main():
@@ -20,8 +22,9 @@ def main():
     base = load_baseline()
     qat_model, _ = load_model(paths.QAT_CKPT)
     spec = QuantSpec(bits=4, group_size=ft.group_size, symmetric=ft.symmetric, method="rtn")
-    model, report, history = prune_with_recovery(qat_model, base.model, base.train_tokens, ratio, cfg, spec, ft,
-                                                 dev=base.dev_tokens)
+    with stage_live(paths.live_dir("prune", text)) as live:
+        model, report, history = prune_with_recovery(qat_model, base.model, base.train_tokens, ratio, cfg, spec, ft,
+                                                     dev=base.dev_tokens, live=live)
     packed = quantize(model, make_spec_for(spec, tuple(ft.keep_float)))
     _, metrics = publish(paths.ratio_ckpt("prune", text), packed, base, kind="int4-pruned", quant=quant_config(packed),
                          meta={"stage": "prune", "parent": paths.QAT_CKPT, "ratio": ratio})

@@ -1,4 +1,5 @@
-"""Stage `qat`: quantization-aware training from FP32 (fake quant + distillation), packed export."""
+"""Stage `qat`: quantization-aware training from FP32 (fake quant + distillation), packed export;
+step metrics in dvclive/qat."""
 from iteralite.io.params import load_section
 from iteralite.pipeline import paths
 from iteralite.pipeline.artifacts import publish
@@ -7,13 +8,15 @@ from iteralite.pipeline.stage import run, write_metrics
 from iteralite.quant.config import quant_config
 from iteralite.quant.qat import QATConfig, qat
 from iteralite.quant.spec import QuantSpec
+from iteralite.train.live import stage_live
 
 
 def main():
     cfg = load_section(QATConfig, "qat")
     base = load_baseline()
     spec = QuantSpec(bits=4, group_size=cfg.group_size, symmetric=cfg.symmetric, method="rtn")
-    model, stats = qat(base.model, spec, base.train_tokens, cfg)
+    with stage_live(paths.live_dir("qat")) as live:
+        model, stats = qat(base.model, spec, base.train_tokens, cfg, live=live)
     _, metrics = publish(paths.QAT_CKPT, model, base, kind="int4-qat", quant=quant_config(model),
                          meta={"stage": "qat", "parent": paths.FP32_CKPT, **stats})
     write_metrics(paths.QAT_METRICS, {**metrics, **stats, "group_size": cfg.group_size, "symmetric": cfg.symmetric})

@@ -1,5 +1,6 @@
 """Stage `student`: the fine-tuned pruned model cut in width (d_model) and depth (layers) by
-activation importance on the dev split, then distilled from FP32 for a budget of training tokens."""
+activation importance on the dev split, then distilled from FP32 for a budget of training tokens;
+step metrics in dvclive/student."""
 import os
 
 from iteralite.io.checkpoint import load_model
@@ -11,6 +12,7 @@ from iteralite.pipeline.baseline import load_baseline
 from iteralite.pipeline.stage import run, write_metrics
 from iteralite.pipeline.student import StudentConfig, make_student
 from iteralite.quant.swap import dequantize_model
+from iteralite.train.live import stage_live
 
 
 def main():
@@ -20,8 +22,9 @@ def main():
         raise ParamsError(f"params: 'student.from_ratio' {cfg.from_ratio}: {src} does not exist; "
                           "use a ratio from prune.ratios (its finetune stage writes that file)")
     base = load_baseline()
-    model, info = make_student(base.model, dequantize_model(load_model(src)[0]), base.train_tokens,
-                               base.dev_tokens, cfg)
+    with stage_live(paths.live_dir("student")) as live:
+        model, info = make_student(base.model, dequantize_model(load_model(src)[0]), base.train_tokens,
+                                   base.dev_tokens, cfg, live=live)
     _, metrics = publish(paths.STUDENT_CKPT, model, base, kind="student", quant=None,
                          meta={"stage": "student", "parent": src})
     write_metrics(paths.STUDENT_METRICS, {**metrics, "from": src, "d_model": model.cfg.d_model,

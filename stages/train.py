@@ -1,4 +1,9 @@
-"""Stage `train`: the FP32 SSM+MoE baseline on the training split; validation metrics."""
+"""Stage `train`: the FP32 SSM+MoE baseline on the training split; validation metrics; step metrics
+in dvclive/train.
+
+Data-parallel over `train.nproc` processes started by torchrun's launcher (dvc.yaml's cmd:
+`python -m iteralite.train.torchrun --standalone --nproc-per-node ${train.nproc} stages/train.py`);
+a plain `python stages/train.py` is one process. Rank 0 alone writes."""
 from pathlib import Path
 
 from iteralite.core.config import ModelConfig
@@ -10,7 +15,9 @@ from iteralite.pipeline import paths
 from iteralite.pipeline.artifacts import artifact_meta
 from iteralite.pipeline.dvcfile import code_digest
 from iteralite.pipeline.stage import run, write_metrics
+from iteralite.train import dist
 from iteralite.train.evaluate import EvalConfig, Evaluator
+from iteralite.train.live import stage_live
 from iteralite.train.loop import TrainConfig, train
 
 
@@ -22,13 +29,17 @@ def main():
     model_cfg = from_dict(ModelConfig, {**raw, "vocab_size": vocab}, "model")
     cfg = load_section(TrainConfig, "train")
     eval_cfg = load_section(EvalConfig, "eval")
-    model, stats = train(model_cfg, cfg, eval_cfg, tok_dir=paths.TOKENIZER_DIR, resume_path=paths.TRAIN_RESUME,
-                         curve_path=paths.TRAIN_CURVE, code=code_digest("train"))
-    quality = Evaluator(eval_cfg, paths.TOKENIZER_DIR)(model)
-    size = save_checkpoint(paths.FP32_CKPT, model, kind="fp32", tokenizer_sha256=file_sha256(paths.TOKENIZER_JSON),
-                           meta=artifact_meta({"stage": "train", **stats, **quality}))
-    Path(paths.TRAIN_RESUME).unlink(missing_ok=True)
-    write_metrics(paths.TRAIN_METRICS, {"params": model.num_params(), "size_bytes": size, **quality, **stats})
+    dist.check_world(cfg.nproc)
+    with dist.session(cfg.device) as env, stage_live(paths.live_dir("train"), enabled=env.is_main) as live:
+        model, stats = train(model_cfg, cfg, eval_cfg, tok_dir=paths.TOKENIZER_DIR, resume_path=paths.TRAIN_RESUME,
+                             code=code_digest("train"), live=live, env=env)
+        if not env.is_main:
+            return
+        quality = Evaluator(eval_cfg, paths.TOKENIZER_DIR)(model)
+        size = save_checkpoint(paths.FP32_CKPT, model, kind="fp32", tokenizer_sha256=file_sha256(paths.TOKENIZER_JSON),
+                               meta=artifact_meta({"stage": "train", **stats, **quality}))
+        Path(paths.TRAIN_RESUME).unlink(missing_ok=True)
+        write_metrics(paths.TRAIN_METRICS, {"params": model.num_params(), "size_bytes": size, **quality, **stats})
 
 
 if __name__ == "__main__":

@@ -284,10 +284,18 @@ def _ref_story(runtime_model, tok, prompt: str, n: int, temperature: float, top_
     return prompt + tok.decode(out[:out.index(eot)] if eot in out else out) + "\n"
 
 
+# What `generate --max-new-tokens 12 --seed 5` (temperature 0.8, top-k 40) prints for `_packed`'s
+# artifact (an untrained model: bytes, not words) on every runtime. Without --top-p it was printed by
+# the code before --top-p existed (e45726e^): the flag's default leaves seeded stories as they were.
+GOLDEN_STORY = "Once upon a time\ufffd\ufffd\ufffdxDLg btleGWW\n"
+GOLDEN_STORY_TOP_P_09 = "Once upon a time\ufffd\ufffd\ufffdxDL\x0f\ufffd\x15GWW\n"
+
+
 @pytest.mark.parametrize("runtime", ["native", "fused", "eager", "auto"])
 def test_top_p_on_every_runtime_matches_the_reference_sampler(ckpt, tok_dir, tmp_path, capsys, runtime):
     """A packed artifact on each runtime: the story equals the reference sampler's on that runtime's
-    logits; the same seed repeats it; a tiny P is greedy; P = 1 is the story without --top-p."""
+    logits; the same seed repeats it; a tiny P is greedy; with P = 1 or no --top-p it is the story
+    the code before --top-p printed."""
     from argparse import Namespace
 
     from iteralite.cli import RUNTIMES
@@ -305,7 +313,9 @@ def test_top_p_on_every_runtime_matches_the_reference_sampler(ckpt, tok_dir, tmp
     assert story == _ref_story(rt, tok, "Once upon a time", 12, 1.3, 0, 0.9, 3)
     assert run("--temperature", "1.3", "--top-k", "0", "--top-p", "0.9", "--seed", "3") == story
     assert run("--temperature", "1.5", "--top-k", "5", "--top-p", "1e-9", "--seed", "7") == run("--temperature", "0")
-    assert run("--seed", "5", "--top-p", "1") == run("--seed", "5")
+    assert run("--seed", "5") == GOLDEN_STORY
+    assert run("--seed", "5", "--top-p", "1") == GOLDEN_STORY
+    assert run("--seed", "5", "--top-p", "0.9") == GOLDEN_STORY_TOP_P_09
 
 
 @pytest.mark.parametrize("args,msg", [

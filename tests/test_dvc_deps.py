@@ -108,8 +108,14 @@ def covered(rel: str, deps: list[str]) -> bool:
 
 
 def script_of(root: Path, cmd) -> str | None:
-    """The python file a stage's cmd runs: `python stages/x.py ...` or `python -m PKG.x`."""
-    for line in cmd if isinstance(cmd, list) else [cmd]:
+    """The python file a stage's cmd runs: `python stages/x.py ...` (also when a launcher runs it:
+    `python -m PKG.launcher ... stages/x.py`), else `python -m PKG.x`."""
+    lines = cmd if isinstance(cmd, list) else [cmd]
+    for line in lines:
+        for tok in shlex.split(line):
+            if tok.endswith(".py") and "${" not in tok:
+                return tok
+    for line in lines:
         toks = shlex.split(line)
         for i, tok in enumerate(toks):
             if tok == "-m" and i + 1 < len(toks):
@@ -117,8 +123,6 @@ def script_of(root: Path, cmd) -> str | None:
                 if f is not None and f.name == "__init__.py":
                     f = f.with_name("__main__.py")
                 return f.relative_to(root).as_posix() if f else toks[i + 1]
-            if tok.endswith(".py") and "${" not in tok:
-                return tok
     return None
 
 
@@ -164,6 +168,31 @@ def test_listed_code_deps_exist():
              for d in deps if "${" not in d and d.split("/")[0] in (PKG, "stages")
              and not (ROOT / d).exists()]
     assert not stale, "\n".join(stale)
+
+
+def launcher_modules(cmd: str) -> list[str]:
+    """Files of the package modules a cmd runs with `python -m` (the train stage's launcher)."""
+    words = shlex.split(cmd)
+    found = []
+    for i, w in enumerate(words[:-1]):
+        if w == "-m" and words[i + 1].startswith(f"{PKG}."):
+            path = module_file(ROOT, words[i + 1])
+            found.append(str(path.relative_to(ROOT)) if path else words[i + 1])
+    return found
+
+
+def test_modules_run_with_python_m_are_listed_with_their_imports():
+    doc = yaml.safe_load(DVC_YAML.read_text())["stages"]
+    problems = []
+    for name, st in doc.items():
+        deps = [d if isinstance(d, str) else next(iter(d)) for d in st.get("deps", [])]
+        for mod in launcher_modules(st.get("cmd", "")):
+            if not (ROOT / mod).is_file():
+                problems.append(f"stage '{name}' runs {mod}, which is no file under {PKG}/")
+                continue
+            problems += [f"stage '{name}' runs {mod} -> {rel} but dvc.yaml does not list it"
+                         for rel in sorted(closure(ROOT, ROOT / mod)[0]) if not covered(rel, deps)]
+    assert not problems, "\n".join(problems)
 
 
 # --- the resolver itself, on a fake package -------------------------------------------------

@@ -10,6 +10,7 @@ next to the interpreter's.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,8 +73,13 @@ def peak_rss(kind: str, path, n_tokens: int = 32, timeout: float = 900) -> dict:
     with torch and iteralite imported, before loading) and peak_minus_baseline_mb.
     A peer's peak includes the FP32 model it is built from: that is how a peer is obtained."""
     variants.variant_kind(kind)  # an unknown kind fails here, not in the child
-    args = [sys.executable, "-c", _CHILD, kind, str(Path(path).resolve()), str(n_tokens)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    # the child imports this very package (with its built native library), not a copy of the
+    # sources in the working folder: `-P` keeps the folder off sys.path (a queued DVC experiment
+    # runs in a temporary checkout without build outputs), PYTHONPATH names the package's root
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    args = [sys.executable, "-P", "-c", _CHILD, kind, str(Path(path).resolve()), str(n_tokens)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RSS ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"memory probe of '{kind}' failed (exit {proc.returncode}): {proc.stderr[-2000:]}")

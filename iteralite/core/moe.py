@@ -69,7 +69,7 @@ class MoE(nn.Module):
             start += cnt
             tok = idx // self.top_k
             y = self.experts.run(e, xf.index_select(0, tok))
-            out.index_add_(0, tok, y * flat_gates[idx, None])
+            out.index_add_(0, tok, (y * flat_gates[idx, None]).to(out.dtype))  # bf16 under autocast
         # Switch-Transformer balance loss: e * sum_i (fraction routed to i) * (mean prob of i)
         frac = counts.to(xf.dtype) / flat_e.numel()
         aux = n_exp * (frac * probs.mean(0)).sum()

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator
 from iteralite.io.errors import DataError
 from iteralite.io.atomic import atomic_path
 from iteralite.io.params import check
+from iteralite.io.text import decode_utf8
 
 EOT = "<|endoftext|>"
 _EOT_BYTES = EOT.encode("utf-8")
@@ -41,6 +42,10 @@ StoryBatches = Iterator[list[str]]
 
 @dataclass
 class DataConfig:
+    """The `data` section. With `max_train_stories`/`max_valid_stories` set, a local split file is
+    read only up to the chunk that holds its last kept story, so a bad byte further on is never read
+    and is not an error."""
+
     source: str = "data/raw/tinystories"  # a folder with train.txt and valid.txt, or "hub"
     hub_name: str = "roneneldan/TinyStories"  # dataset id (or a local dataset folder) for source: hub
     max_train_stories: int = 0  # 0 = all; counted before the dev split is carved out
@@ -57,10 +62,7 @@ class DataConfig:
 
 def _decode(raw: bytes, path: Path, offset: int = 0) -> str:
     """`raw` (found at byte `offset` of `path`) as UTF-8; a bad byte is a one-line DataError."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {offset + e.start})") from None
+    return decode_utf8(raw, str(path), DataError, offset)
 
 
 def read_utf8(path: Path) -> str:
@@ -72,13 +74,14 @@ def split_stories(text: str) -> list[str]:
     return [s.strip() for s in text.split(EOT) if s.strip()]
 
 
-def join_stories(stories: Iterable[str]) -> str:
-    return "".join(f"{s}\n{EOT}\n" for s in stories)
-
-
 def _story_record(story: bytes) -> bytes:
-    """One story as `join_stories` writes it, in UTF-8."""
+    """One story (UTF-8) as the story files hold it: the text, a newline, `<|endoftext|>`, a newline."""
     return story + b"\n" + _EOT_BYTES + b"\n"
+
+
+def join_stories(stories: Iterable[str]) -> str:
+    """The text of a story file holding `stories` (the in-memory twin of the streamed writers)."""
+    return b"".join(_story_record(s.encode("utf-8")) for s in stories).decode("utf-8")
 
 
 def iter_story_batches(path: str | Path, chunk_bytes: int | None = None,
@@ -290,9 +293,8 @@ def prepare(cfg: DataConfig, out_dir: str | Path = "data/prepared") -> dict:
     n_valid, valid_bytes = _write_stories(valid_src(), out_dir / "valid.txt")
     stats = {k: counts[k] for k in ("train_stories", "train_bytes", "dev_stories", "dev_bytes")}
     stats.update(valid_stories=n_valid, valid_bytes=valid_bytes)
-    tmp = out_dir / ".wikitext2_test.txt.tmp"
-    shutil.copyfile(wiki, tmp)
-    tmp.replace(out_dir / "wikitext2_test.txt")
+    with atomic_path(out_dir / "wikitext2_test.txt") as tmp:
+        shutil.copyfile(wiki, tmp)
     stats["wikitext2_bytes"] = wiki.stat().st_size
     stats.update({k: counts[k] for k in ("train_dropped_in_valid", "train_dropped_dev_copies")})
     stats["source"] = cfg.source if cfg.source != "hub" else f"hub:{cfg.hub_name}"

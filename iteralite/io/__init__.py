@@ -8,5 +8,6 @@ Modules:
     checkpoint  safetensors checkpoints with a checked JSON header (config, quant config,
                 tokenizer id, checksum); loading never unpickles
     compact     the compact checkpoint layout: one blob, a varint index, integer codes entropy-coded
+    text        UTF-8 decoding with a one-line error naming the bad byte and its offset
     plotting    the one headless-pyplot and atomic-PNG helper every report uses
 """

@@ -4,6 +4,7 @@ Modules:
     paths          every artifact path, in one place
     sections       params.yaml section -> its config dataclass (one registry)
     stage          the stage runner (one clear line and exit 2 on a user error) and metric files
+    headline       the numbers people compare: each stage's headline metrics (the declared metrics)
     baseline       what every post-training stage starts from (FP32 model, metrics, evaluator)
     artifacts      save, reload, score: the common end of every model-producing stage
     int4           the int4 stage: every 4-bit method as a packed artifact

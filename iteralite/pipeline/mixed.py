@@ -18,6 +18,7 @@ from iteralite.quant.allocate import (UNIT_TYPES, manual_allocation, monotone, o
 from iteralite.quant.calibrate import mean_loss, windows
 from iteralite.quant.qat import distill_quantized
 from iteralite.quant.spec import SCALE_BITS
+from iteralite.train.live import log_point, log_summary
 from iteralite.train.loop import check_stream
 from iteralite.quant.units import allocation_spec_for, parse_precision, precision_name, quantize_allocation, units
 
@@ -118,12 +119,14 @@ def round_leftovers_(model: nn.Module, bits: int = 0) -> nn.Module:
 
 
 def finetune_allocation(start: nn.Module, teacher: nn.Module, data: torch.Tensor, allocation: dict,
-                        cfg: MixedConfig, qat_cfg, progress: bool = True, desc: str = "mixed finetune"):
+                        cfg: MixedConfig, qat_cfg, progress: bool = True, desc: str = "mixed finetune", *,
+                        live=None, step_offset: int = 0, round_index: int | None = None):
     """(packed mixed model, stats): distill a fake-quantized copy of `start`, export it and round
-    its float leftovers as stored (so every check measures the stored model)."""
+    its float leftovers as stored (so every check measures the stored model). live, step_offset,
+    round_index: the stage's dvclive logger and where this fine-tune's steps go."""
     model, stats = distill_quantized(copy.deepcopy(start), teacher, data,
                                      allocation_spec_for(allocation, cfg.group_size, cfg.scale_bits), qat_cfg,
-                                     progress, desc)
+                                     progress, desc, live=live, step_offset=step_offset, round_index=round_index)
     return round_leftovers_(model, cfg.leftover_bits), stats
 
 
@@ -172,10 +175,13 @@ def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bit
 
 
 def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: MixedConfig, qat_cfg,
-              progress: bool = True, *, dev: torch.Tensor) -> MixedRun:
+              progress: bool = True, *, dev: torch.Tensor, live=None) -> MixedRun:
     """The whole stage's computation on a float starting model (see the module docstring).
     `data`: the training tokens (the fine-tunes distil on them); `dev`: the dev tokens (the profile,
-    the budget and every check of it)."""
+    the budget and every check of it). `live`: the stage's dvclive logger or None; every fine-tune
+    logs on one step counter with `round` = its place in the order they run (0 the headline
+    allocation, then one per slack round that fine-tunes, then the int4 control), and its dev
+    loss at its last step."""
     check_stream(dev, cfg.seq_len, "mixed_precision", "mixed_precision.seq_len", "dev")
     check_stream(data, qat_cfg.seq_len, "mixed_precision", "finetune.seq_len")
     wins = windows(dev, cfg.sens_samples, cfg.seq_len, cfg.seed)
@@ -196,9 +202,16 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
     manual = manual_allocation(shapes, cfg.manual)
     candidates["manual"] = (stored_allocation(start, manual, cfg), manual)
 
+    logged, rounds = 0, 0  # dvclive steps and fine-tunes so far
+
     def fit(alloc, desc="mixed finetune"):
-        m, st = finetune_allocation(start, teacher, data, alloc, cfg, qat_cfg, progress, desc)
-        return m, st, mean_loss(m, wins, cfg.batch_size)
+        nonlocal logged, rounds
+        m, st = finetune_allocation(start, teacher, data, alloc, cfg, qat_cfg, progress, desc, live=live,
+                                    step_offset=logged, round_index=rounds)
+        logged, rounds = logged + qat_cfg.steps, rounds + 1
+        loss = mean_loss(m, wins, cfg.batch_size)
+        log_point(live, logged, {"dev_loss": loss})
+        return m, st, loss
 
     model, stats, final = fit(headline)
     if cfg.policy == "optimized" and cfg.objective == "ppl_budget":
@@ -212,6 +225,7 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
     candidates["optimized_before_finetune"] = (stored_allocation(start, opt.allocation, cfg), opt.allocation)
     info["finetune"] = stats
     info["calib_loss_final"] = round(final, 6)
+    log_summary(live, {"final_train_ce": stats["final_train_ce"], "final_dev_loss": final})  # the headline's
     if cfg.control_finetune:
         alloc = uniform_allocation(shapes, CONTROL_PRECISION)
         ctl, ctl_stats, _ = fit(alloc, "control int4 finetune")

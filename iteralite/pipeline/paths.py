@@ -32,7 +32,6 @@ FUSE_METRICS = "metrics/fuse.json"
 BENCH_METRICS = "metrics/benchmark.json"
 BENCH_REPORT = "metrics/report.md"
 
-TRAIN_CURVE = "plots/train_curve.csv"
 SENSITIVITY_PNG, SENSITIVITY_CSV = "plots/sensitivity.png", "plots/sensitivity.csv"
 PRUNE_RATIO_CSV, PRUNE_RATIO_PNG, PRUNE_SPARSITY_PNG = \
     "plots/prune_ratio.csv", "plots/prune_ratio.png", "plots/prune_sparsity.png"

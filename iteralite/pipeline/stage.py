@@ -31,22 +31,26 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
     """Run a stage's main; an IteraliteError, or a disk that refuses a write (full, read-only,
     no permission), prints one clear line and exits with status 2. Before `main`, the folders of
     the stage's outputs (as dvc.yaml lists them) are created and checked for writability, so a
-    read-only folder stops the stage before its expensive work."""
+    read-only folder stops the stage before its expensive work. Under torchrun (RANK set) the
+    "done" line comes from rank 0 only and another rank's error line names its rank."""
     t0 = time.perf_counter()
+    rank = os.environ.get("RANK", "0")
+    label = name if rank == "0" else f"{name} rank {rank}"
     try:
         check_outputs_writable(name)
         main()
     except IteraliteError as e:
-        _fail(name, str(e))
+        _fail(label, str(e))
     except KeyboardInterrupt:
-        print(f"[{name}] interrupted", file=sys.stderr)
+        print(f"[{label}] interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         message = disk_error_message(e)
         if message is None:
             raise  # a bug: keep its traceback
-        _fail(name, message)
-    print(f"[{name}] done in {time.perf_counter() - t0:.1f}s")
+        _fail(label, message)
+    if rank == "0":
+        print(f"[{label}] done in {time.perf_counter() - t0:.1f}s")
 
 
 def _fail(name: str, message: str) -> None:

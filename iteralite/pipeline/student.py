@@ -23,6 +23,7 @@ from iteralite.prune.width import prune_residual
 from iteralite.quant.calibrate import mean_loss, windows
 from iteralite.quant.qat import QATConfig
 from iteralite.train.distill import distill_train
+from iteralite.train.live import log_point, log_summary
 from iteralite.train.loop import check_stream
 
 
@@ -100,9 +101,11 @@ def cut(model: nn.Module, calib: torch.Tensor, d_model: int, n_layers: int, batc
 
 
 def make_student(teacher: nn.Module, start: nn.Module, train: torch.Tensor, dev: torch.Tensor, cfg: StudentConfig,
-                 progress: bool = True) -> tuple[nn.Module, dict]:
+                 progress: bool = True, *, live=None) -> tuple[nn.Module, dict]:
     """Cut `start` (a float model, modified in place) and distil it from `teacher`:
-    (the student, JSON-able stats: what was cut, dev losses, distillation stats)."""
+    (the student, JSON-able stats: what was cut, dev losses, distillation stats). `live`: the
+    stage's dvclive logger or None; the dev loss is logged at step 0 (the cut model) and after the
+    last distillation step."""
     check_cut(start, cfg)
     check_stream(dev, cfg.seq_len, "student", "student.seq_len", "dev")
     calib = windows(dev, cfg.calib_windows, cfg.seq_len, cfg.seed)
@@ -113,8 +116,12 @@ def make_student(teacher: nn.Module, start: nn.Module, train: torch.Tensor, dev:
                 dev_loss_teacher=round(mean_loss(teacher, probe, cfg.batch_size), 6),
                 dev_loss_cut=round(mean_loss(start, probe, cfg.batch_size), 6),
                 distill_tokens=cfg.steps * cfg.batch_size * cfg.seq_len, distill_steps=cfg.steps)
+    log_point(live, 0, {"dev_loss": info["dev_loss_cut"]})
     if cfg.steps:
         check_stream(train, cfg.seq_len, "student", "student.seq_len")
-        info["distill"] = distill_train(start, teacher, train, cfg.distill_config(), progress, "student")
+        info["distill"] = distill_train(start, teacher, train, cfg.distill_config(), progress, "student", live=live)
     info["dev_loss_student"] = round(mean_loss(start, probe, cfg.batch_size), 6)
+    if cfg.steps:
+        log_point(live, cfg.steps, {"dev_loss": info["dev_loss_student"]})
+    log_summary(live, {k: info[k] for k in ("dev_loss_teacher", "dev_loss_cut", "dev_loss_student")})
     return start, info

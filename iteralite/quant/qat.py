@@ -98,17 +98,22 @@ def export(model: nn.Module, chosen: dict) -> nn.Module:
 
 
 def distill_quantized(student: nn.Module, teacher: nn.Module, data: torch.Tensor, spec_for: SpecFor,
-                      cfg: "QATConfig", progress: bool = True, desc: str = "qat"):
+                      cfg: "QATConfig", progress: bool = True, desc: str = "qat", *, live=None,
+                      step_offset: int = 0, round_index: int | None = None):
     """Fake-quantize `student` as `spec_for` says, distill it from `teacher`, export it:
-    (stored model, training stats). Every QAT-style stage goes through here."""
+    (stored model, training stats). Every QAT-style stage goes through here. live, step_offset,
+    round_index: the stage's dvclive logger and where this run's steps go (`distill_train`)."""
     chosen = attach_fake_quant(student, spec_for, learned=cfg.learned_range)
-    stats = distill_train(student, teacher, data, cfg, progress, desc)
+    stats = distill_train(student, teacher, data, cfg, progress, desc, live=live, step_offset=step_offset,
+                          round_index=round_index)
     return export(student, chosen), stats
 
 
 def qat(fp32_model: nn.Module, spec: QuantSpec, data: torch.Tensor, cfg: "QATConfig", progress: bool = True,
-        student: nn.Module | None = None, desc: str = "qat"):
+        student: nn.Module | None = None, desc: str = "qat", *, live=None):
     """FP32 teacher -> (packed quantized model, stats). The student starts as a copy of the
-    teacher unless given (e.g. a pruned, dequantized model for recovery fine-tuning)."""
+    teacher unless given (e.g. a pruned, dequantized model for recovery fine-tuning). live: the
+    stage's dvclive logger or None."""
     student = copy.deepcopy(fp32_model) if student is None else student
-    return distill_quantized(student, fp32_model, data, rtn_spec_for(spec, tuple(cfg.keep_float)), cfg, progress, desc)
+    return distill_quantized(student, fp32_model, data, rtn_spec_for(spec, tuple(cfg.keep_float)), cfg, progress, desc,
+                             live=live)

@@ -7,6 +7,7 @@ the first is predicted from the ones before it. bits per byte = summed negative 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,14 @@ class EvalConfig:
         check(self.max_tokens >= 0, section, "max_tokens", "must be >= 0 (0 = all)")
 
 
+def _device_of(model) -> torch.device:
+    """Where a torch model's weights live (its windows go there); CPU for any other scorer (the
+    native C step, an ONNX Runtime session)."""
+    if isinstance(model, torch.nn.Module):
+        return next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate_tokens(model, tokens: np.ndarray, nbytes: np.ndarray, seq_len: int, batch_size: int,
                     max_tokens: int = 0) -> dict:
@@ -44,13 +53,14 @@ def evaluate_tokens(model, tokens: np.ndarray, nbytes: np.ndarray, seq_len: int,
                         f"tokens{f' (max_tokens={max_tokens})' if max_tokens else ''}")
     windows = torch.from_numpy(tokens[: n_win * seq_len].astype(np.int64)).view(n_win, seq_len)
     nb = torch.from_numpy(nbytes)
+    device = _device_of(model)
     was_training = model.training
     model.eval()
     nll, count, nbyte = 0.0, 0, 0
     for i in range(0, n_win, batch_size):
         w = windows[i:i + batch_size]
         tgt = w[:, 1:]
-        nll += next_token_loss(model, w, reduction="sum")[0].item()
+        nll += next_token_loss(model, w.to(device), reduction="sum")[0].item()  # a CPU model: w itself
         count += tgt.numel()
         nbyte += int(nb[tgt].sum())
     model.train(was_training)

@@ -43,3 +43,14 @@ def test_peak_rss_reports_a_failing_child(tmp_path):
 def test_peak_rss_rejects_an_unknown_kind_before_spawning(fp32_path):
     with pytest.raises(KeyError, match="unknown variant kind 'nope'"):
         memory.peak_rss("nope", fp32_path, n_tokens=1)
+
+
+def test_the_probe_imports_this_package_not_a_copy_in_the_working_folder(fp32_path, tmp_path, monkeypatch):
+    """A queued DVC experiment runs in a temporary checkout (sources, no built native library):
+    the probe child must import the package the parent runs, whatever the working folder holds."""
+    fake = tmp_path / "iteralite"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('the copy in the working folder was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    out = memory.peak_rss("artifact", fp32_path, n_tokens=2)
+    assert out["peak_rss_mb"] >= out["baseline_rss_mb"] > 0

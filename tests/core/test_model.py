@@ -43,3 +43,17 @@ def test_greedy_decode_is_deterministic(model):
     a = list(generate_ids(model, [1, 2, 3], 20, temperature=0))
     b = list(generate_ids(model, [1, 2, 3], 20, temperature=0))
     assert a == b and len(a) == 20
+
+
+def test_forward_and_backward_run_under_bf16_autocast():
+    """train.device cuda trains under bf16 autocast; CPU autocast stands in here (it keeps the
+    router softmax in bf16, the harder case for the expert scatter-add into the float residual)."""
+    torch.manual_seed(0)
+    model = IteraLite(tiny_config())
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, aux = model(x)
+        loss = logits.float().logsumexp(-1).mean() + aux
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -115,6 +115,23 @@ def test_bad_byte_deep_in_a_streamed_file_is_one_line_at_the_whole_file_offset(t
     assert not (tmp_path / "out").exists()
 
 
+def test_bytes_past_the_story_limit_are_not_read(tmp_path, monkeypatch):
+    """With max_train_stories set the file is read only as far as the limit (DataConfig's
+    docstring): a bad byte far past it is no error; without the limit it is."""
+    monkeypatch.setattr(corpus, "READ_BYTES", 64)
+    train = fake_stories(60, 1)
+    src, wiki = _write_raw(tmp_path, train, fake_stories(5, 2))
+    raw = (src / "train.txt").read_bytes()
+    cut = raw.index(train[50].encode()) + 3
+    (src / "train.txt").write_bytes(raw[:cut] + b"\xff" + raw[cut:])
+    cfg = DataConfig(source=str(src), wikitext=str(wiki), dev_stories=2, max_train_stories=20)
+    stats = prepare(cfg, tmp_path / "out")
+    ref, counts = _reference(train, fake_stories(5, 2), 2, max_train=20)
+    _check_against_reference(tmp_path / "out", stats, ref, counts)
+    with pytest.raises(DataError, match=f"invalid byte 0xff at offset {cut}"):
+        prepare(DataConfig(source=str(src), wikitext=str(wiki), dev_stories=2), tmp_path / "all")
+
+
 def _hub_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -10,6 +10,8 @@ from iteralite.io.params import from_dict
 from iteralite.pipeline.mixed import SLACK_NATS, MixedConfig, run_mixed, use_the_slack
 from iteralite.quant.qat import QATConfig
 from iteralite.quant.units import allocation_bits, check_allocation
+from iteralite.train.live import stage_live
+from tests.train.conftest import offline_live, read_live
 
 
 @pytest.mark.parametrize("scale_bits,leftover_bits", [(0, 0), (6, 8)])
@@ -40,6 +42,26 @@ def test_run_mixed_on_a_tiny_model(model, scale_bits, leftover_bits):
         if scale_bits:
             assert all(grid.encode(t)[0] & 0x0F <= scale_bits for t in scales)
             assert all(grid.encode(t)[0] & 0x0F <= leftover_bits for t in floats)
+
+
+def test_finetunes_log_on_one_step_counter(model, tmp_path, monkeypatch):
+    """Every fine-tune (headline, slack rounds, control) into the stage's one logger: 2 steps each
+    on one counter, `round` counting them, each one's dev loss at its last step, and the headline's
+    losses in the summary."""
+    live_root = offline_live(tmp_path, monkeypatch)
+    cfg = from_dict(MixedConfig, {"group_size": 8, "sens_samples": 4, "seq_len": 17, "batch_size": 4,
+                                  "finetune_steps": 2, "max_ppl_delta_pct": 50.0}, "mixed_precision")
+    qcfg = QATConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, threads=1)
+    data = torch.randint(0, model.cfg.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
+    with stage_live(live_root / "mixed") as live:
+        res = run_mixed(model, model, data, cfg, qcfg, progress=False, dev=data.flip(0), live=live)
+    tsvs, summary = read_live(live_root / "mixed")
+    n = len(tsvs["round.tsv"])
+    assert n >= 2  # the headline and the control at least
+    assert tsvs["round.tsv"] == [(2 * (i + 1), float(i)) for i in range(n)]
+    assert [s for s, _ in tsvs["dev/loss.tsv"]] == [s for s, _ in tsvs["train/ce.tsv"]] == [2 * (i + 1) for i in range(n)]
+    assert summary["final_train_ce"] == res.info["finetune"]["final_train_ce"]
+    assert summary["final_dev_loss"] == pytest.approx(res.info["calib_loss_final"], abs=1e-6)
 
 
 @pytest.mark.parametrize("key,value,match", [("scale_bits", 1, "must be 0 \\(fp16 scales\\) or 2..8"),

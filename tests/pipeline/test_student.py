@@ -14,7 +14,9 @@ from iteralite.pipeline.student import StudentConfig, cut, make_student
 from iteralite.prune.activation import activation_scores, channels_to_remove, layers_to_remove
 from iteralite.prune.depth import prune_layers
 from iteralite.prune.width import prune_residual
+from iteralite.train.live import stage_live
 from tests.prune.helpers import build, logits, tokens
+from tests.train.conftest import offline_live, read_live
 
 
 def stream(n=4000, seed=0, vocab=300):
@@ -101,3 +103,16 @@ def test_cuts_score_dev_and_distillation_reads_train(monkeypatch):
     assert out.cfg.d_model == 24 and out.cfg.n_layers == 1
     assert info["params_after"] < info["params_before"]
     assert all(torch.isfinite(p).all() for p in out.parameters())
+
+
+def test_student_logs_its_distillation_and_dev_losses(tmp_path, monkeypatch):
+    """The cut model's dev loss at step 0, the distillation's points, the student's dev loss at the
+    last step; the three dev losses in the summary."""
+    live_root = offline_live(tmp_path, monkeypatch)
+    m = build(n_layers=2)
+    with stage_live(live_root / "student") as live:
+        _, info = make_student(m, copy.deepcopy(m), stream(seed=2), stream(seed=3), cfg(), progress=False, live=live)
+    tsvs, summary = read_live(live_root / "student")
+    assert tsvs["dev/loss.tsv"] == [(0, info["dev_loss_cut"]), (8, info["dev_loss_student"])]
+    assert [s for s, _ in tsvs["train/ce.tsv"]] == [8]
+    assert summary["dev_loss_teacher"] == info["dev_loss_teacher"] and summary["step"] == 8

@@ -15,13 +15,15 @@ from iteralite.prune.recovery import prune_with_recovery
 from iteralite.quant.qat import QATConfig
 from iteralite.quant.spec import QuantSpec
 from iteralite.quant.swap import make_spec_for, quantize
+from iteralite.train.live import stage_live
 from tests.prune.helpers import bigger, logits, tokens
+from tests.train.conftest import offline_live, read_live
 
 RATIO = 0.3
 
 
-def run(recovery_steps: int, dev: torch.Tensor | None = None):
-    cfg = PruneConfig(ratios=[RATIO], importance="magnitude", steps=1, recovery_steps=recovery_steps,
+def run(recovery_steps: int, dev: torch.Tensor | None = None, steps: int = 1, live=None):
+    cfg = PruneConfig(ratios=[RATIO], importance="magnitude", steps=steps, recovery_steps=recovery_steps,
                       calib_batches=1, channel_multiple=8)
     recovery = QATConfig(steps=1, batch_size=2, seq_len=16, warmup_steps=0, group_size=8)
     spec = QuantSpec(bits=4, group_size=8, method="rtn")
@@ -29,7 +31,7 @@ def run(recovery_steps: int, dev: torch.Tensor | None = None):
     data = torch.randint(0, 300, (2000,), generator=torch.Generator().manual_seed(5))
     dev = torch.randint(0, 300, (1500,), generator=torch.Generator().manual_seed(6)) if dev is None else dev
     model, report, history = prune_with_recovery(quantized, bigger(), data, RATIO, cfg, spec, recovery,
-                                                 progress=False, dev=dev)
+                                                 progress=False, dev=dev, live=live)
     return model, report, history, spec, recovery
 
 
@@ -83,3 +85,15 @@ def test_decisions_read_the_dev_split_and_recovery_trains_on_the_training_split(
     run(recovery_steps=1, dev=dev)
     assert seen["calibration"] is dev  # importance, routing and sensitivity batches
     assert seen["recovery"].numel() == 2000  # the training tokens
+
+
+def test_recoveries_log_on_one_step_counter(tmp_path, monkeypatch):
+    """Two pruning steps of 3 recovery steps each into the stage's one logger: steps 3 and 6,
+    `round` 0 and 1, and the last recovery's CE in the summary."""
+    live_root = offline_live(tmp_path, monkeypatch)
+    with stage_live(live_root / "prune") as live:
+        _, _, history, _, _ = run(recovery_steps=3, steps=2, live=live)
+    tsvs, summary = read_live(live_root / "prune")
+    assert tsvs["round.tsv"] == [(3, 0.0), (6, 1.0)]
+    assert [s for s, _ in tsvs["train/ce.tsv"]] == [3, 6]
+    assert summary["step"] == 6 and summary["final_train_ce"] == history[-1]["recovery_ce"]

@@ -59,3 +59,24 @@ def test_evaluate_tokens_too_short_is_a_clear_error(model):
     assert isinstance(err.value, IteraliteError) and not isinstance(err.value, ValueError)
     with pytest.raises(DataError, match=r"got 5 tokens \(max_tokens=5\)"):
         evaluate_tokens(model, np.arange(100, dtype=np.uint16), np.ones(300, dtype=np.int64), 16, 2, max_tokens=5)
+
+
+def test_a_scorer_that_is_no_torch_module_is_scored_like_the_model_it_wraps(model):
+    """The benchmark scores the native C step and ONNX Runtime sessions, which are no nn.Module:
+    their windows stay on the CPU and the numbers equal the wrapped model's."""
+
+    class Wrapped:  # the duck type the scorers share: callable, train()/eval(), .training
+        training = False
+
+        def __call__(self, x):
+            return model(x)
+
+        def eval(self):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+    tokens = np.arange(200, dtype=np.uint16) % model.cfg.vocab_size
+    nbytes = np.ones(model.cfg.vocab_size, dtype=np.int64)
+    assert evaluate_tokens(Wrapped(), tokens, nbytes, 16, 4) == evaluate_tokens(model, tokens, nbytes, 16, 4)

@@ -283,13 +283,24 @@ def test_sampling_probs_equals_its_ref_twin():
     assert checked > 250
 
 
+def _probs_before_top_p(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """The distribution `sample_next` drew from before top-p existed (e45726e^), copied verbatim."""
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
 def test_top_p_one_is_no_filter_and_tiny_top_p_is_the_argmax():
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
         logits = torch.randn(300, generator=g) * 3
         logits[int(logits.argmax()) - 7] = logits.max()  # a tie for the top: argmax takes the lower id
-        for k in (0, 10):
-            assert torch.equal(sampling_probs(logits, 0.7, k, 1.0), sampling_probs(logits, 0.7, k))
+        for k in (0, 10):  # bit for bit the old distribution, whether P = 1 is passed or left out
+            old = _probs_before_top_p(logits, 0.7, k)
+            assert torch.equal(sampling_probs(logits, 0.7, k, 1.0), old)
+            assert torch.equal(sampling_probs(logits, 0.7, k), old)
         assert torch.equal(sampling_probs(logits, 0.7), torch.softmax(logits / 0.7, -1))
         onehot = sampling_probs(logits, 1.3, 0, 1e-9)
         assert onehot.nonzero().flatten().tolist() == [int(logits.argmax())] and float(onehot.max()) == 1.0
@@ -315,6 +326,20 @@ def test_generate_with_top_p_is_seeded_and_tiny_top_p_is_greedy(model):
     a = list(generate_ids(model, prompt, 25, temperature=1.2, top_k=0, top_p=0.9, seed=4))
     assert a == list(generate_ids(model, prompt, 25, temperature=1.2, top_k=0, top_p=0.9, seed=4))
     assert a != list(generate_ids(model, prompt, 25, temperature=1.2, top_k=0, top_p=0.9, seed=5))
-    # top_p = 1 leaves the seeded stories exactly as they were before top-p existed
-    assert list(generate_ids(model, prompt, 25, temperature=0.8, top_k=40, seed=2)) == \
-        list(generate_ids(model, prompt, 25, temperature=0.8, top_k=40, seed=2, top_p=1.0))
+
+
+# The 25 ids the conftest `model` (seeded init: torch.manual_seed(0), tiny_config()) samples after
+# [1, 2, 3] with temperature 0.8, top-k 40, seed 2. Without top-p they were produced by the code
+# before top-p existed (e45726e^), so adding it left seeded stories as they were; the top-p 0.9
+# ids pin the nucleus sampler from here on.
+GOLDEN_IDS = [84, 258, 77, 77, 150, 182, 72, 71, 99, 91, 91, 21, 110, 74, 263, 232, 107, 79, 122, 95, 95, 296,
+              228, 158, 29]
+GOLDEN_IDS_TOP_P_09 = [84, 258, 77, 77, 150, 182, 72, 71, 214, 91, 91, 21, 110, 74, 263, 187, 108, 225, 178, 16,
+                       142, 163, 17, 158, 29]
+
+
+def test_seeded_stories_are_golden(model):
+    kw = dict(temperature=0.8, top_k=40, seed=2)
+    assert list(generate_ids(model, [1, 2, 3], 25, **kw)) == GOLDEN_IDS
+    assert list(generate_ids(model, [1, 2, 3], 25, **kw, top_p=1.0)) == GOLDEN_IDS
+    assert list(generate_ids(model, [1, 2, 3], 25, **kw, top_p=0.9)) == GOLDEN_IDS_TOP_P_09
