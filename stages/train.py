@@ -22,6 +22,8 @@ from iteralite.train.loop import TrainConfig, train
 
 
 def main():
+    if dist.launched():
+        dist.die_with_launcher()  # first: a worker must not outlive a killed launcher
     raw = read_params().get("model") or {}
     if "vocab_size" in raw:
         raise ParamsError("params: 'model.vocab_size' is set by the tokenizer; set 'tokenizer.vocab_size' instead")

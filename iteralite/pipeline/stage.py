@@ -46,11 +46,23 @@ def run(name: str, main: Callable[[], dict | None]) -> None:
         sys.exit(130)
     except Exception as e:
         message = disk_error_message(e)
+        if message is None and rank != "0" and _peer_gone(e):
+            # another process of the data-parallel run stopped first and said why in its own line
+            print(f"[{label}] stopped: another process of the run failed", file=sys.stderr)
+            sys.exit(1)
         if message is None:
             raise  # a bug: keep its traceback
         _fail(label, message)
     if rank == "0":
         print(f"[{label}] done in {time.perf_counter() - t0:.1f}s")
+
+
+def _peer_gone(e: BaseException) -> bool:
+    """A collective that failed because a peer process left (torch.distributed's errors, gloo's
+    "Connection closed by peer")."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"DistError", "DistNetworkError", "DistBackendError", "DistStoreError"}) or \
+        "Connection closed by peer" in str(e) or "Connection reset by peer" in str(e)
 
 
 def _fail(name: str, message: str) -> None:

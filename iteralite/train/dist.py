@@ -93,25 +93,27 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1, key: str
     return torch.device("cuda", local_rank)
 
 
+LAUNCHER_PID = "ITERALITE_LAUNCHER_PID"  # set by iteralite.train.torchrun for its workers
+
+
 def die_with_launcher() -> None:
     """A torchrun worker runs in a session of its own, so killing the launcher (kill -9 of `dvc
     repro`'s process group) would leave it training on and writing outputs behind the next run's
-    back. On Linux ask the kernel to SIGKILL this process when its parent dies (and exit at once if
-    the parent is already gone); elsewhere nothing."""
+    back. On Linux ask the kernel to SIGKILL this process when its parent dies, and stop at once if
+    the parent is no longer the launcher (it died before the request took hold). Elsewhere nothing."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
 
-    parent = os.getppid()
-    if parent == 1:  # already orphaned
-        os._exit(1)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        ok = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # the launcher died before the request took hold
+    launcher = os.environ.get(LAUNCHER_PID)
+    if ok and launcher and os.getppid() != int(launcher):
+        print("[train] the launcher is gone; stopping", file=sys.stderr)
         os._exit(1)
 
 

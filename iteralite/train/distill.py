@@ -16,7 +16,7 @@ import torch
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
-from iteralite.train.live import log_point, log_summary, should_log
+from iteralite.train.live import Throughput, log_point, log_summary, should_log
 from iteralite.train.loop import check_finite, check_finite_model, check_stream, get_batch, lr_at, set_threads
 from iteralite.train.losses import distill_loss
 
@@ -39,7 +39,7 @@ def distill_train(student: torch.nn.Module, teacher: torch.nn.Module, data: torc
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     t0 = time.perf_counter()
     ema = loss_ema = None
-    mark_step, mark_time = 0, t0  # throughput since the last logged point
+    speed = Throughput(0, cfg.batch_size * cfg.seq_len)
     bar = tqdm(range(cfg.steps), disable=not progress, desc=desc, dynamic_ncols=True)
     for step in bar:
         lr = lr_at(cfg, step)
@@ -64,11 +64,8 @@ def distill_train(student: torch.nn.Module, teacher: torch.nn.Module, data: torc
         bar.set_postfix(ce=f"{ema:.3f}")
         done = step + 1
         if live is not None and should_log(done, cfg.steps):
-            now = time.perf_counter()
-            tps = (done - mark_step) * cfg.batch_size * cfg.seq_len / max(1e-9, now - mark_time)
-            mark_step, mark_time = done, now
             log_point(live, step_offset + done, {"train_loss": ema, "distill_loss": loss_ema, "lr": lr,
-                                                 "tokens_per_s": round(tps, 1), "round": round_index})
+                                                 "tokens_per_s": speed.since_last(done), "round": round_index})
     check_finite_model(student, desc)
     student.eval()
     stats = {"steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1), "final_train_ce": round(ema, 5)}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -80,6 +81,19 @@ def log_summary(live, values: dict) -> None:
     for key, value in values.items():
         if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
             live.summary[key] = value
+
+
+class Throughput:
+    """Training tokens per second between logged points (the `tokens_per_s` step metric)."""
+
+    def __init__(self, step: int, tokens_per_step: int):
+        self.step, self.time, self.tokens_per_step = step, time.perf_counter(), tokens_per_step
+
+    def since_last(self, step: int) -> float:
+        now = time.perf_counter()
+        tps = (step - self.step) * self.tokens_per_step / max(1e-9, now - self.time)
+        self.step, self.time = step, now
+        return round(tps, 1)
 
 
 def should_log(done: int, steps: int) -> bool:

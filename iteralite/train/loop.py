@@ -38,7 +38,7 @@ from tqdm import tqdm
 from iteralite.core.config import ModelConfig
 from iteralite.train.dist import DEVICES, DistEnv, broadcast_float, mean_over_ranks, resolve_device
 from iteralite.train.evaluate import EvalConfig, Evaluator, evaluate_tokens
-from iteralite.train.live import log_point, log_summary, should_log
+from iteralite.train.live import Throughput, log_point, log_summary, should_log
 from iteralite.train.losses import next_token_loss
 from iteralite.io.errors import DataError, DivergedError, ParamsError
 from iteralite.io.stfile import save_tensors
@@ -81,7 +81,7 @@ class TrainConfig(ScheduleConfig):
     eval_every: int = 250
     eval_tokens: int = 65536  # validation tokens scored at each periodic evaluation
     checkpoint_every: int = 100
-    device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda; bf16 autocast on CUDA
+    device: str = "cpu"  # cpu | cuda (bf16 autocast) | auto (CUDA when available): the artifact depends on it
     nproc: int = 1  # data-parallel processes (torchrun --nproc-per-node); each takes batch_size / nproc windows
 
     def validate(self, section: str = "train") -> None:
@@ -238,6 +238,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok
         start, elapsed, curve, loss_ema, recent = resumed
         if env.is_main:
             print(f"[train] resuming at step {start} from {resume_path}")
+    if broadcast_float(float(start), env) != start:  # every rank must take rank 0's decision
+        raise DataError(f"process {env.rank} read {resume_path} differently from process 0 (step {start}); "
+                        "delete it and rerun")
     for point in curve:  # the declared dvclive outputs were deleted before the run: log the history again
         log_point(live, point["step"], point)
     net = model
@@ -251,7 +254,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok
     t0 = time.perf_counter() - elapsed
     recent = deque(recent, maxlen=cfg.eval_every)  # training CE of the last eval interval
     step_tokens = cfg.batch_size * cfg.seq_len  # the global batch, all processes together
-    mark_step, mark_time = start, time.perf_counter()  # throughput since the last logged point
+    speed = Throughput(start, step_tokens)
     for step in bar:
         lr = lr_at(cfg, step)
         for g in opt.param_groups:
@@ -279,10 +282,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok
             check_finite("training", step, cfg.steps, val, 0.0, lr, "'train.lr'")
             model.train()
         if should_log(done, cfg.steps) or val is not None:
-            now = time.perf_counter()
-            tps = (done - mark_step) * step_tokens / max(1e-9, now - mark_time)
-            mark_step, mark_time = done, now
-            point = {"step": done, "train_loss": loss_ema, "val_loss": val, "lr": lr, "tokens_per_s": round(tps, 1)}
+            point = {"step": done, "train_loss": loss_ema, "val_loss": val, "lr": lr,
+                     "tokens_per_s": speed.since_last(done)}
             curve.append(point)
             log_point(live, done, point)
         bar.set_postfix(loss=f"{loss_ema:.3f}", **({"val": f"{val:.3f}"} if val is not None else {}))
@@ -297,7 +298,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, eval_cfg: EvalConfig, *, tok
              "train_seconds": round(train_seconds, 1),
              "train_tokens_per_s": round((cfg.steps - start) * cfg.batch_size * cfg.seq_len
                                          / max(1e-9, train_seconds - elapsed), 1),
-             "final_train_loss": round(loss_ema, 5), "resumed_from_step": start}
+             "final_train_loss": round(loss_ema, 5), "resumed_from_step": start,
+             # where and how it trained: the FP32 artifact depends on it
+             "device": env.device.type, "precision": "bf16-autocast" if env.device.type == "cuda" else "fp32",
+             "world_size": env.world_size}
     if recent:
         stats["train_loss_final"] = round(sum(recent) / len(recent), 5)
     model = model.cpu()  # every later use (scoring, checkpoint) is on the CPU

@@ -13,9 +13,25 @@ ${train.nproc} stages/train.py`.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 STAGE_ERROR = 2  # `pipeline.stage.run`'s status after printing its one-line error
+
+
+def _quiet_elastic_logs() -> None:
+    """torch.distributed's loggers each carry their own level: silence every one of them (the
+    agent's failure and signal lines; the worker's own line says why)."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _threads_per_worker(nproc: int) -> None:
+    """torchrun gives each of several workers OMP_NUM_THREADS=1 (and prints a banner saying so):
+    split the cores between them instead, unless the caller chose."""
+    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
 
 
 def main(argv: list[str]) -> int:
@@ -23,9 +39,13 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from iteralite.train.dist import LAUNCHER_PID
+
     args = parse_args(argv)
-    elastic = logging.getLogger("torch.distributed.elastic")
-    elastic.setLevel(logging.CRITICAL)  # its "failed (exitcode: 2)" line; the worker said why
+    nproc = args.nproc_per_node
+    _threads_per_worker(int(nproc) if str(nproc).isdigit() else 1)
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers' parent: they die with it
+    _quiet_elastic_logs()
     try:
         run(args)
         return 0
@@ -34,6 +54,8 @@ def main(argv: list[str]) -> int:
         code = failure.exitcode
         if code != STAGE_ERROR:
             print(f"[torchrun] worker rank {rank} failed with exit status {code}", file=sys.stderr)
+        if code < 0:  # killed by signal -code
+            return 128 - code
         return code if 0 < code < 256 else 1
     except SignalException as e:  # Ctrl-C or a kill reached the launcher; the workers were stopped
         print(f"[torchrun] stopped by {e.sigval.name}", file=sys.stderr)

@@ -219,3 +219,34 @@ def test_other_os_errors_are_bugs_with_a_traceback():
 
     with pytest.raises(FileNotFoundError):
         run("train", main)
+
+
+def test_under_torchrun_rank_0_says_done_and_another_rank_names_itself(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    run("data", lambda: None)
+    assert "[data] done in" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "1")
+    run("data", lambda: None)
+    assert capsys.readouterr().out == ""  # one "done" line per run, from rank 0
+
+    def bad():
+        raise ParamsError("params: 'train.lr' must be > 0")
+    with pytest.raises(SystemExit) as e:
+        run("data", bad)
+    assert e.value.code == 2 and capsys.readouterr().err == "[data rank 1] error: params: 'train.lr' must be > 0\n"
+
+
+def test_a_rank_whose_peer_left_stops_with_one_line_and_rank_0_keeps_a_bugs_traceback(monkeypatch, capsys):
+    def peer_left():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:123")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        run("data", peer_left)
+    assert e.value.code == 1
+    assert capsys.readouterr().err == "[data rank 1] stopped: another process of the run failed\n"
+    monkeypatch.setenv("RANK", "0")  # rank 0 has no peer to blame: a bug keeps its traceback
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        run("data", peer_left)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ZeroDivisionError):  # and so does a plain bug on any rank
+        run("data", lambda: 1 / 0)

@@ -19,7 +19,7 @@ from iteralite.train.loop import TrainConfig, train
 from tests.conftest import tiny_config
 
 TINY = dict(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=6,
-            eval_tokens=512, checkpoint_every=4, threads=1)
+            eval_tokens=512, checkpoint_every=4, threads=1, device="cpu")
 EVAL = EvalConfig(seq_len=32, batch_size=8, max_tokens=2048)
 RUNS = {"aux": {}, "no_aux": {"aux_loss_coef": 0.0}}  # name -> TrainConfig overrides
 
@@ -145,6 +145,9 @@ def test_the_launcher_passes_a_worker_error_on_as_its_own_line(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 3 and "Traceback" not in p.stderr
     assert any(line.startswith("[torchrun] worker rank") for line in p.stderr.splitlines()), p.stderr
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")  # killed: 128 + 9, as a shell says
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 137 and "Traceback" not in p.stderr, p.stderr
 
 
 def test_a_worker_dies_with_its_launcher(tmp_path):
