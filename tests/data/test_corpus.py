@@ -45,11 +45,8 @@ def test_non_utf8_bytes(tmp_path):
         prepare(DataConfig(source=str(src), wikitext=str(wiki), dev_stories=2), tmp_path / "out")
 
 
-def test_hub_path_with_local_dataset_files(tmp_path, monkeypatch):
+def test_hub_path_with_local_dataset_files(tmp_path, hub_offline):
     """source: hub goes through datasets.load_dataset; here pointed at local JSON files, offline."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     ds_dir = tmp_path / "TinyStories"
     ds_dir.mkdir()
     for split, stories in (("train", fake_stories(12, 1)), ("validation", fake_stories(4, 2))):
@@ -64,10 +61,7 @@ def test_hub_path_with_local_dataset_files(tmp_path, monkeypatch):
     assert split_stories((tmp_path / "out" / "valid.txt").read_text()) == fake_stories(4, 2)
 
 
-def test_hub_failure_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+def test_hub_failure_is_a_clear_error(tmp_path, hub_offline):
     _, wiki = _raw(tmp_path)
     with pytest.raises(DataError, match="could not load dataset"):
         prepare(DataConfig(source="hub", hub_name="no-such-owner/no-such-dataset", wikitext=str(wiki)), tmp_path / "o")

@@ -132,12 +132,6 @@ def test_bytes_past_the_story_limit_are_not_read(tmp_path, monkeypatch):
         prepare(DataConfig(source=str(src), wikitext=str(wiki), dev_stories=2), tmp_path / "all")
 
 
-def _hub_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-
-
 def _dataset_folder(tmp_path, train, valid, column="text"):
     ds_dir = tmp_path / "TinyStories"
     ds_dir.mkdir()
@@ -148,10 +142,9 @@ def _dataset_folder(tmp_path, train, valid, column="text"):
     return ds_dir
 
 
-def test_hub_path_full_split_equals_local_folder_and_reference(tmp_path, monkeypatch):
+def test_hub_path_full_split_equals_local_folder_and_reference(tmp_path, monkeypatch, hub_offline):
     """source: hub with max_train_stories: 0 (the whole split, iterated in batches of Arrow rows)
     writes the same files as the same stories in a local folder, and as the in-memory reference."""
-    _hub_env(tmp_path, monkeypatch)
     monkeypatch.setattr(corpus, "DATASET_BATCH_ROWS", 7)  # several batches, a short last one
     train, valid = _awkward_corpus()
     ds_dir = _dataset_folder(tmp_path, train, valid)
@@ -167,8 +160,7 @@ def test_hub_path_full_split_equals_local_folder_and_reference(tmp_path, monkeyp
     _check_against_reference(tmp_path / "hub", hub, ref, counts)
 
 
-def test_hub_dataset_without_text_column_is_one_line(tmp_path, monkeypatch):
-    _hub_env(tmp_path, monkeypatch)
+def test_hub_dataset_without_text_column_is_one_line(tmp_path, hub_offline):
     ds_dir = _dataset_folder(tmp_path, fake_stories(5, 1), fake_stories(2, 2), column="story")
     _, wiki = _write_raw(tmp_path, [], [])
     with pytest.raises(DataError) as e:
