@@ -3,7 +3,8 @@ fused runtime holds it) exported with `torch.onnx.export(dynamo=True)` and run b
 CPU provider. The step is the fused one (`runtime.fused`), whose matmuls export as plain
 `F.linear` (ONNX Gemm/MatMul): the multiply-and-sum form chosen for inductor is never exported.
 Exported at batch 1; its quality is the artifact's own (same weights, same math), so its row
-takes the mixed row's quality and the benchmark checks its logits against it."""
+takes the mixed row's quality; tests/bench/test_ort_peer.py checks its logits against the fused
+step's."""
 from __future__ import annotations
 
 import numpy as np

@@ -76,8 +76,8 @@ def _linear(x, w):
     measured ~2x faster than the MKL sgemv call for these weight-read-bound shapes. Otherwise
     (eager, an ONNX export: Gemm, or a prefill with many rows) F.linear, which needs no (rows, o, i)
     temporary."""
-    gemv = x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
-    if gemv and torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export() \
+            and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
         return (x.unsqueeze(-2) * w).sum(-1)
     return F.linear(x, w)
 

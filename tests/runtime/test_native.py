@@ -199,3 +199,21 @@ def test_sampling_on_the_native_step_with_a_tiny_top_p_is_the_greedy_loop_in_c()
         assert list(generate_ids(model, [5], 12, temperature=1.7, top_k=0, top_p=1e-9, seed=seed)) == want
     a = list(generate_ids(model, [5], 12, temperature=1.2, top_k=0, top_p=0.9, seed=1))
     assert a == list(generate_ids(model, [5], 12, temperature=1.2, top_k=0, top_p=0.9, seed=1))
+
+
+def test_the_structs_are_built_once_and_shared_by_every_runtime():
+    q = packed(list(PRECISIONS))
+    w = layout.native_weights(q)
+    first = w.struct()
+    kept = len(w._keep)
+    for isa in ISAS:
+        NativeIteraLite(w, q.cfg, isa=isa)
+    assert w.struct() is first and len(w._keep) == kept
+
+
+def test_more_experts_than_the_c_router_holds_are_refused_with_one_line(monkeypatch):
+    q = packed([4])  # tiny_config's experts, more than the limit set here
+    monkeypatch.setattr(layout, "MAX_EXPERTS", 1)
+    with pytest.raises(layout.NativeUnsupported, match=r"experts; the native step routes at most 1 ") as e:
+        layout.native_weights(q)
+    assert "\n" not in str(e.value)

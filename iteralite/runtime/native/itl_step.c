@@ -28,6 +28,7 @@
 #endif
 
 enum { ITL_INT = 0, ITL_F16 = 1 };
+#define ITL_MAX_EXPERTS 64 /* experts per layer; layout.py refuses more (MAX_EXPERTS) */
 enum { ITL_SCALAR = 0, ITL_AVX2 = 1 };
 
 typedef struct {
@@ -705,8 +706,8 @@ static void mixer(itl_ctx *c, const itl_layer *L, float *conv, float *S) {
 static void moe(itl_ctx *c, const itl_layer *L) {
     const itl_model *m = c->m;
     int d = m->d, e = L->e, k = L->k;
-    float probs[64], mx = -INFINITY, tot = 0.f, gsum = 0.f;
-    int top[64];
+    float probs[ITL_MAX_EXPERTS], mx = -INFINITY, tot = 0.f, gsum = 0.f;
+    int top[ITL_MAX_EXPERTS];
     rms(c->x, L->norm2, L->eps2, d, c->xn);
     matvec(c, &L->router, c->xn, c->up);
     for (int j = 0; j < e; j++) mx = fmaxf(mx, c->up[j]);

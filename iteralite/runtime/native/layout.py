@@ -29,6 +29,7 @@ from iteralite.quant.spec import fit_group_size
 INT, F16 = 0, 1
 RESIDENT_BITS = {2: 2, 3: 4, 4: 4, 8: 8}
 F16_BLOCK = 64
+MAX_EXPERTS = 64  # the router's stack arrays in itl_step.c (ITL_MAX_EXPERTS)
 
 
 class NativeUnsupported(IteraliteError):
@@ -101,15 +102,19 @@ def _from_half(w16: torch.Tensor) -> NativeMat:
     return NativeMat(F16, out, in_, fit_group_size(in_, F16_BLOCK), w16=_fp16_bits(w16))
 
 
-def _mat(module, name: str, slot: str = "weight_", index: int | None = None) -> NativeMat:
-    """A stored linear/embedding (or one expert of a uniform QuantExperts) -> NativeMat."""
+def _codes_of(module, slot: str = "weight_"):
+    """The integer codes of a stored linear/embedding/QuantExperts slot, or None for another format."""
+    if type(module).__name__ in ("QuantLinear", "QuantEmbedding", "QuantExperts") and \
+            module.spec.method in ("rtn", "gptq", "awq"):
+        return module.qtensor(slot)
+    return None
+
+
+def _mat(module, name: str) -> NativeMat:
+    """A stored linear/embedding -> NativeMat."""
     kind = type(module).__name__
-    if kind in ("QuantLinear", "QuantEmbedding", "QuantExperts") and module.spec.method in ("rtn", "gptq", "awq"):
-        qt = module.qtensor(slot)
-        if index is not None:
-            from iteralite.quant.intcodes import QTensor
-            qt = QTensor(qt.codes[index], qt.scales[index], None if qt.zeros is None else qt.zeros[index],
-                         None if qt.in_scale is None else qt.in_scale[index], qt.bits, qt.group_size, qt.symmetric)
+    qt = _codes_of(module)
+    if qt is not None:
         return _from_qtensor(qt, name)
     if kind in ("HalfLinear", "HalfEmbedding"):
         return _from_half(module.weight_half)
@@ -124,11 +129,19 @@ def _experts(moe, name: str) -> tuple[list[NativeMat], list[NativeMat]]:
     if kind == "MixedExperts":
         return ([_mat(m, f"{name}.w1[{e}]") for e, m in enumerate(ex.w1)],
                 [_mat(m, f"{name}.w2[{e}]") for e, m in enumerate(ex.w2)])
-    if kind == "QuantExperts":
-        n = ex.n_experts
-        return ([_mat(ex, f"{name}.w1[{e}]", "w1_", e) for e in range(n)],
-                [_mat(ex, f"{name}.w2[{e}]", "w2_", e) for e in range(n)])
-    raise NativeUnsupported(f"'{name}' is a {kind}; the native step runs packed artifacts")
+    if kind == "QuantExperts" and _codes_of(ex, "w1_") is not None:
+        from iteralite.quant.intcodes import QTensor
+
+        def per_expert(slot: str) -> list[NativeMat]:
+            qt = ex.qtensor(slot)  # unpacked once for all experts, then sliced
+            return [_from_qtensor(QTensor(qt.codes[e], qt.scales[e], None if qt.zeros is None else qt.zeros[e],
+                                          None if qt.in_scale is None else qt.in_scale[e], qt.bits,
+                                          qt.group_size, qt.symmetric), f"{name}.{slot[:2]}[{e}]")
+                    for e in range(ex.n_experts)]
+        return per_expert("w1_"), per_expert("w2_")
+    raise NativeUnsupported(f"'{name}' is a {kind}"
+                            + (f" ({ex.spec.method})" if hasattr(ex, "spec") else "")
+                            + "; the native step runs packed artifacts (integer codes or fp16 weights)")
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
@@ -161,6 +174,7 @@ class NativeWeights:
     emb: NativeMat
     layers: list
     _keep: list = field(default_factory=list, repr=False)  # ctypes objects the C side points into
+    _model: "Model | None" = field(default=None, repr=False)  # the structs, built once
 
     def all_mats(self) -> list[NativeMat]:
         out = [self.emb]
@@ -175,6 +189,9 @@ class NativeWeights:
         return n + sum(v.nbytes for L in self.layers for v in L.vecs.values())
 
     def struct(self) -> "Model":
+        """The C structs over these arrays, built on the first call and shared by every runtime."""
+        if self._model is not None:
+            return self._model
         layers = (Layer * len(self.layers))()
         for i, L in enumerate(self.layers):
             w1, w2 = (Mat * len(L.w1))(*[m.struct() for m in L.w1]), (Mat * len(L.w2))(*[m.struct() for m in L.w2])
@@ -190,6 +207,7 @@ class NativeWeights:
         model = Model(self.vocab, self.d, len(self.layers), max_in, self.eps_f, self.norm_f.ctypes.data,
                       self.emb.struct(), ctypes.cast(layers, ctypes.c_void_p))
         self._keep.append(model)
+        self._model = model
         return model
 
 
@@ -203,6 +221,9 @@ def native_weights(model) -> NativeWeights:
         mx, moe = layer.mixer, layer.moe
         pre = f"layers.{i}"
         w1, w2 = _experts(moe, f"{pre}.moe.experts")
+        if len(w1) > MAX_EXPERTS:
+            raise NativeUnsupported(f"'{pre}.moe' has {len(w1)} experts; the native step routes at most "
+                                    f"{MAX_EXPERTS} (MAX_EXPERTS in itl_step.c)")
         layers.append(NativeLayer(
             mx.d_inner, mx.d_conv, mx.n_heads, mx.headdim, mx.d_state, mx.dt_rank, moe.top_k,
             layer.norm1.eps, layer.norm2.eps,
