@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data repro test clean-venv
+.PHONY: setup data repro test deps exps serve loadtest gate clean-venv
 
 $(STAMP): pyproject.toml requirements.lock setup.py iteralite/runtime/native/itl_step.c
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "iteralite needs Python 3.11"'
@@ -24,6 +24,32 @@ repro: data
 
 test: data
 	python -m pytest
+
+# Rewrite every stage's `deps:` in dvc.yaml from its script's import closure (tests/test_dvc_deps.py
+# fails until this is run after an import changes); data, checkpoint and C-source deps are kept.
+deps: setup
+	python -m iteralite.pipeline.deps --write
+
+# The experiments (`dvc exp run`, queued or not) beside the workspace, one row each: the params and
+# metrics that differ between them, best mixed_precision validation perplexity first. The --drop
+# regex removes the dependency columns (file paths; metric and param columns have no `/` or a `:`).
+EXPS_SORT ?= metrics/headline/mixed_precision.json:val_ppl
+exps: setup
+	dvc exp show --no-pager --only-changed --drop '^[^:]*/[^:]*$$' --sort-by $(EXPS_SORT) --sort-order asc
+
+# The working tree's guarded headline metrics (gate.yaml) against those committed at BASE: a markdown
+# table, a frontier plot of both (build/gate/gate_frontier.png), exit 1 on a regression beyond tolerance.
+BASE ?= HEAD
+gate: setup
+	python -m iteralite.pipeline.gate --base $(BASE)
+
+# Serve the headline artifact over HTTP (OpenAI-style /v1/completions) on loopback, after `make repro`.
+serve: setup
+	iteralite serve --checkpoint checkpoints/mixed.safetensors --host 127.0.0.1 --port 8080
+
+# The serving benchmark: 32 streaming clients for 60 s against a server on a free loopback port.
+loadtest: setup
+	python -m iteralite.serve.loadtest --checkpoint checkpoints/mixed.safetensors --out metrics/serve.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""`iteralite` command line: generate text from any artifact, or evaluate one."""
+"""`iteralite` command line: generate text from any artifact, evaluate one, or serve one over HTTP."""
 from __future__ import annotations
 
 import argparse
@@ -218,6 +218,25 @@ def cmd_evaluate(args) -> None:
                      indent=2))
 
 
+def cmd_serve(args) -> int:
+    """The completions server (iteralite/serve): arguments checked before anything is loaded."""
+    from iteralite.serve.app import model_name, serve
+    from iteralite.serve.engine import Engine, runtime_pool
+    from iteralite.serve.protocol import Limits
+
+    for flag, value, lo, hi in (("--port", args.port, 0, 65535), ("--workers", args.workers, 1, 256),
+                                ("--queue", args.queue, 0, 100_000), ("--max-tokens", args.max_tokens, 1, 1 << 20),
+                                ("--context", args.context, 1, 1 << 24)):
+        if not lo <= value <= hi:
+            raise IteraliteError(f"{flag} must be in [{lo}, {hi}], got {value}")
+    if args.max_tokens > args.context:
+        raise IteraliteError(f"--max-tokens ({args.max_tokens}) must be <= --context ({args.context})")
+    runtime, _, tok = _load(args)
+    engine = Engine(runtime_pool(runtime, args.workers), tok, model_name(args.checkpoint),
+                    Limits(max_tokens=args.max_tokens, context=args.context), queue=args.queue)
+    return serve(engine, args.host, args.port)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one `iteralite: error: ...` line like every other error
     (the subcommand parsers are made by this class too)."""
@@ -264,9 +283,26 @@ def main(argv=None) -> int:
     e.add_argument("--max-tokens", type=int, default=None,
                    help="override eval.max_tokens: tokens scored per split (0 = all)")
     e.set_defaults(func=cmd_evaluate)
+    s = sub.add_parser("serve", help="an OpenAI-compatible completions server (POST /v1/completions)")
+    s.add_argument("--checkpoint", default="checkpoints/mixed.safetensors")
+    s.add_argument("--tokenizer", default="data/tokenizer/tokenizer.json")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    s.add_argument("--port", type=int, default=8080, help="0 = any free port (printed on start); default %(default)s")
+    s.add_argument("--workers", type=int, default=min(4, _cpu_count()),
+                   help="requests decoded at once, one runtime instance each; default %(default)s")
+    s.add_argument("--queue", type=int, default=16,
+                   help="requests that may wait for a worker; beyond that 503 + Retry-After; default %(default)s")
+    s.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask; default %(default)s")
+    s.add_argument("--context", type=int, default=2048,
+                   help="prompt tokens + max_tokens of one request at most; default %(default)s")
+    s.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
+                   help="as for generate: native (auto's choice for packed artifacts), fused or eager")
+    s.set_defaults(func=cmd_serve)
     args = p.parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
+        if status:
+            return status
     except IteraliteError as e:
         print(f"iteralite: error: {e}", file=sys.stderr)
         return 2

@@ -10,4 +10,6 @@ Modules:
     int4           the int4 stage: every 4-bit method as a packed artifact
     mixed          the mixed_precision stage: profile, allocate, fine-tune, export, candidates
     mixed_report   the mixed_precision stage's Pareto and allocation plots
+    dvcfile        what dvc.yaml says about one stage (deps digest, output folders), read at run time
+    deps           `make deps`: rewrites dvc.yaml's stage deps from each script's import closure
 """

@@ -12,8 +12,8 @@ import copy
 from dataclasses import dataclass, field
 
 from iteralite.io.params import check
-from iteralite.quant.methods import METHODS
-from iteralite.quant.spec import ALL_METHODS, QuantSpec
+from iteralite.quant.registry import QUANT_METHODS, format_of
+from iteralite.quant.spec import QuantSpec
 from iteralite.quant.swap import make_spec_for, quantize
 
 
@@ -30,10 +30,10 @@ class Int4Config:
     speed_tokens: int = 64  # decode tokens timed per variant (0 = skip the speed probe)
 
     def validate(self, section: str = "int4") -> None:
-        allowed = ", ".join(ALL_METHODS)
-        check(self.method in ALL_METHODS, section, "method", f"must be one of {allowed}; got {self.method!r}")
+        allowed = ", ".join(QUANT_METHODS)
+        check(self.method in QUANT_METHODS, section, "method", f"must be one of {allowed}; got {self.method!r}")
         for m in self.compare:
-            check(m in ALL_METHODS, section, "compare", f"entries must be from {allowed}; got {m!r}")
+            check(m in QUANT_METHODS, section, "compare", f"entries must be from {allowed}; got {m!r}")
         check(self.embedding in ("int4", "float"), section, "embedding", f"must be 'int4' or 'float'; got {self.embedding!r}")
         check(self.group_size >= 1, section, "group_size", "must be >= 1")
         check(self.speed_tokens >= 0, section, "speed_tokens", "must be >= 0")
@@ -59,5 +59,5 @@ def quantize_int4(fp32_model, method: str, cfg: Int4Config, stats: dict, act_int
     """A quantized copy of `fp32_model`. stats: {'act_sq_mean': {...}, 'hessian': {...}}."""
     model = copy.deepcopy(fp32_model)
     spec_for = make_spec_for(cfg.spec(method, act_int8), keep_float=cfg.keep())
-    kind = METHODS[method].stat  # rtn and nf4 need none (rtn's clip search is off here)
+    kind = format_of(method).stat  # rtn and nf4 need none (rtn's clip search is off here)
     return quantize(model, spec_for, stats.get(kind) if kind else None)

@@ -15,12 +15,13 @@ from iteralite.io.grid import snap_linear
 from iteralite.io.params import check
 from iteralite.quant.allocate import (UNIT_TYPES, manual_allocation, monotone, optimize, profile, sizes_table,
                                       uniform_allocation)
-from iteralite.quant.calibrate import mean_loss, windows
+from iteralite.train.evaluate import mean_loss, windows
 from iteralite.quant.qat import distill_quantized
 from iteralite.quant.spec import SCALE_BITS
 from iteralite.train.live import log_point, log_summary
 from iteralite.train.loop import check_stream
-from iteralite.quant.units import allocation_spec_for, parse_precision, precision_name, quantize_allocation, units
+from iteralite.quant.registry import parse_precision, precision_name
+from iteralite.quant.units import allocation_spec_for, quantize_allocation, units
 
 POLICIES = ("optimized", "manual")
 OBJECTIVES = ("ppl_budget", "bits_target")

@@ -20,7 +20,7 @@ from iteralite.io.params import check
 from iteralite.prune.activation import activation_scores, channels_to_remove, layers_to_remove
 from iteralite.prune.depth import prune_layers
 from iteralite.prune.width import prune_residual
-from iteralite.quant.calibrate import mean_loss, windows
+from iteralite.train.evaluate import mean_loss, windows
 from iteralite.quant.qat import QATConfig
 from iteralite.train.distill import distill_train
 from iteralite.train.live import log_point, log_summary

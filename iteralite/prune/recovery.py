@@ -18,7 +18,7 @@ from iteralite.prune.config import PruneConfig, iterative_schedule
 from iteralite.prune.counting import layer_shapes, prunable_params
 from iteralite.prune.importance import importance_scores, routing_stats
 from iteralite.prune.sensitivity import measure_sensitivity
-from iteralite.quant.calibrate import windows
+from iteralite.train.evaluate import windows
 from iteralite.quant.qat import QATConfig, attach_fake_quant, rtn_spec_for, strip_fake_quant
 from iteralite.train.distill import distill_train
 from iteralite.train.live import log_summary

@@ -31,10 +31,11 @@ from torch import nn
 from tqdm import tqdm
 
 from iteralite.io.errors import IteraliteError
-from iteralite.quant.calibrate import mean_loss
+from iteralite.train.evaluate import mean_loss
 from iteralite.quant.fake import fake_weight
 from iteralite.quant.intcodes import quantize_rtn
-from iteralite.quant.units import precision_spec, split_expert, unit_bits, units
+from iteralite.quant.registry import precision_spec
+from iteralite.quant.units import split_expert, unit_bits, units
 
 UNIT_TYPES = ("embedding", "in_proj", "x_proj", "dt_proj", "out_proj", "router", "experts")
 

@@ -25,8 +25,7 @@ from iteralite.io.plotting import pyplot, save_png
 from iteralite.quant.calib_stats import collect_act_stats
 from iteralite.quant.spec import QuantSpec
 from iteralite.quant.swap import make_spec_for, quantizable_modules, quantize
-from iteralite.train.loop import get_batch
-from iteralite.train.losses import next_token_loss
+from iteralite.train.evaluate import mean_loss, windows
 
 STATS_FORMAT = "iteralite-calibration"
 
@@ -46,22 +45,6 @@ class CalibrateConfig:
             check(getattr(self, key) >= 1, section, key, "must be >= 1")
         check(len(self.sens_bits) > 0 and all(b in (2, 3, 4, 8) for b in self.sens_bits), section, "sens_bits",
               f"must be a non-empty list from 2, 3, 4, 8; got {self.sens_bits}")
-
-
-def windows(data: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """n random windows (n, seq_len) of the token stream, a pure function of seed."""
-    return get_batch(data, n, seq_len - 1, seed, 0)
-
-
-@torch.no_grad()
-def mean_loss(model, wins: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy (nats/token) over windows (n, l), in batches."""
-    total, count = 0.0, 0
-    for i in range(0, len(wins), batch_size):
-        w = wins[i:i + batch_size]
-        total += next_token_loss(model, w, reduction="sum")[0].item()
-        count += w[:, 1:].numel()
-    return total / count
 
 
 def sensitivity(model, wins: torch.Tensor, cfg: CalibrateConfig, progress: bool = True) -> tuple[float, dict]:

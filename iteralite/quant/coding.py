@@ -2,8 +2,9 @@
 
 A built model's packed modules (`QuantLinear`, `QuantExperts`, `QuantEmbedding`, and the
 QuantLinears inside `MixedExperts`) hold their codes as packed uint8 buffers. Their bit width and
-code count follow from the module's spec and weight shape alone, so a reader that rebuilt the
-model from its config knows them without storing anything:
+code count follow from the module's spec and weight shape alone (each format's `code_fields` in
+`quant.registry`), so a reader that rebuilt the model from its config knows them without storing
+anything:
 
     integer methods (rtn, awq, gptq; `quant.intcodes.QTensor`)
         <prefix>codes   prod(shape) codes of spec.bits bits, `packing.pack_bits` layout
@@ -20,42 +21,14 @@ empirical-entropy sizes.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from iteralite.io.errors import CheckpointError
-from iteralite.quant import entropy
-from iteralite.quant.intcodes import QTensor
-from iteralite.quant.modules import _QuantModule
-from iteralite.quant.nf4 import NF4Tensor
-from iteralite.quant.packing import pack_bits, packed_nbytes, unpack_bits
-
-
-# --------------------------------------------------------------------------- packings
-
-
-def _nf4_unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """bitsandbytes nibbles (high first) -> codes uint8 (2 * bytes,)."""
-    p = packed.reshape(-1)
-    return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)
-
-
-def _nf4_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `_nf4_unpack` (codes (2k,) -> (k,) bytes)."""
-    pairs = codes.reshape(-1, 2)
-    return (pairs[:, 0] << 4) | pairs[:, 1]
-
-
-# packing name -> (unpack(packed, bits, count) -> codes, pack(codes, bits) -> packed, nbytes(count, bits))
-PACKINGS: dict[str, tuple[Callable, Callable, Callable]] = {
-    "bits": (unpack_bits, pack_bits, packed_nbytes),
-    "nf4": (_nf4_unpack, _nf4_pack, lambda count, bits: count // 2),
-}
+from iteralite.quant import entropy, registry
 
 
 @dataclass(frozen=True)
@@ -65,7 +38,7 @@ class CodeView:
     name: str  # state_dict key
     bits: int
     count: int
-    packing: str  # key of PACKINGS
+    packing: str  # name of its `registry.Packing`
 
     @property
     def n_symbols(self) -> int:
@@ -73,15 +46,15 @@ class CodeView:
 
     @property
     def packed_bytes(self) -> int:
-        return PACKINGS[self.packing][2](self.count, self.bits)
+        return registry.PACKINGS[self.packing].nbytes(self.count, self.bits)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """packed uint8 (packed_bytes,) -> codes uint8 (count,)."""
-        return PACKINGS[self.packing][0](packed, self.bits, self.count)
+        return registry.PACKINGS[self.packing].unpack(packed, self.bits, self.count)
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """codes uint8 (count,) -> packed uint8 (packed_bytes,)."""
-        return PACKINGS[self.packing][1](codes, self.bits)
+        return registry.PACKINGS[self.packing].pack(codes, self.bits)
 
     def encode(self, packed: torch.Tensor) -> bytes | None:
         """The rANS blob of a packed tensor, or None when its codes do not give back these exact
@@ -110,31 +83,14 @@ class CodeView:
 # --------------------------------------------------------------------------- which buffers
 
 
-def _qtensor_codes(shape, spec) -> list[tuple[str, int, int, str]]:
-    *lead, out_dim, in_dim = shape
-    out = [("codes", spec.bits, math.prod(shape), "bits")]
-    if not spec.symmetric:
-        out.append(("zeros", spec.bits, math.prod((*lead, out_dim, in_dim // spec.group_size)), "bits"))
-    return out
-
-
-def _nf4_codes(shape, spec) -> list[tuple[str, int, int, str]]:
-    return [("codes", 4, 2 * ((math.prod(shape) + 1) // 2), "nf4")]
-
-
-# storage class -> (weight shape, spec) -> [(field, bits, count, packing)]: one entry per format
-CODE_FIELDS: dict[type, Callable] = {QTensor: _qtensor_codes, NF4Tensor: _nf4_codes}
-
-
 def code_tensors(model: nn.Module) -> dict[str, CodeView]:
     """state_dict key -> CodeView for every packed code buffer of `model`, in state_dict order.
     Works on an empty (just rebuilt) model as well as a filled one: only specs and shapes count."""
     views = {}
     for name, m in model.named_modules():
-        if not isinstance(m, _QuantModule):
-            continue
-        fields = CODE_FIELDS.get(m._tensor_cls)
-        if fields is None:
+        fmt = registry.module_format(m)
+        fields = None if fmt is None else fmt.code_fields
+        if fields is None:  # a float module, MixedExperts (its linears come on their own), fp16
             continue
         for prefix, shape in m._shapes.items():  # prefix -> weight shape, as laid out by the module
             for field, bits, count, packing in fields(shape, m.spec):

@@ -5,7 +5,7 @@ Two stored formats, one rebuild path (`quant.swap.build_empty`):
   module (uniform int4 and its methods, QAT, pruned and fine-tuned artifacts);
 - "iteralite-mixed": a precision per allocation unit (see `quant.units`). Version 2 (written now):
   {"format", "version", "group_size", "precisions": "322..."}, one character per unit in
-  `units(model)` order (PRECISION_CHARS), so the header stays ~100 bytes however many units there
+  `units(model)` order (`registry.Precision.char`), so the header stays ~100 bytes however many units there
   are; version 1 (still read): {"allocation": {unit: precision}, "bias": {module: bool}}.
 `CONFIG_FORMATS` maps the format name to its reader (stored config + float model -> spec_for);
 `apply_config` is what the checkpoint loader calls.
@@ -17,25 +17,24 @@ from typing import Callable
 from torch import nn
 
 from iteralite.io.errors import CheckpointError, ParamsError
-from iteralite.quant.modules import HalfEmbedding, HalfLinear, MixedExperts, QuantEmbedding, QuantExperts, QuantLinear
+from iteralite.quant import registry
 from iteralite.quant.spec import CONFIG_FORMAT, CONFIG_VERSION, QuantSpec
 from iteralite.quant.swap import build_empty, kind_of
 from iteralite.quant.units import allocation_spec_for, check_allocation, units
 
 MIXED_FORMAT, MIXED_VERSION = "iteralite-mixed", 2
-PRECISION_CHARS = {1: "t", 2: "2", 3: "3", 4: "4", 8: "8", 16: "h"}  # version 2: one character per unit
-_CHAR_PRECISION = {c: p for p, c in PRECISION_CHARS.items()}
-_STORED_KINDS = {QuantLinear: "linear", QuantExperts: "experts", QuantEmbedding: "embedding"}
 
 
 def quant_config(model: nn.Module) -> dict:
     """The "iteralite-quant" description of a model's stored modules (one spec each)."""
     modules = {}
     for name, m in model.named_modules():
-        kind = _STORED_KINDS.get(type(m))
-        if kind is not None:
-            modules[name] = {"kind": kind, **m.spec.to_dict()}
-        elif isinstance(m, (HalfLinear, HalfEmbedding, MixedExperts)):
+        if not registry.is_stored(m):
+            continue
+        fmt = registry.module_format(m)
+        if fmt is not None and fmt.uniform_config:
+            modules[name] = {"kind": registry.stored_kind(m), **m.spec.to_dict()}
+        else:
             raise ValueError(f"'{name}' is a {type(m).__name__}: describe a mixed-precision model with mixed_config")
     return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "modules": modules}
 
@@ -44,7 +43,7 @@ def mixed_config(allocation: dict, group_size: int, model: nn.Module) -> dict:
     """The "iteralite-mixed" description of an allocation on float model `model`."""
     alloc = check_allocation(model, allocation)
     return {"format": MIXED_FORMAT, "version": MIXED_VERSION, "group_size": group_size,
-            "precisions": "".join(PRECISION_CHARS[alloc[u]] for u in units(model))}
+            "precisions": "".join(registry.precision_char(alloc[u]) for u in units(model))}
 
 
 def _mixed_allocation(cfg: dict, model: nn.Module) -> dict:
@@ -60,11 +59,11 @@ def _mixed_allocation(cfg: dict, model: nn.Module) -> dict:
     if not isinstance(text, str) or len(text) != len(names):
         raise CheckpointError(f"mixed quant config: 'precisions' must be a string of {len(names)} characters "
                               f"(one per unit), got {text!r:.80}")
-    bad = sorted(set(text) - set(_CHAR_PRECISION))
+    bad = sorted(c for c in set(text) if registry.precision_of_char(c) is None)
     if bad:
         raise CheckpointError(f"mixed quant config: unknown precision characters {bad} "
-                              f"(known: {''.join(_CHAR_PRECISION)})")
-    return {n: _CHAR_PRECISION[c] for n, c in zip(names, text)}
+                              f"(known: {registry.PRECISION_CHARS})")
+    return {n: registry.precision_of_char(c) for n, c in zip(names, text)}
 
 
 def _check_version(cfg: dict, version: int, what: str) -> None:

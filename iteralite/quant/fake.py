@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from iteralite.quant.intcodes import _codes, _group, _in_view, quantize_rtn
+from iteralite.quant.intcodes import group_codes, split_groups, in_channel_view, quantize_rtn
 from iteralite.quant.spec import QuantSpec, fitted
 
 
@@ -33,8 +33,8 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
         wq = qt.dequantize().to(w.dtype)
         ws = w.detach().float()
         if qt.in_scale is not None:
-            ws = ws * _in_view(qt.in_scale)
-        _, mask = _codes(_group(ws, group_size), qt.scales, qt.zeros, bits, symmetric, return_mask=True)
+            ws = ws * in_channel_view(qt.in_scale)
+        _, mask = group_codes(split_groups(ws, group_size), qt.scales, qt.zeros, bits, symmetric, return_mask=True)
         mask = mask.reshape(w.shape).to(w.dtype)
     return _STE.apply(w, wq, mask)
 
@@ -55,7 +55,7 @@ def fake_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return quantize_rtn(w, spec.bits, spec.group_size, spec.symmetric, scale_bits=spec.scale_bits).dequantize()
 
 
-def _fake_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def fake_ste(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.method == "fp16":
         return w + (w.half().float() - w).detach()
     return fake_quantize(w, spec.bits, spec.group_size, spec.symmetric, scale_bits=spec.scale_bits)
@@ -72,5 +72,5 @@ class FakeQuant(nn.Module):
 
     def forward(self, w):
         if isinstance(self.spec, (list, tuple)):
-            return torch.stack([_fake_ste(w[e], fitted(s, w.shape[-1])) for e, s in enumerate(self.spec)])
-        return _fake_ste(w, self.spec)
+            return torch.stack([fake_ste(w[e], fitted(s, w.shape[-1])) for e, s in enumerate(self.spec)])
+        return fake_ste(w, self.spec)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from iteralite.quant.intcodes import QTensor, _codes, _dequant_groups, _group_params, quantize_rtn, stack_qtensors
+from iteralite.quant.intcodes import QTensor, group_codes, dequant_groups, group_params, quantize_rtn, stack_qtensors
 from iteralite.quant.spec import QuantSpec, check_group_size
 
 
@@ -33,13 +33,13 @@ def _gptq_2d(w, H, bits, group_size, symmetric, damp, block_size):
         for i in range(i2 - i1):
             col = i1 + i
             if col % group_size == 0:  # group params from the error-updated weights of this group
-                s16, z16 = _group_params(W1[:, i:i + group_size].unsqueeze(1), bits, symmetric)
+                s16, z16 = group_params(W1[:, i:i + group_size].unsqueeze(1), bits, symmetric)
                 scales[:, col // group_size] = s16[:, 0]
                 if zeros is not None:
                     zeros[:, col // group_size] = z16[:, 0]
             wc = W1[:, i].reshape(out_dim, 1, 1)
-            q = _codes(wc, s16, z16, bits, symmetric)
-            dq = _dequant_groups(q, s16, z16, bits, symmetric).reshape(out_dim)
+            q = group_codes(wc, s16, z16, bits, symmetric)
+            dq = dequant_groups(q, s16, z16, bits, symmetric).reshape(out_dim)
             codes[:, col] = q.reshape(out_dim)
             e = (W1[:, i] - dq) / U1[i, i]
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]

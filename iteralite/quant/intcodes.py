@@ -46,7 +46,7 @@ def _fp16_ceil(x: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _group(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def split_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """(*lead, in) -> (*lead, in/g, g)."""
     return w.reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
 
@@ -58,25 +58,32 @@ def _stored_scale(s: torch.Tensor, scale_bits: int) -> torch.Tensor:
     return snap_log_up(s16, scale_bits) if scale_bits else s16
 
 
-def _group_params(wg: torch.Tensor, bits: int, symmetric: bool, shrink=1.0, scale_bits: int = 0):
+def float_step(wg: torch.Tensor, bits: int, symmetric: bool, shrink=1.0) -> torch.Tensor:
+    """The float step size (..., G) of groups wg (..., G, g) before it is stored: max |w| / qmax
+    (symmetric) or the range [min (<= 0), max (>= 0)] / qmax, times shrink. Differentiable."""
+    if symmetric:
+        return wg.abs().amax(-1) * shrink / (2 ** (bits - 1) - 1)
+    lo = wg.amin(-1).clamp(max=0) * shrink  # the range always contains 0: pruned zeros stay exact
+    hi = wg.amax(-1).clamp(min=0) * shrink
+    return (hi - lo) / (2 ** bits - 1)
+
+
+def group_params(wg: torch.Tensor, bits: int, symmetric: bool, shrink=1.0, scale_bits: int = 0):
     """Scales and zeros for groups wg (..., G, g).
 
     shrink: float or (..., G) tensor, multiplies the range (clipping search; 1 = min/max).
     scale_bits: 0 = fp16 scales; b = scales rounded up to the tensor's b-bit log grid.
     Returns scale fp16 (..., G) and zero fp16 (..., G), or None when symmetric.
     """
+    s16 = _stored_scale(float_step(wg, bits, symmetric, shrink), scale_bits)
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        return _stored_scale(wg.abs().amax(-1) * shrink / qmax, scale_bits), None
-    qmax = 2 ** bits - 1
-    lo = wg.amin(-1).clamp(max=0) * shrink  # the range always contains 0: pruned zeros stay exact
-    hi = wg.amax(-1).clamp(min=0) * shrink
-    s16 = _stored_scale((hi - lo) / qmax, scale_bits)
-    z = torch.round(-lo / s16.float()).clamp(0, qmax)
+        return s16, None
+    lo = wg.amin(-1).clamp(max=0) * shrink
+    z = torch.round(-lo / s16.float()).clamp(0, 2 ** bits - 1)
     return s16, z.half()
 
 
-def _codes(wg: torch.Tensor, s16: torch.Tensor, z16, bits: int, symmetric: bool, return_mask=False):
+def group_codes(wg: torch.Tensor, s16: torch.Tensor, z16, bits: int, symmetric: bool, return_mask=False):
     """wg (..., G, g) with scale/zero (..., G) -> uint8 codes (..., G, g) [, inside-range mask]."""
     r = torch.round(wg / s16.float()[..., None])
     if symmetric:
@@ -90,13 +97,13 @@ def _codes(wg: torch.Tensor, s16: torch.Tensor, z16, bits: int, symmetric: bool,
     return q
 
 
-def _dequant_groups(q: torch.Tensor, s16: torch.Tensor, z16, bits: int, symmetric: bool):
+def dequant_groups(q: torch.Tensor, s16: torch.Tensor, z16, bits: int, symmetric: bool):
     """codes (..., G, g) -> float32 (..., G, g) = (q - z) * s."""
     z = float(2 ** (bits - 1)) if symmetric else z16.float()[..., None]
     return (q.float() - z) * s16.float()[..., None]
 
 
-def _in_view(t: torch.Tensor) -> torch.Tensor:
+def in_channel_view(t: torch.Tensor) -> torch.Tensor:
     """Per-input-channel tensor (*lead, in) -> float32 (*lead, 1, in), broadcastable against a
     weight (*lead, out, in)."""
     return t.float().unsqueeze(-2)
@@ -104,26 +111,26 @@ def _in_view(t: torch.Tensor) -> torch.Tensor:
 
 def _rtn_core(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, shrink=1.0, scale_bits: int = 0):
     """w (*lead, in) float32 -> codes uint8 (*lead, in), scales fp16 (*lead, G), zeros or None."""
-    wg = _group(w, group_size)
-    s16, z16 = _group_params(wg, bits, symmetric, shrink, scale_bits)
-    q = _codes(wg, s16, z16, bits, symmetric)
+    wg = split_groups(w, group_size)
+    s16, z16 = group_params(wg, bits, symmetric, shrink, scale_bits)
+    q = group_codes(wg, s16, z16, bits, symmetric)
     return q.reshape(w.shape), s16, z16
 
 
-def _clip_search(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, weight=None, scale_bits: int = 0):
+def clip_search(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, weight=None, scale_bits: int = 0):
     """Per-group range shrink minimizing sum(weight * (w - dq)^2) over CLIP_SHRINKS.
 
     w (*lead, out, in); weight (*lead, 1, in) per-input-channel error weights, or None.
     Returns shrink (*lead, G) float32. Groups are independent, so a per-group argmin is optimal
     over the grid.
     """
-    wg = _group(w, group_size)
-    wt = torch.ones_like(wg) if weight is None else _group(weight.expand(w.shape), group_size)
+    wg = split_groups(w, group_size)
+    wt = torch.ones_like(wg) if weight is None else split_groups(weight.expand(w.shape), group_size)
     best_err = torch.full(wg.shape[:-1], math.inf)
     best = torch.ones(wg.shape[:-1])
     for r in CLIP_SHRINKS:
-        s16, z16 = _group_params(wg, bits, symmetric, r, scale_bits)
-        dq = _dequant_groups(_codes(wg, s16, z16, bits, symmetric), s16, z16, bits, symmetric)
+        s16, z16 = group_params(wg, bits, symmetric, r, scale_bits)
+        dq = dequant_groups(group_codes(wg, s16, z16, bits, symmetric), s16, z16, bits, symmetric)
         err = ((wg - dq) ** 2 * wt).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -154,10 +161,10 @@ class QTensor:
 
     def dequantize(self) -> torch.Tensor:
         """-> float32 (*lead, out, in)."""
-        qg = _group(self.codes, self.group_size)
-        w = _dequant_groups(qg, self.scales, self.zeros, self.bits, self.symmetric).reshape(self.shape)
+        qg = split_groups(self.codes, self.group_size)
+        w = dequant_groups(qg, self.scales, self.zeros, self.bits, self.symmetric).reshape(self.shape)
         if self.in_scale is not None:
-            w = w / _in_view(self.in_scale)
+            w = w / in_channel_view(self.in_scale)
         return w
 
     def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -186,7 +193,7 @@ class QTensor:
     @classmethod
     def from_tensors(cls, d: dict, prefix: str, shape, spec: QuantSpec) -> "QTensor":
         """Inverse of `to_tensors` given the weight shape and the spec it was stored with."""
-        t = _take_layout(d, prefix, cls.layout(shape, spec))
+        t = take_layout(d, prefix, cls.layout(shape, spec))
         codes = unpack_bits(t["codes"], spec.bits, math.prod(shape)).reshape(shape)
         zeros = None
         if "zeros" in t:
@@ -202,7 +209,7 @@ class QTensor:
         return n
 
 
-def _take_layout(d: dict, prefix: str, layout: dict) -> dict[str, torch.Tensor]:
+def take_layout(d: dict, prefix: str, layout: dict) -> dict[str, torch.Tensor]:
     """Pick and check the stored fields of one tensor; a CheckpointError names any mismatch."""
     out = {}
     for field, (shape, dtype) in layout.items():
@@ -231,13 +238,13 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, *
     w = w.detach().float()
     if in_scale is not None:
         in_scale = in_scale.to(torch.float16)
-        w = w * _in_view(in_scale)
+        w = w * in_channel_view(in_scale)
     shrink = 1.0
     if clip:
-        weight = None if clip_weight is None else _in_view(clip_weight)
+        weight = None if clip_weight is None else in_channel_view(clip_weight)
         if weight is not None and in_scale is not None:  # error in original units: (dw / s)^2 * act
-            weight = weight / _in_view(in_scale) ** 2
-        shrink = _clip_search(w, bits, group_size, symmetric, weight, scale_bits)
+            weight = weight / in_channel_view(in_scale) ** 2
+        shrink = clip_search(w, bits, group_size, symmetric, weight, scale_bits)
     codes, s16, z16 = _rtn_core(w, bits, group_size, symmetric, shrink, scale_bits)
     return QTensor(codes, s16, z16, in_scale, bits, group_size, symmetric)
 

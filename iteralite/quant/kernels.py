@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from iteralite.quant.spec import INT4_KERNEL_GROUPS, INT_METHODS, QuantSpec
+from iteralite.quant.spec import INT4_KERNEL_GROUPS, QuantSpec
 
 
 def int4_eligible(spec: QuantSpec, out_features: int) -> bool:
     """torch's CPU int4 kernel needs 4-bit codes, out % 16 == 0 and groups of 32..256."""
-    return (spec.method in INT_METHODS and spec.bits == 4 and spec.group_size in INT4_KERNEL_GROUPS
+    from iteralite.quant.registry import format_of  # the registry imports the modules that import this
+
+    return (format_of(spec.method).integer and spec.bits == 4 and spec.group_size in INT4_KERNEL_GROUPS
             and out_features % 16 == 0)
 
 

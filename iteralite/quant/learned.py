@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from iteralite.quant.fake import _fake_ste
-from iteralite.quant.intcodes import _clip_search, _group, _group_params
+from iteralite.quant.fake import fake_ste
+from iteralite.quant.intcodes import clip_search, float_step, group_params, split_groups
 from iteralite.quant.spec import QuantSpec, fitted
 
 SHRINK_MIN = 0.05  # the range never collapses below 5% of the group's min/max
@@ -37,7 +37,7 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def clamp_to_range(w: torch.Tensor, shrink: torch.Tensor, group_size: int) -> torch.Tensor:
     """w (*lead, out, in) clamped per group to shrink * [min (<= 0), max (>= 0)]; shrink (*lead, out, G)."""
-    wg = _group(w, group_size)
+    wg = split_groups(w, group_size)
     sh = shrink.clamp(SHRINK_MIN, 1.0)[..., None]
     lo = wg.detach().amin(-1, keepdim=True).clamp(max=0) * sh
     hi = wg.detach().amax(-1, keepdim=True).clamp(min=0) * sh
@@ -47,13 +47,10 @@ def clamp_to_range(w: torch.Tensor, shrink: torch.Tensor, group_size: int) -> to
 def learned_fake_quantize(w: torch.Tensor, shrink: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The forward of `LearnedRange` for one weight (*lead, out, in) under integer `spec`."""
     bits, g, sym = spec.bits, spec.group_size, spec.symmetric
-    wc = _group(clamp_to_range(w, shrink, g), g)
-    s16, z16 = _group_params(wc.detach().float(), bits, sym, scale_bits=spec.scale_bits)  # the export's, exactly
+    wc = split_groups(clamp_to_range(w, shrink, g), g)
+    s16, z16 = group_params(wc.detach().float(), bits, sym, scale_bits=spec.scale_bits)  # the export's, exactly
     # the float step size the stored fp16 scale rounds up from, differentiable in shrink
-    if sym:
-        s = wc.abs().amax(-1) / (2 ** (bits - 1) - 1)
-    else:
-        s = (wc.amax(-1).clamp(min=0) - wc.amin(-1).clamp(max=0)) / (2 ** bits - 1)
+    s = float_step(wc, bits, sym)
     step = (s16.float() + (s - s.detach()))[..., None]  # value: the fp16 scale; gradient: d s
     if sym:
         lim = 2 ** (bits - 1) - 1
@@ -83,12 +80,12 @@ class LearnedRange(nn.Module):
     def _init(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         if spec.method == "fp16":
             return torch.ones(0)
-        return _clip_search(w, spec.bits, spec.group_size, spec.symmetric, scale_bits=spec.scale_bits)
+        return clip_search(w, spec.bits, spec.group_size, spec.symmetric, scale_bits=spec.scale_bits)
 
     def _one(self, w, spec, shrink):
         spec = fitted(spec, w.shape[-1])
         if spec.method == "fp16":
-            return _fake_ste(w, spec)
+            return fake_ste(w, spec)
         return learned_fake_quantize(w, shrink, spec)
 
     def forward(self, w):

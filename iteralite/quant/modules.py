@@ -8,7 +8,7 @@ only their stored form (their state_dict) and compute in float32.
 
 Every class has `from_float(module, spec, stats, name)` (quantize a float module), `empty(module,
 spec, name)` (the right buffers, zero contents, for a strict load) and `to_float()` (its float
-twin); `quant.swap` picks the class through its registry.
+twin); `quant.registry` maps each format to its classes.
 """
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ from iteralite.core.model import TiedEmbedding
 from iteralite.core.moe import Experts
 from iteralite.quant.fake import quantize_activations_int8
 from iteralite.quant.kernels import int4_eligible, int4_linear, int4_pack
-from iteralite.quant.methods import METHODS, quantize_tensor
-from iteralite.quant.spec import INT_METHODS, QuantSpec, check_group_size, fitted
+from iteralite.quant.spec import QuantSpec, check_group_size, fitted
+
+
+def _registry():
+    """`quant.registry`, imported on use: it imports the classes below."""
+    from iteralite.quant import registry
+    return registry
 
 # --------------------------------------------------------------------------- modules
 
@@ -47,8 +52,13 @@ class _QuantModule(nn.Module):
         self._cache: dict[str, tuple] = {}  # slot -> (buffers, their versions, value)
 
     @property
+    def method(self) -> str:
+        """The registry format this module stores (`quant.registry.FORMATS`)."""
+        return self.spec.method
+
+    @property
     def _tensor_cls(self):
-        return METHODS[self.spec.method].tensor_cls
+        return _registry().format_of(self.spec.method).tensor_cls
 
     def _add_weight(self, prefix: str, shape) -> None:
         """Register empty buffers for one weight of `shape` under `prefix`."""
@@ -111,7 +121,7 @@ class QuantLinear(_QuantModule):
                  name: str = "linear"):
         super().__init__(spec)
         self.in_features, self.out_features = in_features, out_features
-        if spec.method in INT_METHODS:
+        if _registry().format_of(spec.method).integer:
             check_group_size(name, in_features, spec.group_size)
         self._add_weight("weight_", (out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
@@ -124,7 +134,7 @@ class QuantLinear(_QuantModule):
     def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, stat=None,
                     name: str = "linear") -> "QuantLinear":
         m = cls(w.shape[1], w.shape[0], spec, bias is not None, name)
-        m._set_weight("weight_", quantize_tensor(w, spec, stat, name))
+        m._set_weight("weight_", _registry().quantize_tensor(w, spec, stat, name))
         if bias is not None:
             m.bias.data.copy_(bias.detach())
         return m
@@ -165,7 +175,7 @@ class QuantExperts(_QuantModule):
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, spec: QuantSpec, name: str = "experts"):
         super().__init__(spec)
-        if spec.method in INT_METHODS:
+        if _registry().format_of(spec.method).integer:
             check_group_size(f"{name}.w1", d_model, spec.group_size)
             check_group_size(f"{name}.w2", d_ff, spec.group_size)
         self._add_weight("w1_", (n_experts, d_ff, d_model))
@@ -174,8 +184,8 @@ class QuantExperts(_QuantModule):
     @classmethod
     def from_float(cls, ex: Experts, spec: QuantSpec, stats=None, name: str = "experts"):
         m = cls.empty(ex, spec, name)
-        m._set_weight("w1_", quantize_tensor(ex.w1, spec, _stat(stats, f"{name}.w1"), f"{name}.w1"))
-        m._set_weight("w2_", quantize_tensor(ex.w2, spec, _stat(stats, f"{name}.w2"), f"{name}.w2"))
+        m._set_weight("w1_", _registry().quantize_tensor(ex.w1, spec, _stat(stats, f"{name}.w1"), f"{name}.w1"))
+        m._set_weight("w2_", _registry().quantize_tensor(ex.w2, spec, _stat(stats, f"{name}.w2"), f"{name}.w2"))
         return m
 
     @classmethod
@@ -206,14 +216,14 @@ class QuantEmbedding(_QuantModule):
 
     def __init__(self, vocab_size: int, d_model: int, spec: QuantSpec, name: str = "embedding"):
         super().__init__(spec)
-        if spec.method in INT_METHODS:
+        if _registry().format_of(spec.method).integer:
             check_group_size(name, d_model, spec.group_size)
         self._add_weight("weight_", (vocab_size, d_model))
 
     @classmethod
     def from_float(cls, emb: TiedEmbedding, spec: QuantSpec, stats=None, name: str = "embedding"):
         m = cls.empty(emb, spec, name)
-        m._set_weight("weight_", quantize_tensor(emb.weight, spec, _stat(stats, name), name))
+        m._set_weight("weight_", _registry().quantize_tensor(emb.weight, spec, _stat(stats, name), name))
         return m
 
     @classmethod
@@ -243,6 +253,8 @@ def half(w: torch.Tensor) -> torch.Tensor:
 
 class HalfLinear(nn.Module):
     """nn.Linear with its weight stored as fp16 (buffer `weight_half`), computed in float32."""
+
+    method = "fp16"  # its registry format
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -284,6 +296,8 @@ class HalfLinear(nn.Module):
 class HalfEmbedding(nn.Module):
     """TiedEmbedding with an fp16 weight (lookup and LM head)."""
 
+    method = "fp16"  # its registry format
+
     def __init__(self, vocab_size: int, d_model: int):
         super().__init__()
         self.register_buffer("weight_half", torch.zeros(vocab_size, d_model, dtype=torch.float16))
@@ -314,9 +328,6 @@ class HalfEmbedding(nn.Module):
 # --------------------------------------------------------------------------- per-expert specs
 
 
-LINEAR_CLASSES: dict[str, type] = {**{m: QuantLinear for m in METHODS}, "fp16": HalfLinear}
-
-
 class MixedExperts(nn.Module):
     """Drop-in for moe.Experts with a spec per expert: w1[e] (f, d) and w2[e] (d, f) are stored
     linears (QuantLinear or HalfLinear), each with its spec's group size fitted to its input dim."""
@@ -329,7 +340,7 @@ class MixedExperts(nn.Module):
 
     @staticmethod
     def _empty(in_dim: int, out_dim: int, spec: QuantSpec, name: str) -> nn.Module:
-        return LINEAR_CLASSES[spec.method].create(in_dim, out_dim, False, fitted(spec, in_dim), name)
+        return _linear_class(spec).create(in_dim, out_dim, False, fitted(spec, in_dim), name)
 
     @classmethod
     def from_float(cls, ex: Experts, specs: list[QuantSpec], stats=None, name: str = "experts"):
@@ -337,7 +348,7 @@ class MixedExperts(nn.Module):
         for i, s in enumerate(specs):
             for slot in ("w1", "w2"):
                 w = getattr(ex, slot)[i].detach().float()
-                getattr(m, slot)[i] = LINEAR_CLASSES[s.method].from_weight(
+                getattr(m, slot)[i] = _linear_class(s).from_weight(
                     w, None, fitted(s, w.shape[1]), None, f"{name}[{i}].{slot}")
         return m
 
@@ -360,6 +371,10 @@ class MixedExperts(nn.Module):
 
     def to_float(self) -> Experts:
         return _float_experts(self)
+
+
+def _linear_class(spec: QuantSpec) -> type:
+    return _registry().stored_class("expert linear", "linear", spec)
 
 
 # --------------------------------------------------------------------------- float twins

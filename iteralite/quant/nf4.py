@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from iteralite.quant.intcodes import _take_layout
+from iteralite.quant.intcodes import take_layout
 from iteralite.quant.spec import QuantSpec
 
 
@@ -20,6 +20,18 @@ def _bnb_functional():
         warnings.simplefilter("ignore", DeprecationWarning)
         import bitsandbytes.functional as bnbf
     return bnbf
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes nibbles (high first) -> codes uint8 (2 * bytes,)."""
+    p = packed.reshape(-1)
+    return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Inverse of `unpack_nibbles` (codes (2k,) -> (k,) bytes)."""
+    pairs = codes.reshape(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
 
 
 @dataclass
@@ -59,7 +71,7 @@ class NF4Tensor:
 
     @classmethod
     def from_tensors(cls, d: dict, prefix: str, shape, spec: QuantSpec) -> "NF4Tensor":
-        t = _take_layout(d, prefix, cls.layout(shape, spec))
+        t = take_layout(d, prefix, cls.layout(shape, spec))
         return cls(t["codes"], t["absmax"], tuple(shape), spec.group_size)
 
     def storage_bits(self) -> int:

@@ -1,9 +1,8 @@
 """How a tensor is quantized: `QuantSpec`, its validation, and group-size rules.
 
-A spec's `method` names its format in the registry (`quant.methods.METHODS`): the integer
-methods "rtn", "awq", "gptq" share one storage format (codes, fp16 scales, zero-points packed at
-the code width; see `quant.intcodes`), "nf4" is bitsandbytes' NormalFloat, and "fp16" stores the
-weight as IEEE half precision (bits 16). A mixed-precision allocation is a spec per unit.
+A spec's `method` names its format in `quant.registry.FORMATS` (integer codes "rtn", "awq",
+"gptq"; bitsandbytes' "nf4"; "fp16"), whose entry holds that format's own validation rules.
+A mixed-precision allocation is a spec per unit.
 """
 from __future__ import annotations
 
@@ -11,11 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from iteralite.io.errors import ParamsError
-from iteralite.quant.packing import ALLOWED_BITS
 
-INT_METHODS = ("rtn", "awq", "gptq")
-ALL_METHODS = INT_METHODS + ("nf4",)
-FLOAT_METHODS = ("fp16",)
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 matmul accepts
 CONFIG_FORMAT, CONFIG_VERSION = "iteralite-quant", 1
@@ -44,27 +39,12 @@ class QuantSpec:
         def bad(key: str, msg: str):
             raise QuantSpecError(f"params: '{section}.{key}' {msg}")
 
-        if self.method not in ALL_METHODS + FLOAT_METHODS:
-            bad("method", f"must be one of {', '.join(ALL_METHODS)}; got {self.method!r}")
-        if self.method == "fp16":
-            if self.bits != 16:
-                bad("bits", f"must be 16 for method fp16; got {self.bits!r}")
-            return
-        if self.method == "nf4":
-            if self.bits != 4:
-                bad("bits", f"must be 4 for method nf4; got {self.bits!r}")
-            if self.group_size not in NF4_BLOCKSIZES:
-                bad("group_size", f"for method nf4 is the bitsandbytes blocksize and must be one of "
-                                  f"{', '.join(map(str, NF4_BLOCKSIZES))}; got {self.group_size!r}")
-            return
-        if isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
-            bad("bits", f"must be one of {', '.join(map(str, ALLOWED_BITS))}; got {self.bits!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
-            bad("group_size", f"must be an integer >= 1; got {self.group_size!r}")
-        if isinstance(self.scale_bits, bool) or self.scale_bits not in SCALE_BITS:
-            bad("scale_bits", f"must be 0 (fp16 scales) or 2..{SCALE_BITS[-1]} (a log grid); got {self.scale_bits!r}")
-        if self.scale_bits and self.method != "rtn":
-            bad("scale_bits", f"(a scale grid) is supported by method rtn only; got method {self.method!r}")
+        from iteralite.quant.registry import FORMATS  # the registry's entries hold each format's rules
+
+        fmt = FORMATS.get(self.method)
+        if fmt is None:
+            bad("method", f"must be one of {', '.join(FORMATS)}; got {self.method!r}")
+        fmt.check(self, bad)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -100,7 +80,9 @@ def check_group_size(name: str, in_dim: int, group_size: int) -> None:
 
 
 def fitted(spec: QuantSpec, in_dim: int) -> QuantSpec:
-    """`spec` with an integer method's group size shrunk to the largest divisor of `in_dim`."""
-    if spec.method not in INT_METHODS:
+    """`spec` with an integer format's group size shrunk to the largest divisor of `in_dim`."""
+    from iteralite.quant.registry import format_of  # the registry imports the modules that import this
+
+    if not format_of(spec.method).integer:
         return spec
     return dataclasses.replace(spec, group_size=fit_group_size(in_dim, spec.group_size))

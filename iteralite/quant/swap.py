@@ -6,8 +6,8 @@ model.TiedEmbedding) for which `spec_for(name, module)` returns a spec with its 
 with a strict `load_state_dict`); `dequantize_model` turns every stored module back into its float
 twin. A spec is a `QuantSpec`, or for experts a list of one spec per expert (mixed precision).
 
-`FORMATS` is the registry: method -> the stored class per module kind. Integer methods and nf4
-use the packed `Quant*` modules, fp16 the `Half*` modules, and a per-expert list `MixedExperts`.
+The stored class per module kind comes from `quant.registry` (integer methods and nf4: the packed
+`Quant*` modules; fp16: the `Half*` modules; a per-expert list: `MixedExperts`).
 """
 from __future__ import annotations
 
@@ -19,16 +19,10 @@ from torch import nn
 
 from iteralite.core.model import TiedEmbedding
 from iteralite.core.moe import Experts
-from iteralite.quant.methods import METHODS
-from iteralite.quant.modules import (HalfEmbedding, HalfLinear, MixedExperts, QuantEmbedding, QuantExperts,
-                                     QuantLinear)
-from iteralite.quant.spec import INT_METHODS, QuantSpec, QuantSpecError, fit_group_size
+from iteralite.quant import registry
+from iteralite.quant.spec import QuantSpec, fit_group_size
 
 KINDS = {"linear": nn.Linear, "experts": Experts, "embedding": TiedEmbedding}
-FORMATS: dict[str, dict[str, type]] = {
-    **{m: {"linear": QuantLinear, "experts": QuantExperts, "embedding": QuantEmbedding} for m in METHODS},
-    "fp16": {"linear": HalfLinear, "embedding": HalfEmbedding},
-}
 SpecFor = Callable[[str, nn.Module], "QuantSpec | list[QuantSpec] | None"]
 
 
@@ -43,18 +37,6 @@ def kind_of(module: nn.Module) -> str | None:
 def quantizable_modules(model: nn.Module) -> list[str]:
     """Names of the float modules `quantize` can swap (its target set), in model order."""
     return [n for n, m in model.named_modules() if kind_of(m) is not None]
-
-
-def stored_class(name: str, kind: str, spec) -> type:
-    """The stored module class for a float module of `kind` under `spec` (registry lookup)."""
-    if isinstance(spec, (list, tuple)):
-        if kind != "experts":
-            raise QuantSpecError(f"'{name}': a list of per-expert specs only applies to experts, not a {kind}")
-        return MixedExperts
-    cls = FORMATS.get(spec.method, {}).get(kind)
-    if cls is None:
-        raise QuantSpecError(f"'{name}': method '{spec.method}' cannot store a {kind}")
-    return cls
 
 
 def _validate(spec) -> None:
@@ -76,7 +58,7 @@ def _swap(model: nn.Module, spec_for: SpecFor, make: Callable) -> nn.Module:
             continue
         _validate(spec)
         with torch.no_grad():
-            replace_module(model, name, make(stored_class(name, kind_of(module), spec), name, module, spec))
+            replace_module(model, name, make(registry.stored_class(name, kind_of(module), spec), name, module, spec))
     return model
 
 
@@ -96,7 +78,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     done: list[str] = []
     with torch.no_grad():
         for name, m in list(model.named_modules()):
-            if hasattr(m, "to_float") and not any(name.startswith(d + ".") for d in done):
+            if registry.is_stored(m) and not any(name.startswith(d + ".") for d in done):
                 replace_module(model, name, m.to_float())
                 done.append(name)
     return model
@@ -113,7 +95,7 @@ def make_spec_for(spec: QuantSpec, keep_float: Iterable[str] = ("dt_proj",), fit
     def spec_for(name: str, module: nn.Module):
         if any(name == k or name.endswith("." + k) for k in keep):
             return None
-        if not fit_groups or spec.method not in INT_METHODS:
+        if not fit_groups or not registry.format_of(spec.method).integer:
             return spec
         g = spec.group_size
         dims = input_dims(module)

@@ -1,10 +1,9 @@
-"""Mixed precision's vocabulary: precisions, allocation units, their exact stored bits, and the
-allocation -> per-unit spec mapping that `quant.swap` and `quant.fake` consume.
+"""Mixed precision's allocation units, their exact stored bits, and the allocation -> per-unit
+spec mapping that `quant.swap` and `quant.fake` consume.
 
-A *precision* is one of 2, 3, 4, 8 (integer codes, round to nearest, asymmetric, groups of
-`group_size` input columns, packed as a bitstream by `quant.packing`: four 2-bit codes per byte,
-eight 3-bit codes in three bytes, two 4-bit codes per byte, one 8-bit code per byte, plus an fp16
-scale and a zero-point at the code width per group) or 16 (IEEE fp16, no scales). Names such as
+A *precision* is an entry of `quant.registry.PRECISIONS`: ternary (1), int2, int3, int4, int8
+(integer codes, round to nearest, groups of `group_size` input columns, packed as a bitstream by
+`quant.packing`, plus a scale and a zero-point per group) or fp16 (16, no scales). Names such as
 "int4" or "fp16" are accepted wherever a precision is read from params.
 
 An *allocation* maps a unit name to a precision. Units are the weights a user thinks of:
@@ -26,45 +25,8 @@ from torch import nn
 
 from iteralite.io.errors import ParamsError
 from iteralite.quant.intcodes import QTensor
-from iteralite.quant.spec import QuantSpec, fit_group_size
+from iteralite.quant.registry import parse_precision, precision_spec
 from iteralite.quant.swap import quantize
-
-INT_PRECISIONS = (2, 3, 4, 8)
-TERNARY = 1  # {-1, 0, +1} x a scale per group (log2(3) = 1.58 bits of information; 2-bit codes, entropy-coded)
-PRECISIONS = (TERNARY,) + INT_PRECISIONS + (16,)
-_NAMES = {**{f"int{b}": b for b in INT_PRECISIONS}, "fp16": 16, "ternary": TERNARY}
-
-
-def parse_precision(value, where: str = "precision") -> int:
-    """1 (ternary) | 2 | 3 | 4 | 8 | 16 (or as text, '8'), or a name ternary | int2 | int3 | int4 |
-    int8 | fp16 -> the precision's number (the bit width, 1 for ternary)."""
-    if isinstance(value, str) and value.strip().lower() in _NAMES:
-        return _NAMES[value.strip().lower()]
-    if isinstance(value, str) and value.strip().isdigit() and int(value) in PRECISIONS:
-        return int(value)  # '8': a number written as text, accepted as params accept '3e-3' for a float
-    if isinstance(value, int) and not isinstance(value, bool) and value in PRECISIONS:
-        return value
-    allowed = ", ".join([*map(str, PRECISIONS), *_NAMES])
-    raise ParamsError(f"params: '{where}' has unknown precision {value!r}; allowed: {allowed}")
-
-
-def precision_name(precision: int) -> str:
-    """16 -> 'fp16', 4 -> 'int4', 1 -> 'ternary'."""
-    return {16: "fp16", TERNARY: "ternary"}.get(precision, f"int{precision}")
-
-
-def precision_spec(precision: int, in_dim: int | None, group_size: int, scale_bits: int = 0) -> QuantSpec:
-    """The stored spec of a precision: fp16, ternary (symmetric 2-bit codes: levels -1, 0, +1 times
-    one fp16 scale per group, no zero-point), or integer round to nearest with a zero-point; the
-    group size shrunk to the largest divisor of in_dim that is <= group_size (in_dim None: left to
-    the module); scale_bits: the integer precisions' scale grid (0: fp16 scales)."""
-    if precision == 16:
-        return QuantSpec(bits=16, group_size=group_size, symmetric=False, method="fp16")
-    g = group_size if in_dim is None else fit_group_size(in_dim, group_size)
-    if precision == TERNARY:
-        return QuantSpec(bits=2, group_size=g, symmetric=True, method="rtn", scale_bits=scale_bits)
-    return QuantSpec(bits=precision, group_size=g, symmetric=False, method="rtn", scale_bits=scale_bits)
-
 
 GRID_HEAD_BITS = 40  # a scale grid's kind/bits byte and fp16 lo, hi (io.grid)
 

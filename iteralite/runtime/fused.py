@@ -187,9 +187,10 @@ class FusedIteraLite(nn.Module):
     def from_model(cls, model) -> "FusedIteraLite":
         """Build from a float or stored `IteraLite` (any format: uniform, mixed, fp16); stored weights
         are dequantized once here, on a copy."""
+        from iteralite.quant.registry import is_stored
         from iteralite.quant.swap import dequantize_model
 
-        if any(hasattr(m, "to_float") for m in model.modules()):
+        if any(is_stored(m) for m in model.modules()):
             model = dequantize_model(copy.deepcopy(model))
         return cls(model).eval()
 

@@ -21,6 +21,30 @@ from iteralite.train.losses import next_token_loss
 from iteralite.data.tokenizer import load_tokenizer, load_tokens, token_bytes
 
 
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
+    """(batch_size, seq_len + 1) random windows; a pure function of (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    ix = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=g)
+    return torch.stack([data[i:i + seq_len + 1] for i in ix.tolist()])
+
+
+def windows(data: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """n random windows (n, seq_len) of the token stream, a pure function of seed (the dev-split
+    windows that calibration, allocation and the student's cuts are scored on)."""
+    return get_batch(data, n, seq_len - 1, seed, 0)
+
+
+@torch.no_grad()
+def mean_loss(model, wins: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token cross-entropy (nats/token) over windows (n, l), in batches."""
+    total, count = 0.0, 0
+    for i in range(0, len(wins), batch_size):
+        w = wins[i:i + batch_size]
+        total += next_token_loss(model, w, reduction="sum")[0].item()
+        count += w[:, 1:].numel()
+    return total / count
+
+
 @dataclass
 class EvalConfig:
     seq_len: int = 256

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from iteralite.core.config import ModelConfig
 from iteralite.train.dist import DEVICES, DistEnv, broadcast_float, mean_over_ranks, resolve_device
-from iteralite.train.evaluate import EvalConfig, Evaluator, evaluate_tokens
+from iteralite.train.evaluate import EvalConfig, Evaluator, evaluate_tokens, get_batch
 from iteralite.train.live import Throughput, log_point, log_summary, should_log
 from iteralite.train.losses import next_token_loss
 from iteralite.io.errors import DataError, DivergedError, ParamsError
@@ -136,13 +136,6 @@ def set_threads(threads: int) -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
-
-
-def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
-    """(batch_size, seq_len + 1) random windows; a pure function of (seed, step)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    ix = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=g)
-    return torch.stack([data[i:i + seq_len + 1] for i in ix.tolist()])
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -25,7 +25,8 @@ from iteralite.quant.coding import code_tensors, coding_report, report_totals
 from iteralite.quant.config import mixed_config, quant_config
 from iteralite.quant.spec import QuantSpec
 from iteralite.quant.swap import make_spec_for, quantize
-from iteralite.quant.units import PRECISIONS, quantize_allocation, units
+from iteralite.quant.registry import PRECISIONS
+from iteralite.quant.units import quantize_allocation, units
 from tests.conftest import tiny_config
 from tests.io.test_robustness import loads_as_or_fails_clearly, mutate, mutation, with_a_header_byte_changed
 
@@ -53,7 +54,7 @@ def build(kind: str, cfg=None, group_size: int = 8):
         pytest.importorskip("bitsandbytes")
         q = quantize(copy.deepcopy(m), make_spec_for(QuantSpec(4, 64, method="nf4"), keep_float=("dt_proj", "x_proj")))
         return q, quant_config(q)
-    cycle = (2, 4) if kind == "int2-4" else PRECISIONS
+    cycle = (2, 4) if kind == "int2-4" else tuple(PRECISIONS)
     alloc = {u: cycle[i % len(cycle)] for i, u in enumerate(units(m))}
     return quantize_allocation(copy.deepcopy(m), alloc, group_size).eval(), mixed_config(alloc, group_size, m)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from iteralite.quant.calibrate import mean_loss
+from iteralite.train.evaluate import mean_loss
 from iteralite.io.errors import IteraliteError, ParamsError
 from iteralite.quant.units import allocation_bits, allocation_spec_for, quantize_allocation, units
 from iteralite.io.params import from_dict

@@ -15,7 +15,8 @@ from iteralite.quant.config import mixed_config
 from iteralite.quant.packing import pack_bits, packed_nbytes
 from iteralite.quant.spec import QuantSpec
 from iteralite.quant.swap import make_spec_for, quantize
-from iteralite.quant.units import PRECISIONS, quantize_allocation, units
+from iteralite.quant.registry import PRECISIONS
+from iteralite.quant.units import quantize_allocation, units
 
 
 def _uniform(model, **spec):
@@ -23,7 +24,7 @@ def _uniform(model, **spec):
 
 
 def _mixed(model):
-    alloc = {u: PRECISIONS[i % len(PRECISIONS)] for i, u in enumerate(units(model))}
+    alloc = {u: tuple(PRECISIONS)[i % len(PRECISIONS)] for i, u in enumerate(units(model))}
     return quantize_allocation(copy.deepcopy(model), alloc, 8), alloc
 
 

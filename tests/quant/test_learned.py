@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from iteralite.io import grid
-from iteralite.quant.intcodes import _clip_search, quantize_rtn
+from iteralite.quant.intcodes import clip_search, quantize_rtn
 from iteralite.quant.learned import LearnedRange, clamp_to_range, learned_fake_quantize
 from iteralite.quant.qat import attach_fake_quant, export, rtn_spec_for
 from iteralite.quant.spec import QuantSpec
@@ -52,7 +52,7 @@ def test_range_gets_a_gradient_and_weights_a_straight_through_one():
 def test_init_is_the_mse_optimal_clip_search():
     w = weight()
     lr = LearnedRange(QuantSpec(2, 8, False, "rtn"), w)
-    assert torch.equal(lr.shrink[0].detach(), _clip_search(w, 2, 8, False))
+    assert torch.equal(lr.shrink[0].detach(), clip_search(w, 2, 8, False))
 
 
 def test_training_the_range_lowers_the_2_bit_error_below_min_max():
@@ -71,7 +71,7 @@ def test_training_the_range_lowers_the_2_bit_error_below_min_max():
         loss = (lr(w) - w).square().mean()
         loss.backward()
         opt.step()
-    best_grid = (learned_fake_quantize(w, _clip_search(w, 2, 16, False), spec) - w).square().mean().item()
+    best_grid = (learned_fake_quantize(w, clip_search(w, 2, 16, False), spec) - w).square().mean().item()
     assert loss.item() < 0.85 * minmax and loss.item() < 1.05 * best_grid
 
 

@@ -22,7 +22,7 @@ from iteralite.quant.awq import quantize_awq, weighted_error
 from iteralite.quant.fake import fake_quantize, quantize_activations_int8
 from iteralite.quant.gptq import quantize_gptq
 from iteralite.quant.intcodes import QTensor, quantize_rtn
-from iteralite.quant.methods import dequantize, quantize_tensor
+from iteralite.quant.registry import quantize_tensor
 from iteralite.quant.nf4 import NF4Tensor, dequantize_nf4_ref, quantize_nf4
 from iteralite.quant.spec import QuantSpec, QuantSpecError
 
@@ -61,10 +61,10 @@ def test_rtn_error_within_half_step(bits, symmetric, group_size, scale_bits):
         assert qt.zeros is None
     else:
         assert qt.zeros.dtype == torch.float16 and torch.equal(qt.zeros, qt.zeros.round())
-    err = group_view((dequantize(qt) - w).abs(), group_size)
+    err = group_view((qt.dequantize() - w).abs(), group_size)
     half_step = 0.5 * qt.scales.float()[..., None]
     assert (err <= half_step * (1 + 1e-5) + 1e-7).all()
-    assert torch.equal(dequantize(qt)[0, :5], torch.zeros(5))  # zero is exactly representable
+    assert torch.equal(qt.dequantize()[0, :5], torch.zeros(5))  # zero is exactly representable
 
 
 def test_dequant_convention():
@@ -72,10 +72,10 @@ def test_dequant_convention():
     qt = quantize_rtn(w, 4, 8, symmetric=False)
     s = qt.scales.float().repeat_interleave(8, dim=1)
     z = qt.zeros.float().repeat_interleave(8, dim=1)
-    assert torch.equal(dequantize(qt), (qt.codes.float() - z) * s)
+    assert torch.equal(qt.dequantize(), (qt.codes.float() - z) * s)
     qs = quantize_rtn(w, 4, 8, symmetric=True)
     s = qs.scales.float().repeat_interleave(8, dim=1)
-    assert torch.equal(dequantize(qs), (qs.codes.float() - 8) * s)
+    assert torch.equal(qs.dequantize(), (qs.codes.float() - 8) * s)
 
 
 def test_3d_expert_weights_quantize_like_stacked_rows():
@@ -83,7 +83,7 @@ def test_3d_expert_weights_quantize_like_stacked_rows():
     qt = quantize_rtn(w, 4, 8, False)
     flat = quantize_rtn(w.reshape(24, 16), 4, 8, False)
     assert qt.shape == (3, 8, 16)
-    assert torch.equal(dequantize(qt).reshape(24, 16), dequantize(flat))
+    assert torch.equal(qt.dequantize().reshape(24, 16), flat.dequantize())
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 8, False), QuantSpec(3, 4, True), QuantSpec(2, 16, False),
@@ -97,7 +97,7 @@ def test_to_tensors_round_trip_through_safetensors(spec):
     assert d["layer.codes"].numel() * 8 == ((w.numel() * spec.bits + 7) // 8) * 8
     back = QTensor.from_tensors(d, "layer.", w.shape, spec)
     assert torch.equal(back.codes, qt.codes)
-    assert torch.equal(dequantize(back), dequantize(qt))
+    assert torch.equal(back.dequantize(), qt.dequantize())
 
 
 def test_storage_bits_exact():
@@ -135,7 +135,7 @@ def test_bad_bits_and_method():
         quantize_rtn(randw(4, 16), 5, 8, False)
     with pytest.raises(ParamsError, match=r"'quantize.bits' must be one of 2, 3, 4, 8; got 5"):
         QuantSpec(bits=5).validate()
-    with pytest.raises(ParamsError, match=r"'quantize.method' must be one of rtn, awq, gptq, nf4; got 'int4'"):
+    with pytest.raises(ParamsError, match=r"'quantize.method' must be one of rtn, awq, gptq, nf4, fp16; got 'int4'"):
         QuantSpec(method="int4").validate()
     with pytest.raises(ParamsError, match=r"'quantize.bits' must be 4 for method nf4"):
         QuantSpec(bits=3, group_size=64, method="nf4").validate()
@@ -168,7 +168,7 @@ def test_quant_linear_matches_reference(spec):
     qt = quantize_tensor(lin.weight, spec, stat)
     ql = QuantLinear.from_weight(lin.weight, lin.bias, spec, stat)
     x = torch.randn(2, 5, 32)
-    assert torch.equal(ql(x), F.linear(x, dequantize(qt), lin.bias))
+    assert torch.equal(ql(x), F.linear(x, qt.dequantize(), lin.bias))
     assert all(not k.endswith("weight") for k in ql.state_dict())  # only the packed form persists
 
 
@@ -178,15 +178,15 @@ def test_quant_experts_and_embedding_interfaces():
     spec = QuantSpec(4, 8, False)
     qe = QuantExperts.from_float(ex, spec)
     assert qe.n_experts == 3
-    w1 = dequantize(quantize_rtn(ex.w1, 4, 8, False))
-    w2 = dequantize(quantize_rtn(ex.w2, 4, 8, False))
+    w1 = quantize_rtn(ex.w1, 4, 8, False).dequantize()
+    w2 = quantize_rtn(ex.w2, 4, 8, False).dequantize()
     x = torch.randn(5, 16)
     assert torch.equal(qe.run(1, x), F.linear(F.silu(F.linear(x, w1[1])), w2[1]))
     assert torch.equal(qe.expert_weights(2)[0], w1[2])
 
     model = IteraLite(ModelConfig(**TINY))
     emb = QuantEmbedding.from_float(model.embedding, spec)
-    w = dequantize(quantize_rtn(model.embedding.weight, 4, 8, False))
+    w = quantize_rtn(model.embedding.weight, 4, 8, False).dequantize()
     idx = torch.tensor([[1, 5, 63]])
     assert torch.equal(emb(idx), F.embedding(idx, w))
     h = torch.randn(2, 32)
@@ -236,7 +236,7 @@ def test_int8_activation_quantization():
 def test_fake_quantize_equals_export_and_passes_gradients(symmetric, scale_bits):
     w = randw(8, 32, seed=7).requires_grad_(True)
     wq = fake_quantize(w, 4, 8, symmetric, scale_bits=scale_bits)
-    assert torch.equal(wq, dequantize(quantize_rtn(w, 4, 8, symmetric, scale_bits=scale_bits)))
+    assert torch.equal(wq, quantize_rtn(w, 4, 8, symmetric, scale_bits=scale_bits).dequantize())
     upstream = torch.randn(8, 32)
     (wq * upstream).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
@@ -244,7 +244,7 @@ def test_fake_quantize_equals_export_and_passes_gradients(symmetric, scale_bits)
 
     in_scale = torch.rand(32) + 0.5
     assert torch.equal(fake_quantize(w, 3, 8, symmetric, in_scale),
-                       dequantize(quantize_rtn(w, 3, 8, symmetric, in_scale=in_scale)))
+                       quantize_rtn(w, 3, 8, symmetric, in_scale=in_scale).dequantize())
 
 
 # ----------------------------------------------------------------------------- AWQ / GPTQ / clip
@@ -255,23 +255,23 @@ def test_awq_beats_rtn_on_outlier_channels():
     w = torch.randn(32, 64, generator=g) * 0.05
     act = torch.rand(64, generator=g) * 0.1 + 0.01
     act[[3, 17, 40, 41]] = 50.0  # a few channels with large activations
-    rtn = dequantize(quantize_rtn(w, 3, 32, False))
+    rtn = quantize_rtn(w, 3, 32, False).dequantize()
     qa = quantize_awq(w, act, 3, 32, False)
     assert qa.in_scale is not None and qa.in_scale.dtype == torch.float16
-    e_rtn, e_awq = weighted_error(w, rtn, act), weighted_error(w, dequantize(qa), act)
+    e_rtn, e_awq = weighted_error(w, rtn, act), weighted_error(w, qa.dequantize(), act)
     assert e_awq < e_rtn
     # per-expert search on 3-D weights
     w3, a3 = torch.stack([w, w.flip(0)]), torch.stack([act, act.flip(0)])
     q3 = quantize_awq(w3, a3, 3, 32, False)
     assert q3.in_scale.shape == (2, 64)
-    assert weighted_error(w3, dequantize(q3), a3) <= weighted_error(w3, dequantize(quantize_rtn(w3, 3, 32, False)), a3)
+    assert weighted_error(w3, q3.dequantize(), a3) <= weighted_error(w3, quantize_rtn(w3, 3, 32, False).dequantize(), a3)
 
 
 def test_clip_search_does_not_increase_weighted_error():
     w = randw(16, 64, seed=9)
     act = torch.rand(64) + 0.1
-    plain = weighted_error(w, dequantize(quantize_rtn(w, 2, 32, False)), act)
-    clipped = weighted_error(w, dequantize(quantize_rtn(w, 2, 32, False, clip=True, clip_weight=act)), act)
+    plain = weighted_error(w, quantize_rtn(w, 2, 32, False).dequantize(), act)
+    clipped = weighted_error(w, quantize_rtn(w, 2, 32, False, clip=True, clip_weight=act).dequantize(), act)
     assert clipped <= plain
 
 
@@ -287,7 +287,7 @@ def test_gptq_beats_rtn_on_correlated_inputs():
 
     qg = quantize_gptq(w, H, 3, 16, False)
     assert int(qg.codes.max()) < 8
-    assert out_err(dequantize(qg)) < out_err(dequantize(quantize_rtn(w, 3, 16, False)))
+    assert out_err(qg.dequantize()) < out_err(quantize_rtn(w, 3, 16, False).dequantize())
 
 
 # ----------------------------------------------------------------------------- NF4
@@ -299,13 +299,13 @@ def test_nf4_round_trip(shape):
     t = quantize_nf4(w)
     assert t.packed.dtype == torch.uint8 and t.packed.numel() == (w.numel() + 1) // 2
     assert t.absmax.numel() == -(-w.numel() // 64)
-    dq = dequantize(t)
+    dq = t.dequantize()
     assert dq.shape == w.shape
     assert torch.equal(dq, dequantize_nf4_ref(t))  # bitsandbytes kernel == plain-torch twin
     assert ((dq - w).abs() <= 0.5 * w.abs().max()).all()
     d = st_load(st_save(t.to_tensors("emb.")))
     back = NF4Tensor.from_tensors(d, "emb.", shape, QuantSpec(4, 64, method="nf4"))
-    assert torch.equal(dequantize(back), dq)
+    assert torch.equal(back.dequantize(), dq)
     assert t.storage_bits() == 8 * ((w.numel() + 1) // 2) + 32 * t.absmax.numel()
     assert json.loads(json.dumps(t.meta()))["blocksize"] == 64
 
@@ -387,4 +387,4 @@ def test_gptq_on_expert_stacks_runs_each_expert_alone():
     H = X.transpose(1, 2) @ X / 64
     q3 = quantize_gptq(w, H, 4, 8, True)
     for e in range(2):
-        assert torch.equal(dequantize(q3)[e], dequantize(quantize_gptq(w[e], H[e], 4, 8, True)))
+        assert torch.equal(q3.dequantize()[e], quantize_gptq(w[e], H[e], 4, 8, True).dequantize())

@@ -13,16 +13,16 @@ from iteralite.io import grid
 from iteralite.io.checkpoint import load_model as load_artifact
 from iteralite.io.checkpoint import checkpoint_checksum, header_bytes, save_checkpoint
 from iteralite.io.errors import CheckpointError, ParamsError
-from iteralite.quant.config import PRECISION_CHARS, mixed_config
+from iteralite.quant.config import mixed_config
 from iteralite.quant.modules import MixedExperts
 from iteralite.quant.swap import dequantize_model
-from iteralite.quant.units import (PRECISIONS, allocation_bits, parse_precision, precision_spec, quantize_allocation,
-                                   split_expert, unit_bits, units)
+from iteralite.quant.registry import PRECISIONS, parse_precision, precision_char, precision_spec
+from iteralite.quant.units import allocation_bits, quantize_allocation, split_expert, unit_bits, units
 from iteralite.quant.packing import pack_bits, unpack_bits
 from iteralite.quant.fake import fake_weight
 
 
-def _alloc(model, cycle=PRECISIONS):
+def _alloc(model, cycle=tuple(PRECISIONS)):
     return {u: cycle[i % len(cycle)] for i, u in enumerate(units(model))}
 
 
@@ -55,7 +55,7 @@ def test_saved_mixed_artifact_reloads_bit_for_bit(model, tmp_path):
     alloc = _alloc(model)
     q = _save(model, tmp_path / "m.safetensors", alloc)
     loaded, ckpt = load_artifact(tmp_path / "m.safetensors")
-    assert ckpt.quant["precisions"] == "".join(PRECISION_CHARS[alloc[u]] for u in units(model))
+    assert ckpt.quant["precisions"] == "".join(precision_char(alloc[u]) for u in units(model))
     assert len(json.dumps(ckpt.quant)) < 120  # one character per unit, not a dictionary of names
     a, b = q.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

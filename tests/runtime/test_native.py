@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from iteralite.quant.units import PRECISIONS, quantize_allocation, units
+from iteralite.quant.registry import PRECISIONS
+from iteralite.quant.units import quantize_allocation, units
 from iteralite.runtime import native
 from iteralite.runtime.native import layout
 from iteralite.runtime.native.ref import RefModel, act_int8_ref

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 from iteralite.io.errors import IteraliteError
+from iteralite.quant import registry
+from iteralite.quant.intcodes import QTensor
+from iteralite.quant.modules import MixedExperts
 from iteralite.quant.packing import pack_bits, unpack_bits
 from iteralite.quant.spec import fit_group_size
 
@@ -102,46 +105,41 @@ def _from_half(w16: torch.Tensor) -> NativeMat:
     return NativeMat(F16, out, in_, fit_group_size(in_, F16_BLOCK), w16=_fp16_bits(w16))
 
 
-def _codes_of(module, slot: str = "weight_"):
-    """The integer codes of a stored linear/embedding/QuantExperts slot, or None for another format."""
-    if type(module).__name__ in ("QuantLinear", "QuantEmbedding", "QuantExperts") and \
-            module.spec.method in ("rtn", "gptq", "awq"):
-        return module.qtensor(slot)
-    return None
+def _source(module, name: str, slot: str = "weight_"):
+    """What the registry says the native step reads of a stored module's slot: a QTensor of
+    integer codes, or an fp16 weight. NativeUnsupported for a float module or another format."""
+    fmt = registry.module_format(module)
+    if fmt is None or fmt.native is None:
+        what = type(module).__name__ + ("" if fmt is None else f" ({fmt.name})")
+        raise NativeUnsupported(f"'{name}' is a {what}; the native step runs packed artifacts "
+                                "(integer codes or fp16 weights)")
+    return fmt.native(module, slot)
+
+
+def _to_mat(src, name: str) -> NativeMat:
+    return _from_qtensor(src, name) if isinstance(src, QTensor) else _from_half(src)
 
 
 def _mat(module, name: str) -> NativeMat:
     """A stored linear/embedding -> NativeMat."""
-    kind = type(module).__name__
-    qt = _codes_of(module)
-    if qt is not None:
-        return _from_qtensor(qt, name)
-    if kind in ("HalfLinear", "HalfEmbedding"):
-        return _from_half(module.weight_half)
-    raise NativeUnsupported(f"'{name}' is a {kind}"
-                            + (f" ({module.spec.method})" if hasattr(module, "spec") else "")
-                            + "; the native step runs packed artifacts (integer codes or fp16 weights)")
+    return _to_mat(_source(module, name), name)
 
 
 def _experts(moe, name: str) -> tuple[list[NativeMat], list[NativeMat]]:
     ex = moe.experts
-    kind = type(ex).__name__
-    if kind == "MixedExperts":
+    if isinstance(ex, MixedExperts):  # one stored linear per expert and matrix
         return ([_mat(m, f"{name}.w1[{e}]") for e, m in enumerate(ex.w1)],
                 [_mat(m, f"{name}.w2[{e}]") for e, m in enumerate(ex.w2)])
-    if kind == "QuantExperts" and _codes_of(ex, "w1_") is not None:
-        from iteralite.quant.intcodes import QTensor
 
-        def per_expert(slot: str) -> list[NativeMat]:
-            qt = ex.qtensor(slot)  # unpacked once for all experts, then sliced
-            return [_from_qtensor(QTensor(qt.codes[e], qt.scales[e], None if qt.zeros is None else qt.zeros[e],
-                                          None if qt.in_scale is None else qt.in_scale[e], qt.bits,
-                                          qt.group_size, qt.symmetric), f"{name}.{slot[:2]}[{e}]")
-                    for e in range(ex.n_experts)]
-        return per_expert("w1_"), per_expert("w2_")
-    raise NativeUnsupported(f"'{name}' is a {kind}"
-                            + (f" ({ex.spec.method})" if hasattr(ex, "spec") else "")
-                            + "; the native step runs packed artifacts (integer codes or fp16 weights)")
+    def per_expert(slot: str) -> list[NativeMat]:
+        src = _source(ex, name, slot)  # stacked over experts: unpacked once for all, then sliced
+        if not isinstance(src, QTensor):
+            return [_to_mat(src[e], f"{name}.{slot[:2]}[{e}]") for e in range(ex.n_experts)]
+        return [_from_qtensor(QTensor(src.codes[e], src.scales[e], None if src.zeros is None else src.zeros[e],
+                                      None if src.in_scale is None else src.in_scale[e], src.bits,
+                                      src.group_size, src.symmetric), f"{name}.{slot[:2]}[{e}]")
+                for e in range(ex.n_experts)]
+    return per_expert("w1_"), per_expert("w2_")
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
