@@ -65,19 +65,19 @@ def test_gate_fails_on_a_regressed_size(clone, capsys):
 
 def test_gate_passes_an_improvement_and_noise_within_tolerance(clone, capsys):
     _edit(clone, MIXED, lambda d: d.update(size_bytes=round(d["size_bytes"] * 0.9), val_ppl=d["val_ppl"] * 1.005))
-    _edit(clone, BENCH, lambda d: d["native"].update(decode_tok_s_1thread=d["native"]["decode_tok_s_1thread"] * 0.9))
+    _edit(clone, BENCH, lambda d: d["native"].update(decode_speedup_vs_fused=d["native"]["decode_speedup_vs_fused"] * 0.9))
     rc, out, err, _ = _gate(clone, capsys)
     assert rc == 0, out + err
     assert _row(out, "mixed_precision:size_bytes").endswith("| better |")
     assert _row(out, "mixed_precision:val_ppl").endswith("| ok |")
-    assert _row(out, "benchmark:native.decode_tok_s_1thread").endswith("| ok |")
+    assert _row(out, "benchmark:native.decode_speedup_vs_fused").endswith("| ok |")
 
 
 def test_gate_fails_a_slower_decode_beyond_its_tolerance(clone, capsys):
-    _edit(clone, BENCH, lambda d: d["native"].update(decode_tok_s_1thread=d["native"]["decode_tok_s_1thread"] * 0.8))
+    _edit(clone, BENCH, lambda d: d["native"].update(decode_speedup_vs_fused=d["native"]["decode_speedup_vs_fused"] * 0.8))
     rc, out, err, _ = _gate(clone, capsys)
     assert rc == 1, out + err
-    assert "**FAIL**" in _row(out, "benchmark:native.decode_tok_s_1thread")
+    assert "**FAIL**" in _row(out, "benchmark:native.decode_speedup_vs_fused")
 
 
 def test_gate_reports_a_missing_metric(clone, capsys):
