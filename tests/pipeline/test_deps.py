@@ -80,13 +80,7 @@ FILES = {f"{PKG}/__init__.py": "", f"{PKG}/a.py": "from . import b\n", f"{PKG}/b
 
 # Stage s lists a module it no longer imports (c), misses b, and keeps a C source, a data folder
 # and a templated checkpoint among its modules; t is already as --write leaves it.
-DVC = f"""# top comment: kept
-stages:
-  s:
-    matrix:
-      r: ${{rs}}  # templated
-    cmd: python stages/s.py ${{item.r}}
-    deps:
+S_DEPS = f"""    deps:
       - {PKG}/c.py
       - {PKG}/native/step.c
       - stages/s.py
@@ -95,7 +89,14 @@ stages:
       - {PKG}/a.py
       - checkpoints/${{item.r}}.safetensors
       - {PKG}/__init__.py
-    outs:
+"""
+DVC = f"""# top comment: kept
+stages:
+  s:
+    matrix:
+      r: ${{rs}}  # templated
+    cmd: python stages/s.py ${{item.r}}
+{S_DEPS}    outs:
       - out/${{item.r}}   # a comment
 
   t:
@@ -111,16 +112,7 @@ metrics:
   - m.json
 """
 
-WRITTEN = DVC.replace(f"""    deps:
-      - {PKG}/c.py
-      - {PKG}/native/step.c
-      - stages/s.py
-      # the raw data
-      - data/raw
-      - {PKG}/a.py
-      - checkpoints/${{item.r}}.safetensors
-      - {PKG}/__init__.py
-""", f"""    deps:
+WRITTEN = DVC.replace(S_DEPS, f"""    deps:
       - stages/s.py
       - {PKG}/__init__.py
       - {PKG}/a.py
