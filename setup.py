@@ -1,10 +1,12 @@
-"""The one native piece: the decode step in C (iteralite/runtime/native/itl_step.c), built as a
-shared library loaded with ctypes (no Python C API). Portable flags: its AVX2 code is compiled per
-function (`__attribute__((target))`) and chosen at run time. Optional: without a compiler the
-install still succeeds and the native runtime reports itself unavailable. Everything else about
-the package is in pyproject.toml."""
+"""The native pieces: the decode step in C (iteralite/runtime/native/itl_step.c) and the rANS coder
+of entropy-coded codes (itl_rans.c), built as one shared library loaded with ctypes (no Python C
+API). Portable flags: its AVX2 code is compiled per function (`__attribute__((target))`) and
+chosen at run time. Optional: without a compiler the install still succeeds, the native runtime
+reports itself unavailable and entropy coding uses its Python twin. Everything else about the
+package is in pyproject.toml."""
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("iteralite.runtime.native._itl_native",
-                             sources=["iteralite/runtime/native/itl_step.c"],
+                             sources=["iteralite/runtime/native/itl_step.c",
+                                      "iteralite/runtime/native/itl_rans.c"],
                              extra_compile_args=["-O3", "-std=gnu11"], libraries=["m"], optional=True)])

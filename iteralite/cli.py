@@ -1,8 +1,16 @@
-"""`iteralite` command line: generate text from any artifact, evaluate one, or serve one over HTTP."""
+"""`iteralite` command line: generate text from any artifact, evaluate one, or serve one over HTTP.
+
+Exit status: 0 done; 2 a bad argument or an unusable file, or stdout that cannot be written (closed,
+a full disk), each said in one `iteralite: error: ...` line; 130 after Ctrl-C; 141 (128 + SIGPIPE,
+what a shell shows for `yes | head`) when the reader of stdout went away, quietly: `| head` is a
+normal way to stop reading.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import stat
 import sys
@@ -12,15 +20,67 @@ from iteralite.io.errors import IteraliteError
 from iteralite.io.text import decode_utf8
 
 
-def _load(args):
-    from iteralite.io.checkpoint import check_tokenizer, load_model
-    from iteralite.data.tokenizer import load_tokenizer
+class _StdoutFailed(Exception):
+    """stdout refused a write (errno: EPIPE for a reader gone, EBADF for a closed stdout, ...)."""
 
+    def __init__(self, code: int | None):
+        super().__init__(code)
+        self.errno = code or errno.EIO
+
+
+def _emit(text: str) -> None:
+    """Write `text` to stdout and flush it; any failure is a _StdoutFailed."""
+    out = sys.stdout
+    if out is None:  # started with stdout closed (`>&-`)
+        raise _StdoutFailed(errno.EBADF)
+    try:
+        out.write(text)
+        out.flush()
+    except OSError as e:
+        raise _StdoutFailed(e.errno) from None
+    except ValueError:  # "I/O operation on closed file"
+        raise _StdoutFailed(errno.EBADF) from None
+
+
+def _stdout_failed(e: _StdoutFailed) -> int:
+    """Point stdout at /dev/null (the interpreter's last flush then cannot fail again), then the
+    exit status: 141 quietly for a reader gone, else one line and 2."""
+    try:
+        fd = sys.stdout.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except (AttributeError, OSError, ValueError):  # no stdout, or not a real file (a test's capture)
+        pass
+    if e.errno == errno.EPIPE:
+        return 141
+    reason = "stdout is closed" if e.errno == errno.EBADF else f"cannot write to stdout: {os.strerror(e.errno)}"
+    print(f"iteralite: error: {reason}; the output was not written (redirect stdout to a writable file)",
+          file=sys.stderr)
+    return 2
+
+
+def _check_relative(path, flag: str) -> None:
+    """A relative path that does not exist (a default, run from another folder) is one line naming
+    the absolute path looked at, not advice to rebuild what exists elsewhere."""
+    if not os.path.isabs(path) and not os.path.lexists(path):
+        raise IteraliteError(
+            f"{flag} {path}: no such file: looked for {os.path.abspath(path)} (relative to the working "
+            f"directory {os.getcwd()}); run iteralite from the repository root or pass {flag} with the "
+            "file's path (`dvc repro` or `dvc pull` creates it)")
+
+
+def _load(args):
+    from iteralite.io.checkpoint import load_checked_tokenizer, load_model
+
+    _check_relative(args.checkpoint, "--checkpoint")
+    _check_relative(args.tokenizer, "--tokenizer")
     model, ckpt = load_model(args.checkpoint)
-    # Before the tokenizer is parsed: a directory, a missing file, another tokenizer or another
-    # vocabulary size are each one clear line, not a library error or silently wrong text.
-    check_tokenizer(ckpt, args.tokenizer)
-    tok = load_tokenizer(args.tokenizer)
+    # Before the tokenizer is used: a directory, a missing file, another tokenizer or another
+    # vocabulary size are each one clear line, not a library error or silently wrong text. The
+    # tokenizer returned is the very file checked (read once).
+    tok = load_checked_tokenizer(ckpt, args.tokenizer)
+    args.checked_tokenizer = tok  # --compile sizes its prefill with it
     return _runtime(model, ckpt, args), ckpt, tok
 
 
@@ -28,11 +88,10 @@ def _fused(model, ckpt, args):
     """The fused model: eager fused ops by default, or compiled (step + this prompt's prefill)
     with --compile."""
     from iteralite.runtime.deploy import fuse
-    from iteralite.data.tokenizer import load_tokenizer
 
     if not getattr(args, "compile", False):
         return fuse(model, "eager")
-    n = len(load_tokenizer(args.tokenizer).encode(args.prompt, add_special_tokens=False).ids) or 1
+    n = len(args.checked_tokenizer.encode(args.prompt, add_special_tokens=False).ids) or 1
     return fuse(model, ckpt.meta.get("runtime", {}).get("backend", "aoti"), [n])
 
 
@@ -121,23 +180,46 @@ def cmd_generate(args) -> None:
         torch.set_num_threads(args.threads)
     model, ckpt, tok = _load(args)
 
-    def write(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    write(args.prompt)
+    _emit(args.prompt)
     timing: dict = {}
     try:
-        stream_text(tok, model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                    write, timing, top_p=args.top_p)
+        stream_text(tok, _FiniteLogits(model), args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                    args.seed, _emit, timing, top_p=args.top_p)
+    except IteraliteError:
+        _emit("\n")  # end the line the prompt began; the error line follows on stderr
+        raise
     except KeyboardInterrupt:
         # Ctrl-C ends the story where it is: keep what was shown, end the line, no traceback.
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        try:
+            _emit("\n")
+        except _StdoutFailed:
+            pass
         raise
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    _emit("\n")
     print(timing_line(type(model).__name__, timing), file=sys.stderr)
+
+
+class _FiniteLogits:
+    """A runtime whose logits are checked: weights that are finite but overflow float32 give NaN/inf
+    logits, which greedy decoding would turn into silent garbage and sampling into a torch error."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @staticmethod
+    def _check(out):
+        import torch
+
+        if not bool(torch.isfinite(out[0]).all()):
+            raise IteraliteError("the model's logits are not finite (NaN/inf: its weights overflow float32); "
+                                 "it cannot generate: re-create the checkpoint with `dvc repro`")
+        return out
+
+    def __call__(self, *args, **kwargs):
+        return self._check(self.model(*args, **kwargs))
+
+    def step(self, *args, **kwargs):
+        return self._check(self.model.step(*args, **kwargs))
 
 
 def timing_line(runtime: str, t: dict) -> str:
@@ -178,7 +260,7 @@ def _eval_config(args):
             raise ParamsError(f"{path}: cannot read the params file: {e.strerror}") from None
     else:
         cfg, source = EvalConfig(), None
-        print(f"iteralite: {path} not found; using the default eval settings "
+        print(f"iteralite: {path} not found{_looked_for(path)}; using the default eval settings "
               f"{dataclasses.asdict(cfg)} (pass --params to use the pipeline's)", file=sys.stderr)
     overrides = {k: v for k, v in (("seq_len", args.seq_len), ("batch_size", args.batch_size),
                                    ("max_tokens", args.max_tokens)) if v is not None}
@@ -191,6 +273,10 @@ def _eval_config(args):
     return cfg, source
 
 
+def _looked_for(path) -> str:
+    return "" if os.path.isabs(path) else f" (looked for {os.path.abspath(path)})"
+
+
 def _with_flags(e, overrides: dict):
     """`e` (a ParamsError naming 'eval.<key>') with the command-line flags that set those keys."""
     from iteralite.io.errors import ParamsError
@@ -199,23 +285,81 @@ def _with_flags(e, overrides: dict):
     return ParamsError(f"{e} (from {', '.join(flags)})" if flags else str(e))
 
 
+def _token_array(path: Path, vocab: int, tokenizer) -> "np.ndarray":
+    """A 1-D integer .npy token array of ids < `vocab`, checked before use: a missing, truncated or
+    padded file, another array or an id the tokenizer does not have is one line naming the file."""
+    import numpy as np
+
+    from iteralite.io.checkpoint import CheckpointError, _check_regular_file, _open_regular
+    from iteralite.io.errors import DataError
+
+    hint = "(evaluate reads valid.npy and wikitext2.npy beside --tokenizer; `dvc repro tokenizer` writes them)"
+    try:
+        _check_regular_file(path, "token array", hint)
+        with _open_regular(path, "token array") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(major)
+            if read is None:
+                raise ValueError(f".npy format version {major} is not one numpy's np.save writes here")
+            shape, _, dtype = read(f)
+            if len(shape) != 1 or dtype.kind not in "ui":
+                raise ValueError(f"holds a {dtype} array of shape {shape}, not a 1-D array of token ids")
+            need, have = shape[0] * dtype.itemsize, os.fstat(f.fileno()).st_size - f.tell()
+            if need != have:
+                raise DataError(f"{path}: truncated or padded token array: its header says {shape[0]:,} tokens "
+                                f"({need:,} bytes) but {have:,} bytes follow; re-create it with `dvc repro tokenizer`")
+            arr = np.frombuffer(f.read(need), dtype=dtype)
+    except CheckpointError as e:
+        raise DataError(str(e)) from None
+    except (ValueError, EOFError, SyntaxError, OSError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{path}: not a token array (.npy): {reason}; re-create it with `dvc repro tokenizer`") from None
+    if arr.size and (int(arr.max()) >= vocab or int(arr.min()) < 0):
+        bad = int(arr.max()) if int(arr.max()) >= vocab else int(arr.min())
+        raise DataError(f"{path}: holds token id {bad}, but tokenizer {tokenizer} has {vocab} tokens (ids 0..{vocab - 1}): "
+                        "the array was encoded with another tokenizer; re-create them together with `dvc repro tokenizer`")
+    return arr
+
+
+def _evaluator(cfg, tokenizer_path: Path, tok):
+    """The stages' Evaluator, but scoring bytes with `tok` (the tokenizer file passed and checked,
+    whatever its name) and reading the splits beside it with `_token_array`'s checks."""
+    from iteralite.data.tokenizer import token_bytes
+    from iteralite.train.evaluate import Evaluator
+
+    class _Exact(Evaluator):
+        def __init__(self):  # Evaluator.__init__ would read <folder>/tokenizer.json: another file
+            self.cfg = cfg
+            self.nbytes = token_bytes(tok)
+            folder, vocab = tokenizer_path.parent, tok.get_vocab_size()
+            self.valid = _token_array(folder / "valid.npy", vocab, tokenizer_path)
+            self.wiki = _token_array(folder / "wikitext2.npy", vocab, tokenizer_path)
+            for split, tokens in (("valid", self.valid), ("wikitext2", self.wiki)):
+                self.check_window(split, len(tokens), cfg.max_tokens, "eval.max_tokens")
+
+    return _Exact()
+
+
 def cmd_evaluate(args) -> None:
     import dataclasses
 
     from iteralite.io.errors import ParamsError
-    from iteralite.train.evaluate import Evaluator
 
     cfg, source = _eval_config(args)
-    model, ckpt, _ = _load(args)
+    model, ckpt, tok = _load(args)
     try:
-        ev = Evaluator(cfg, Path(args.tokenizer).parent)
+        ev = _evaluator(cfg, Path(args.tokenizer), tok)
     except ParamsError as e:  # a window that does not fit a split: name the flag that set it
         raise _with_flags(e, {k: getattr(args, k) for k in ("seq_len", "max_tokens")
                               if getattr(args, k) is not None}) from None
     scores = ev(model)
+    bad = next((k for k, v in scores.items() if isinstance(v, float) and not math.isfinite(v)), None)
+    if bad is not None:  # JSON has no NaN: never print one, never exit 0 with it
+        raise IteraliteError(f"{args.checkpoint}: {bad} is {scores[bad]}: the model's outputs are not finite "
+                             "on this data (its weights overflow); nothing to report")
     settings = {**dataclasses.asdict(cfg), "params": source}
-    print(json.dumps({"checkpoint": str(args.checkpoint), "kind": ckpt.kind, "eval": settings, **scores},
-                     indent=2))
+    _emit(json.dumps({"checkpoint": str(args.checkpoint), "kind": ckpt.kind, "eval": settings, **scores},
+                     indent=2, allow_nan=False) + "\n")
 
 
 def cmd_serve(args) -> int:
@@ -306,8 +450,10 @@ def main(argv=None) -> int:
     except IteraliteError as e:
         print(f"iteralite: error: {e}", file=sys.stderr)
         return 2
+    except _StdoutFailed as e:
+        return _stdout_failed(e)
     except BrokenPipeError:
-        return 0
+        return _stdout_failed(_StdoutFailed(errno.EPIPE))
     except KeyboardInterrupt:
         return 130  # the shell's status for SIGINT; cmd_generate already ended the line
     return 0

@@ -7,7 +7,7 @@ from iteralite.io.params import load_section
 from iteralite.pipeline import paths
 from iteralite.pipeline.artifacts import publish
 from iteralite.pipeline.baseline import load_baseline
-from iteralite.pipeline.stage import ratio_arg, run, write_metrics
+from iteralite.pipeline.stage import TRAIN_QUALITY, quality_path, ratio_arg, run, write_metrics
 from iteralite.prune.config import PruneConfig
 from iteralite.quant.config import quant_config
 from iteralite.quant.qat import QATConfig, qat
@@ -19,7 +19,7 @@ from iteralite.train.live import stage_live
 def main():
     text, _ = ratio_arg(load_section(PruneConfig, "prune").ratios, "stages/finetune.py")
     cfg = load_section(QATConfig, "finetune")
-    base = load_baseline()
+    base = load_baseline(train_metrics=TRAIN_QUALITY)
     src = paths.ratio_ckpt("prune", text)
     pruned, _ = load_model(src)
     spec = QuantSpec(bits=4, group_size=cfg.group_size, symmetric=cfg.symmetric, method="rtn")
@@ -28,11 +28,11 @@ def main():
                            desc=f"finetune {text}", live=live)
     _, metrics = publish(paths.ratio_ckpt("finetune", text), model, base, kind="int4-pruned-finetuned",
                          quant=quant_config(model), meta={"stage": "finetune", "parent": src, **stats})
-    with open(paths.ratio_metrics("prune", text)) as f:
+    with open(quality_path(paths.ratio_metrics("prune", text))) as f:
         pm = json.load(f)
     write_metrics(paths.ratio_metrics("finetune", text), {
         **metrics, "ratio": pm["ratio"], "prunable_params_removed_frac": pm["prunable_params_removed_frac"],
-        "layers": pm["layers"], **stats})
+        "layers": pm["layers"], **stats}, quality=True)
 
 
 if __name__ == "__main__":

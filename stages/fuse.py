@@ -14,7 +14,7 @@ from iteralite.train.generate import generate_ids
 from iteralite.io.params import load_section
 from iteralite.bench.memory import state_bytes
 from iteralite.pipeline import paths
-from iteralite.pipeline.stage import run, write_metrics
+from iteralite.pipeline.stage import TRAIN_QUALITY, run, write_metrics
 from iteralite.data.tokenizer import load_tokenizer
 
 SRC, OUT = paths.MIXED_CKPT, paths.FUSED_CKPT
@@ -22,7 +22,7 @@ SRC, OUT = paths.MIXED_CKPT, paths.FUSED_CKPT
 
 def main():
     cfg = load_section(FuseConfig, "fuse")
-    base = load_baseline(train_tokens=False)
+    base = load_baseline(train_tokens=False, train_metrics=TRAIN_QUALITY)
     unfused, ckpt = load_model(SRC)
     save_fused(OUT, unfused, ckpt, cfg, SRC)
     t0 = time.perf_counter()
@@ -46,7 +46,8 @@ def main():
         "greedy_tokens": cfg.greedy_tokens, "greedy_match_unfused": greedy[0] == greedy[1],
         "greedy_first_mismatch": next((i for i, (a, b) in enumerate(zip(*greedy)) if a != b), None),
         "max_abs_logit_diff_prompt": round(logit_diff, 7), "compile_seconds": round(compile_s, 1),
-        "backend": cfg.backend, "resident_weight_bytes": state_bytes(fused), **peak_rss("fused", OUT)})
+        "backend": cfg.backend, "resident_weight_bytes": state_bytes(fused), **peak_rss("fused", OUT)},
+        quality=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from iteralite.pipeline import paths
 from iteralite.pipeline.artifacts import publish
 from iteralite.pipeline.baseline import load_baseline
 from iteralite.pipeline.int4 import Int4Config, quantize_int4
-from iteralite.pipeline.stage import run, write_metrics
+from iteralite.pipeline.stage import TRAIN_QUALITY, run, write_metrics
 from iteralite.quant.calibrate import load_stats
 from iteralite.quant.config import quant_config
 from iteralite.quant.kernels import set_int4_kernel
@@ -14,7 +14,7 @@ from iteralite.quant.kernels import set_int4_kernel
 
 def main():
     cfg = load_section(Int4Config, "int4")
-    base = load_baseline(train_tokens=False)
+    base = load_baseline(train_tokens=False, train_metrics=TRAIN_QUALITY)
     fp32_model, fp32 = base.model, base.metrics
     stats = {kind: load_stats(paths.CALIBRATION, kind)[0] for kind in ("act_sq_mean", "hessian")}
     rows = {}
@@ -39,7 +39,7 @@ def main():
         speed["decode_tok_s_int4_kernel"] = decode_tok_s(model, cfg.speed_tokens)
         speed["int4_kernel_linears"] = n
         out["speed"] = {k: round(v, 1) for k, v in speed.items()}
-    write_metrics(paths.INT4_METRICS, out)
+    write_metrics(paths.INT4_METRICS, out, quality=True)
 
 
 if __name__ == "__main__":

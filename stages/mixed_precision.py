@@ -13,7 +13,7 @@ from iteralite.pipeline.artifacts import coding_metrics, publish
 from iteralite.pipeline.baseline import load_baseline
 from iteralite.pipeline.mixed import MixedConfig, run_mixed
 from iteralite.pipeline.mixed_report import plot_allocation, write_pareto
-from iteralite.pipeline.stage import run, write_metrics
+from iteralite.pipeline.stage import TRAIN_QUALITY, run, write_metrics
 from iteralite.quant.allocate import sizes_table, summarize
 from iteralite.quant.config import mixed_config
 from iteralite.quant.qat import QATConfig
@@ -29,7 +29,7 @@ def main():
     qcfg = dataclasses.replace(ft, steps=cfg.finetune_steps, seed=cfg.seed, lr=lr, min_lr=ft.min_lr * lr / ft.lr,
                                warmup_steps=min(ft.warmup_steps, cfg.finetune_steps - 1),
                                learned_range=cfg.learned_range)
-    base = load_baseline()
+    base = load_baseline(train_metrics=TRAIN_QUALITY)
     start = dequantize_model(load_model(src)[0])
     with stage_live(paths.live_dir("mixed_precision")) as live:
         res = run_mixed(base.model, start, base.train_tokens, cfg, qcfg, dev=base.dev_tokens, live=live)
@@ -57,7 +57,7 @@ def main():
         **metrics, "policy": cfg.policy, "objective": cfg.objective, "max_ppl_delta_pct": cfg.max_ppl_delta_pct,
         "from": src, **summarize(res.allocation, sizes, start),
         "allocation": res.allocation, "pareto": {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows},
-        **res.info})
+        **res.info}, quality=True)
 
 
 if __name__ == "__main__":

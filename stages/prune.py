@@ -5,7 +5,7 @@ from iteralite.io.params import load_section
 from iteralite.pipeline import paths
 from iteralite.pipeline.artifacts import publish
 from iteralite.pipeline.baseline import load_baseline
-from iteralite.pipeline.stage import ratio_arg, run, write_metrics
+from iteralite.pipeline.stage import TRAIN_QUALITY, ratio_arg, run, write_metrics
 from iteralite.prune.config import PruneConfig
 from iteralite.prune.recovery import prune_with_recovery
 from iteralite.quant.config import quant_config
@@ -19,7 +19,7 @@ def main():
     cfg = load_section(PruneConfig, "prune")
     text, ratio = ratio_arg(cfg.ratios, "stages/prune.py")
     ft = load_section(QATConfig, "finetune")
-    base = load_baseline()
+    base = load_baseline(train_metrics=TRAIN_QUALITY)
     qat_model, _ = load_model(paths.QAT_CKPT)
     spec = QuantSpec(bits=4, group_size=ft.group_size, symmetric=ft.symmetric, method="rtn")
     with stage_live(paths.live_dir("prune", text)) as live:
@@ -31,7 +31,7 @@ def main():
     write_metrics(paths.ratio_metrics("prune", text), {
         **metrics, "ratio": ratio, "prunable_params_removed_frac": round(report["prunable_params_removed_frac"], 5),
         "prunable_params": report["base_prunable"], "prunable_params_kept": report["prunable_after"],
-        "layers": report["layers"], "sparsity": report["sparsity"], "schedule": history})
+        "layers": report["layers"], "sparsity": report["sparsity"], "schedule": history}, quality=True)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def main():
         size = save_checkpoint(paths.FP32_CKPT, model, kind="fp32", tokenizer_sha256=file_sha256(paths.TOKENIZER_JSON),
                                meta=artifact_meta({"stage": "train", **stats, **quality}))
         Path(paths.TRAIN_RESUME).unlink(missing_ok=True)
-        write_metrics(paths.TRAIN_METRICS, {"params": model.num_params(), "size_bytes": size, **quality, **stats})
+        write_metrics(paths.TRAIN_METRICS, {"params": model.num_params(), "size_bytes": size, **quality, **stats},
+                      quality=True)
 
 
 if __name__ == "__main__":

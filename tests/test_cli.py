@@ -426,3 +426,176 @@ def test_stdin_prompt_through_the_real_command(ckpt, tok_dir, capsys):
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr.decode()
         assert r.stdout.decode() == want and r.stderr.decode().startswith("[IteraLite] prompt ")
+
+
+# --- unusable weights, the tokenizer passed, stdout, paths and token arrays (issue 26) ----------
+
+def _save(model, tok_dir, path):
+    save_checkpoint(path, model, kind="fp32", tokenizer_sha256=file_sha256(tok_dir / "tokenizer.json"))
+    return path
+
+
+def test_nan_weights_are_refused_by_every_command(tok_dir, tmp_path, capsys):
+    """Was: greedy printed only the prompt (exit 0), evaluate printed NaN (exit 0), sampling died
+    in torch.multinomial. Now the loader names the tensor, before anything is printed."""
+    torch.manual_seed(0)
+    m = IteraLite(tiny_config())
+    with torch.no_grad():
+        m.norm_f.weight[5] = float("nan")
+    path = _save(m, tok_dir, tmp_path / "nan.safetensors")
+    params = tmp_path / "params.yaml"
+    params.write_text("eval:\n  max_tokens: 512\n")
+    for argv in (_gen(path, tok_dir, "--temperature", "0"), _gen(path, tok_dir),
+                 _eval(path, tok_dir, "--params", str(params))):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert "tensor 'norm_f.weight' holds 1 NaN/inf value" in _one_error_line(captured.err)
+        assert captured.out == ""
+
+
+def _overflowing_checkpoint(tok_dir, tmp_path):
+    """Finite weights (the loader accepts them) whose logits overflow float32."""
+    torch.manual_seed(0)
+    m = IteraLite(tiny_config())
+    with torch.no_grad():
+        m.norm_f.weight.fill_(3e38)
+    return _save(m, tok_dir, tmp_path / "overflow.safetensors")
+
+
+def test_evaluate_never_prints_a_non_finite_score(tok_dir, tmp_path, capsys):
+    """Finite weights whose logits overflow float32: the loss is NaN; one line, exit 2, no JSON."""
+    path = _overflowing_checkpoint(tok_dir, tmp_path)
+    assert main(_eval(path, tok_dir, "--params", str(tmp_path / "none.yaml"), "--max-tokens", "512")) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = _one_error_line(captured.err.split("\n", 1)[1])  # after the defaults note
+    assert "the model's outputs are not finite on this data" in err and "val_loss is nan" in err
+
+
+def test_generate_with_overflowing_logits_is_one_line(tok_dir, tmp_path, capsys):
+    """The same finite weights: greedy printed garbage with exit 0, sampling died in torch."""
+    path = _overflowing_checkpoint(tok_dir, tmp_path)
+    for extra in (("--temperature", "0"), ()):
+        assert main(_gen(path, tok_dir, "--max-new-tokens", "5", "--runtime", "eager", *extra)) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "Once upon a time\n"
+        assert "the model's logits are not finite (NaN/inf" in _one_error_line(captured.err)
+
+
+def _decoy_tokenizer(tmp_path):
+    """Another byte-level BPE of the same vocabulary size, trained on other stories."""
+    from iteralite.data.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer_batches
+    from tests.conftest import fake_stories
+
+    decoy = train_tokenizer_batches(TokenizerConfig(vocab_size=300), [fake_stories(200, 9)[::-1]])
+    path = tmp_path / "decoy.json"
+    save_tokenizer(decoy, path)
+    return path
+
+
+def test_evaluate_uses_the_tokenizer_file_passed(ckpt, tok_dir, tmp_path, capsys):
+    """tok2.json (the checkpoint's tokenizer) beside a tokenizer.json that is another tokenizer: the
+    bytes per token, hence bits per byte, are tok2.json's. Was: tokenizer.json's, exit 0."""
+    import shutil
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(tok_dir / "tokenizer.json", folder / "tok2.json")
+    for split in ("valid.npy", "wikitext2.npy"):
+        shutil.copy(tok_dir / split, folder / split)
+    cfg = EvalConfig(32, 4, 512)
+    want = _scores(ckpt, tok_dir, cfg)
+    params = tmp_path / "params.yaml"
+    params.write_text("eval:\n  seq_len: 32\n  batch_size: 4\n  max_tokens: 512\n")
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--tokenizer", str(folder / "tok2.json"), "--params", str(params)]
+    assert main(argv) == 0  # no tokenizer.json there at all: was "tokenizer.json: tokenizer not found"
+    assert json.loads(capsys.readouterr().out)["val_bpb"] == want["val_bpb"]
+    shutil.copy(_decoy_tokenizer(tmp_path), folder / "tokenizer.json")
+    assert Evaluator(cfg, folder)(load_model(ckpt)[0])["val_bpb"] != want["val_bpb"]  # the decoy would differ
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["val_bpb"], out["wikitext2_bpb"]) == (want["val_bpb"], want["wikitext2_bpb"])
+
+
+def _split_folder(tok_dir, tmp_path, valid: bytes):
+    import shutil
+
+    folder = tmp_path / "split"
+    folder.mkdir()
+    shutil.copy(tok_dir / "tokenizer.json", folder / "tokenizer.json")
+    shutil.copy(tok_dir / "wikitext2.npy", folder / "wikitext2.npy")
+    (folder / "valid.npy").write_bytes(valid)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["truncated", "out-of-vocab", "not-npy", "2-D", "missing"])
+def test_unusable_token_arrays_are_one_line(ckpt, tok_dir, tmp_path, capsys, case):
+    import io
+
+    import numpy as np
+
+    good = (tok_dir / "valid.npy").read_bytes()
+    buf = io.BytesIO()
+    np.save(buf, {"out-of-vocab": np.array([1, 2, 300, 4] * 200, dtype=np.uint16),
+                  "2-D": np.zeros((40, 20), dtype=np.uint16)}.get(case, np.zeros(1, dtype=np.uint16)))
+    content = {"truncated": good[:len(good) // 2], "not-npy": b"hello", "missing": b""}.get(case, buf.getvalue())
+    folder = _split_folder(tok_dir, tmp_path, content)
+    if case == "missing":
+        (folder / "valid.npy").unlink()
+    msg = {"truncated": "truncated or padded token array: its header says", "not-npy": "not a token array (.npy)",
+           "out-of-vocab": "holds token id 300, but tokenizer", "2-D": "not a 1-D array of token ids",
+           "missing": "no such token array"}[case]
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--tokenizer", str(folder / "tokenizer.json"),
+                 "--params", str(tmp_path / "none.yaml"), "--max-tokens", "512"]) == 2
+    captured = capsys.readouterr()
+    err = _one_error_line(captured.err.split("\n", 1)[1])  # after the defaults note
+    assert f"{folder / 'valid.npy'}: " in err and msg in err and captured.out == ""
+
+
+def test_default_paths_from_another_directory_name_where_they_looked(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for cmd in ("generate", "evaluate"):
+        assert main([cmd]) == 2
+        lines = capsys.readouterr().err.splitlines(keepends=True)
+        if cmd == "evaluate":  # the params note names where it looked too
+            assert lines[0].startswith(f"iteralite: params.yaml not found (looked for {tmp_path / 'params.yaml'})")
+        err = _one_error_line(lines[-1])
+        assert f"--checkpoint checkpoints/fp32.safetensors: no such file: looked for " \
+               f"{tmp_path / 'checkpoints' / 'fp32.safetensors'}" in err
+        assert "run iteralite from the repository root" in err
+
+
+def _cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "iteralite.cli", *args], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def test_stdout_full_or_closed_is_one_line_and_status_2(ckpt, tok_dir):
+    """`> /dev/full` and `>&-`: was a traceback (and an 'Exception ignored' line at exit)."""
+    flags = ("--max-new-tokens", "5", "--runtime", "eager")
+    with open("/dev/full", "w") as full:
+        r = _cli(_gen(ckpt, tok_dir, *flags), stdout=full, stderr=subprocess.PIPE)
+    assert r.returncode == 2
+    assert _one_error_line(r.stderr.decode()) == ("iteralite: error: cannot write to stdout: No space left on "
+                                                  "device; the output was not written (redirect stdout to a "
+                                                  "writable file)\n")
+    r = _cli(_gen(ckpt, tok_dir, *flags), stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 2
+    assert "iteralite: error: stdout is closed; the output was not written" in _one_error_line(r.stderr.decode())
+
+
+def test_reader_gone_is_quiet_status_141(ckpt, tok_dir):
+    """`iteralite generate ... | head -c 20`: the story stops when head stops reading; no traceback,
+    no message, status 141 as for a command killed by SIGPIPE."""
+    p = subprocess.Popen([sys.executable, "-m", "iteralite.cli",
+                          *_gen(ckpt, tok_dir, "--temperature", "0", "--max-new-tokens", "100000")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert p.stdout.read(20).startswith(b"Once upon a time")
+        p.stdout.close()
+        err = p.stderr.read()
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 141 and err == b""

@@ -49,9 +49,12 @@ of weight tensors the loaded runtime holds (the native step keeps the packed cod
 hold float or packed tensors as loaded); load to first token is loading plus one decode step, in
 this process (the fused path's includes its compile). The native row runs the mixed artifact on
 the C step (one thread, so its two decode columns agree; its greedy loop runs in C) and is scored
-here. Speed and size are reported
-separately and never multiplied into an "effective compression". Speed numbers come from a
-shared 2-core machine and move by 10-20% between runs; differences smaller than that are noise.
+here. The peer_onnxruntime row runs the same artifact on ONNX Runtime (FP32 weights in
+memory): its speed is the single-token step graph's, its quality is scored here through the
+full-sequence graph on the same windows (the two graphs' logits are compared and the difference
+recorded). Speed and size are reported separately and never multiplied into an "effective
+compression". Speed numbers come from a shared 2-core machine and move by 10-20% between runs;
+differences smaller than that are noise.
 """
 
 

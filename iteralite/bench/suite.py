@@ -5,8 +5,11 @@ Variants are the pipeline's artifacts (fp32, int4 per method, qat, prune and fin
 mixed, fused) and peers built from the FP32 checkpoint (FP32 under torch.compile, a bitsandbytes
 NF4 swap, torch int8 weight-only). Quality of an artifact is read from the metrics file of the
 stage that wrote it (the same file scored by the same deterministic evaluation; `quality_from`
-names the file), so it is not recomputed; peers are scored here. Speed and peak memory are
-measured here for every variant, in this process (speed) and in a fresh process each (memory).
+names the file), so it is not recomputed; peers are scored here. A peer with FP32's weights and
+math (torch.compile) takes FP32's quality only if its logits match FP32's on a probe within
+`SAME_WEIGHTS_ATOL`; otherwise it is scored here like the other peers, and its row says why.
+Speed and peak memory are measured here for every variant, in this process (speed) and in a
+fresh process each (memory).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from iteralite.bench.timing import measure_variant, profile_hotspots
 from iteralite.bench.variants import PEER_KINDS, load_variant, resolve, variant_kind
 from iteralite.io.params import check
 
+SAME_WEIGHTS_ATOL = 1e-3  # max |logit difference| from FP32 for a same-weights peer to take FP32's quality
 QUALITY_KEYS = ("params", "bits_per_weight", "compression_vs_fp32", "val_ppl", "val_bpb", "val_ppl_delta_pct",
                 "wikitext2_ppl")
 
@@ -99,27 +103,31 @@ def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32
             model.step(torch.zeros(1, dtype=torch.long), model.init_state(1))
         row: dict = {"kind": v.kind, "load_to_first_token_ms": round(1000 * (time.perf_counter() - t0), 1),
                      "resident_weight_bytes": getattr(model, "resident_weight_bytes", None) or state_bytes(model)}
+        with torch.no_grad():
+            logits = model(probe)[0]
+        if fp32_logits is None:
+            fp32_logits = logits
+        diff = float((logits - fp32_logits).abs().max())
         scorer = variant_kind(v.kind).scorer
         if scorer is not None:
             row.update(resolve(scorer)(model, v.path, evaluator, fp32_metrics, results))
         elif v.quality is not None:
             row.update(v.quality, size_bytes=os.path.getsize(v.path), size_kind="file", quality_from=v.quality_from)
-        elif variant_kind(v.kind).same_weights_as_fp32:  # its logits are checked against fp32 below
+        elif variant_kind(v.kind).same_weights_as_fp32 and diff <= SAME_WEIGHTS_ATOL:
             fp32 = results["fp32"]
             row.update({k: fp32[k] for k in QUALITY_KEYS if k in fp32}, size_bytes=state_bytes(model),
-                       size_kind="memory", quality_from=f"{fp32['quality_from']} (same weights as fp32)")
+                       size_kind="memory", quality_from=f"{fp32['quality_from']} (same weights as fp32; "
+                                                        f"probe logits within {SAME_WEIGHTS_ATOL:g} of fp32's)")
         else:
+            why = (f" (logits differ from fp32's by {diff:.3g} > {SAME_WEIGHTS_ATOL:g}: not fp32's quality)"
+                   if variant_kind(v.kind).same_weights_as_fp32 else "")
             row.update(_score_peer(load_variant(v.kind, v.path, for_scoring=True), evaluator, cfg, fp32_metrics),
-                       size_bytes=state_bytes(model), size_kind="memory", quality_from="benchmark")
+                       size_bytes=state_bytes(model), size_kind="memory", quality_from="benchmark" + why)
         if "bits_per_weight" not in row:  # fp32's training metrics predate the size keys
             from iteralite.train.evaluate import storage_bits
             row["bits_per_weight"] = round(storage_bits(model) / row["params"], 4)
             row["compression_vs_fp32"] = round(fp32_metrics["size_bytes"] / row["size_bytes"], 3)
-        with torch.no_grad():
-            logits = model(probe)[0]
-        if fp32_logits is None:
-            fp32_logits = logits
-        row["max_abs_logit_diff_vs_fp32"] = round(float((logits - fp32_logits).abs().max()), 6)
+        row["max_abs_logit_diff_vs_fp32"] = round(diff, 6)
         row.update(measure_variant(v.name, model, cfg.decode_tokens, cfg.repeats))
         row.update(peak_rss(v.kind, v.path, cfg.rss_tokens))
         if "peak_minus_baseline_mb" in row:  # the probe's MB are MiB (kB / 1024)

@@ -9,9 +9,16 @@ FIFO), verifies the checksum before any header field is trusted, rebuilds the mo
 config, applies the quantization config (uniform or mixed precision, by its stored format) as a
 module swap, then fills the tensors with strict shape checks. Nothing is ever unpickled.
 
+Nothing is allocated from an unchecked size: the JSON header is capped (`_MAX_HEADER`) and parsed
+with its errors (deep nesting, giant integers) turned into one line; every config dimension must be
+within `CONFIG_LIMITS` before the config is even validated; and the weights the config describes
+(`float_weights`) must match the file: exactly the stored values for an unquantized default-layout
+file, at most `_MAX_WEIGHTS_PER_BYTE` per stored byte otherwise. Decoded float tensors must be
+finite.
+
 Layouts (`LAYOUTS`, chosen by `save_checkpoint(..., layout=)`): "default" stores each state_dict
 tensor as its own safetensors entry (the header then indexes every tensor by name); "compact"
-(`io.compact`, header field `layout: compact-v1`) stores one uint8 blob with the tensors in the
+(`io.compact`, header field `layout: compact-v3`) stores one uint8 blob with the tensors in the
 rebuilt model's order, integer codes entropy-coded, and an index of a few bytes per tensor. The
 checksum is computed over the stored tensors either way, and `read_checkpoint` reads both.
 """
@@ -34,11 +41,21 @@ from safetensors import safe_open
 from iteralite.core.config import ModelConfig
 from iteralite.io import compact
 from iteralite.io.errors import CheckpointError, IteraliteError
-from iteralite.io.stfile import save_tensors
+from iteralite.io.stfile import le_bytes, save_tensors
 
 FORMAT = "iteralite"
 VERSION = 2  # 2: the checksum covers the header fields too (1: tensor bytes only)
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 16 * 1024 * 1024  # real headers are < 20 KB; JSON this size parses in well under a second
+# Sane upper bounds of each config dimension (the pipeline's model is 2000 x 128, 4 layers): checked
+# on the raw JSON, before `ModelConfig.validate` loops over the layers or anything is allocated.
+CONFIG_LIMITS = {"vocab_size": 1 << 20, "d_model": 1 << 16, "n_layers": 512, "d_state": 1 << 12,
+                 "d_conv": 1 << 10, "headdim": 1 << 12, "n_heads": 1 << 12, "dt_rank": 1 << 16,
+                 "n_experts": 1 << 12, "top_k": 1 << 12, "d_ff": 1 << 20, "chunk_size": 1 << 16}
+_LAYER_LISTS = {"layer_n_heads": "n_heads", "layer_n_experts": "n_experts", "layer_d_ff": "d_ff"}
+# A quantized or compact file stores >= ~0.7 bits a weight (the pipeline's: 2.9+); refuse a config
+# that claims more than 32 weights (0.25 bits each) per stored byte, beyond a small model's worth.
+_MAX_WEIGHTS_PER_BYTE = 32
+_SMALL_MODEL_WEIGHTS = 1 << 20
 _CHECKSUM_KEY = "sha256"
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -59,7 +76,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(le_bytes(t))  # little-endian on every host, like the stored tensors
     return h.hexdigest()
 
 
@@ -148,7 +165,8 @@ def _check_regular_file(path: Path, what: str, missing: str) -> None:
             raise CheckpointError(
                 f"{path}: is a symlink to {os.readlink(path)!r}, which does not exist (a broken DVC "
                 "cache link): run `dvc pull` or `dvc checkout`") from None
-        raise CheckpointError(f"{path}: no such {what} {missing}") from None
+        where = "" if os.path.isabs(path) else f" (looked for {os.path.abspath(path)})"
+        raise CheckpointError(f"{path}: no such {what}{where} {missing}") from None
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise CheckpointError(f"{path}: symlink loop (too many levels of symbolic links): "
@@ -191,10 +209,7 @@ def _read_header(path: Path) -> dict:
             raise CheckpointError(
                 f"{path}: not a safetensors file or truncated (header claims {n} bytes, file has {size}); "
                 "iteralite checkpoints are safetensors files written by its stages")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise CheckpointError(f"{path}: header is not valid JSON: the file is corrupt") from None
+        header = _parse_json(f.read(n), f"{path}: header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object: the file is corrupt")
     end = 0
@@ -211,6 +226,81 @@ def _read_header(path: Path) -> dict:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{path}: header metadata is malformed: the file is corrupt")
     return meta
+
+
+def _parse_json(text, what: str):
+    """json.loads with every parse failure as one CheckpointError line: invalid JSON or UTF-8, an
+    integer over Python's digit limit (ValueError), nesting deeper than the recursion limit."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CheckpointError(f"{what} is nested too deeply to be iteralite's: the file is corrupt") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        reason = str(e).split(";")[0][:120]
+        raise CheckpointError(f"{what} is not valid JSON ({reason}): the file is corrupt") from None
+
+
+def _check_config_limits(raw, path: Path) -> None:
+    """Each dimension of the raw config JSON within CONFIG_LIMITS (types are from_dict's job)."""
+    if not isinstance(raw, dict):
+        return
+    for key, limit in CONFIG_LIMITS.items():
+        v = raw.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > limit:
+            raise CheckpointError(f"{path}: config {key} = {_short(v)} is beyond any iteralite model "
+                                  f"(at most {limit:,}): the file is corrupt or crafted")
+    for key, uniform in _LAYER_LISTS.items():
+        v = raw.get(key)
+        if isinstance(v, list):
+            if len(v) > CONFIG_LIMITS["n_layers"]:
+                raise CheckpointError(f"{path}: config {key} has {len(v):,} entries, more than the "
+                                      f"{CONFIG_LIMITS['n_layers']} layers a model may have: the file is corrupt")
+            big = next((x for x in v if isinstance(x, int) and not isinstance(x, bool)
+                        and x > CONFIG_LIMITS[uniform]), None)
+            if big is not None:
+                raise CheckpointError(f"{path}: config {key} holds {_short(big)}, beyond any iteralite "
+                                      f"model (at most {CONFIG_LIMITS[uniform]:,}): the file is corrupt or crafted")
+
+
+def _short(v: int) -> str:
+    return f"{v:,}" if v < 10 ** 30 else "a number of 30+ digits"
+
+
+def float_weights(config: ModelConfig) -> int:
+    """Weights of the float model `config` describes (= IteraLite(config).num_params()), counted
+    without building it."""
+    c, d = config, config.d_model
+    total = c.vocab_size * d + d  # tied embedding, final norm
+    for i in range(c.n_layers):
+        h, e, f = c.heads(i), c.experts(i), c.ff(i)
+        di = h * c.headdim
+        total += (2 * d + d * 2 * di + di * (c.d_conv + 1) + di * (c.dt_rank + 2 * c.d_state)
+                  + c.dt_rank * h + h + 2 * h + di * d + d * e + 2 * e * f * d)
+    return total
+
+
+def _check_sizes(path: Path, config: ModelConfig, quant: dict, layout_tag, tensors: dict) -> None:
+    """The model `config` describes must fit the stored tensors, before any model is built: exactly
+    (as many values) for an unquantized default-layout file, within _MAX_WEIGHTS_PER_BYTE otherwise."""
+    weights = float_weights(config)
+    values = sum(t.numel() for t in tensors.values())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    exact = not quant and layout_tag is None
+    if (values != weights) if exact else weights > max(_SMALL_MODEL_WEIGHTS, _MAX_WEIGHTS_PER_BYTE * nbytes):
+        raise CheckpointError(
+            f"{path}: tensors disagree with the stored config: it describes a model of {weights:,} weights "
+            f"but the file holds {values:,} values ({nbytes:,} bytes); the file is corrupt or was altered "
+            "(re-create it with `dvc repro`)")
+
+
+def _check_finite(path: Path, tensors: dict) -> None:
+    """One line naming the first float tensor that holds a NaN or an infinity."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"{path}: tensor {name!r} holds {bad:,} NaN/inf value{'s' if bad > 1 else ''}: the model is "
+                "unusable (a diverged run or a damaged file); re-create it with `dvc repro`")
 
 
 def read_checkpoint(path) -> Checkpoint:
@@ -241,24 +331,30 @@ def read_checkpoint(path) -> Checkpoint:
     if stored != meta or checkpoint_checksum(meta, tensors) != meta.get(_CHECKSUM_KEY):
         raise CheckpointError(f"{path}: checksum mismatch: header or tensors were changed: "
                               "the file is corrupt (re-create or re-pull it)")
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: config in header is unusable: the header has no config field")
+    raw = _parse_json(meta["config"], f"{path}: config in header")
+    quant = _parse_json(meta.get("quant", "{}"), f"{path}: quant config in header")
+    info = _parse_json(meta.get("meta", "{}"), f"{path}: meta in header")
+    _check_config_limits(raw, path)
     try:
-        config = ModelConfig.from_dict(json.loads(meta["config"]))
-        quant = json.loads(meta.get("quant", "{}"))
-        info = json.loads(meta.get("meta", "{}"))
+        config = ModelConfig.from_dict(raw)
         if not isinstance(quant, dict) or not isinstance(info, dict):
             raise CheckpointError("quant and meta must be JSON objects")
-    except (KeyError, TypeError, json.JSONDecodeError, IteraliteError) as e:
+    except (TypeError, IteraliteError) as e:
         raise CheckpointError(f"{path}: config in header is unusable: {e}") from None
     layout = _BY_TAG.get(meta.get("layout"))
     if layout is None:
         known = ", ".join(t for t in _BY_TAG if t)
         raise CheckpointError(f"{path}: tensor layout {meta.get('layout')!r} is unknown; this iteralite "
-                              f"reads the default layout and {known}")
+                              f"reads the default layout and {known}: re-create it with `dvc repro`")
+    _check_sizes(path, config, quant, layout.tag, tensors)
     try:
         tensors = layout.read(tensors, meta, lambda: _layout_model(config, quant, path))
     except CheckpointError as e:
         msg = str(e)
         raise CheckpointError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    _check_finite(path, tensors)
     return Checkpoint(path, meta.get("kind", "?"), config, quant, meta.get("tokenizer_sha256", ""),
                       info, tensors)
 
@@ -267,7 +363,13 @@ def check_tokenizer(ckpt: Checkpoint, tokenizer_path) -> None:
     """Raise a one-line CheckpointError unless `tokenizer_path` is the tokenizer `ckpt` was trained
     with: the checkpoint must record a tokenizer sha256, the file must be a readable tokenizer JSON
     with that sha256, and its vocabulary size must equal the model's `config.vocab_size`."""
-    from iteralite.data.tokenizer import file_sha256, load_tokenizer
+    load_checked_tokenizer(ckpt, tokenizer_path)
+
+
+def load_checked_tokenizer(ckpt: Checkpoint, tokenizer_path):
+    """`check_tokenizer`, returning the tokenizer it checked: the file is read once, and the bytes
+    hashed are the bytes parsed, so the tokenizer used is exactly the file named (and checked)."""
+    from tokenizers import Tokenizer
 
     tok_path = Path(tokenizer_path)
     recorded = ckpt.tokenizer_sha256
@@ -276,26 +378,25 @@ def check_tokenizer(ckpt: Checkpoint, tokenizer_path) -> None:
             f"{ckpt.path}: records no tokenizer id (tokenizer_sha256 {recorded!r}), so it cannot be "
             f"checked against {tok_path}; re-create it with `dvc repro`")
     _check_regular_file(tok_path, "tokenizer", "(run `dvc repro tokenizer` or `dvc pull`)")
-    with _open_regular(tok_path, "tokenizer"):
-        pass  # a readable file: permission problems get their own line, not a library error
     try:
-        vocab = load_tokenizer(tok_path).get_vocab_size()
-    except IteraliteError as e:
-        raise CheckpointError(str(e)) from None
+        with _open_regular(tok_path, "tokenizer") as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"{tok_path}: cannot read the tokenizer: {e.strerror}") from None
+    try:
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+        vocab = tok.get_vocab_size()
     except Exception as e:  # `tokenizers` raises a bare Exception for a file it cannot parse
         reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"{tok_path}: not a tokenizer JSON file ({reason}); "
                               f"{ckpt.path} needs the tokenizer.json it was trained with") from None
-    try:
-        actual = file_sha256(tok_path)
-    except OSError as e:
-        raise CheckpointError(f"{tok_path}: cannot read the tokenizer: {e.strerror}") from None
-    if actual != recorded.lower():
+    if hashlib.sha256(data).hexdigest() != recorded.lower():
         raise CheckpointError(f"{ckpt.path} was trained with another tokenizer than {tok_path} "
                               "(sha256 differs); pass the matching tokenizer")
     if vocab != ckpt.config.vocab_size:
         raise CheckpointError(f"{ckpt.path}: the model's vocab_size is {ckpt.config.vocab_size} but "
                               f"tokenizer {tok_path} has {vocab} tokens; re-create them together with `dvc repro`")
+    return tok
 
 
 def empty_model(config: ModelConfig, quant: dict, path=""):
@@ -330,7 +431,9 @@ def build_model(ckpt: Checkpoint):
     try:
         model.load_state_dict(ckpt.tensors, strict=True)
     except RuntimeError as e:
-        msg = str(e).split("\n\t", 1)[-1][:800]
+        # torch lists one mismatch per line ("\n\t..."); one line of ours names them all, capped
+        parts = [p.strip() for p in str(e).split("\n\t")[1:]] or [str(e).strip()]
+        msg = "; ".join(" ".join(p.split()) for p in parts)[:800]
         raise CheckpointError(f"{ckpt.path}: tensors disagree with the stored config: {msg}") from None
     model.eval()
     return model

@@ -1,43 +1,51 @@
-"""The compact checkpoint layout ("compact-v2"): one uint8 tensor, a tiny index, codes entropy-coded.
+"""The compact checkpoint layout ("compact-v3"): one uint8 tensor, a tiny index, codes entropy-coded.
 
 The default layout stores every state_dict tensor as its own safetensors entry, so the JSON header
 repeats a name, dtype, shape and offsets per tensor (~100 bytes each; 95% of a small mixed-precision
 artifact's header). In the compact layout the file is still a plain safetensors file, but it holds
 ONE tensor, "blob" (uint8, 1-D), plus these header fields besides the usual ones:
 
-    layout  "compact-v2"
-    index   base64 of one unsigned LEB128 varint (minimal length) per tensor: (length << 3) | codec,
-            where length is the stored byte length for a codec whose size the tensor does not imply
-            and 0 for raw (its size is the rebuilt tensor's: storing it would only repeat it)
+    layout    "compact-v3"
+    identity  16 hex digits: the tensor list (name, dtype, shape, in order) the blob holds, hashed
+              (`identity`); checked against the rebuilt model before anything is decoded
+    index     base64 of one unsigned LEB128 varint (minimal length) per tensor: (length << 3) | codec,
+              where length is the stored byte length for a codec whose size the tensor does not
+              imply and 0 for raw (its size is the rebuilt tensor's: storing it would only repeat it)
 
 The tensors are those of the model rebuilt from the stored config + quant config (the loader's
 empty model), concatenated in its state_dict order: names, dtypes and shapes are implied by the
-config and never stored. `codec` indexes CODECS, fixed for this layout version:
+config and never stored. The identity records which list that was, so code that builds the same
+shapes in another order (norm1/norm2, A_log/D) refuses the file instead of loading a tensor into
+its neighbour's place. `codec` indexes CODECS, fixed for this layout version; every multi-byte
+value is little-endian whatever the host (`stfile.le_bytes`, numpy '<' dtypes):
 
     0 raw   the tensor's bytes (little-endian, row-major), exactly its dtype size * numel
     1 rans  a packed integer code tensor (see `quant.coding`): its codes, entropy-coded
             (`quant.entropy`); decoding re-packs them, so the loaded model holds the very tensors
             the default layout would
     2 f16   a float32 tensor every value of which is exactly an fp16 value (finite): its fp16
-            bytes, 2 * numel; lossless, so it is chosen only where it loses nothing
+            bytes (little-endian), 2 * numel; lossless, so it is chosen only where it loses nothing
     3 grid  a float16/float32 tensor every value of which lies on the b-bit grid its own min and
             max define (`io.grid`: log for group scales, linear for the float leftovers): b bits
             a value plus 5 bytes; also lossless, so it applies only to tensors snapped to a grid
             (`mixed_precision.scale_bits`, `leftover_bits`)
 
-compact-v1 (2 codec bits, codecs 0-2) is no longer read: its artifacts are rebuilt by `dvc repro`.
+compact-v1 (2 codec bits, codecs 0-2) and compact-v2 (no identity) are no longer read: their
+artifacts are rebuilt by `dvc repro`.
 
 So a raw or f16 tensor costs one index byte and a coded or grid one two or three. A code tensor is stored coded
 only when the blob is smaller than its packed bytes. Reading checks, before decoding anything,
-that the index has one entry per rebuilt tensor with a known codec, that raw entries carry no
-length and that the lengths sum to the blob's size; every failure is a CheckpointError of one
-line. The checkpoint's sha256 covers the header fields (index included) and the blob, and is
-verified before the config is used to rebuild the model that splits the blob.
+that the identity matches the rebuilt model's tensor list, that the index has one entry per
+rebuilt tensor with a known codec, that raw entries carry no length and that the lengths sum to
+the blob's size; every failure is a CheckpointError of one line. The checkpoint's sha256 covers
+the header fields (identity and index included) and the blob, and is verified before the config is
+used to rebuild the model that splits the blob.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,31 +54,25 @@ from torch import nn
 
 from iteralite.io import grid, varint
 from iteralite.io.errors import CheckpointError
+from iteralite.io.stfile import from_le_bytes, le_bytes
 
-LAYOUT = "compact-v2"
+LAYOUT = "compact-v3"
 BLOB = "blob"
 _CODEC_BITS = 3  # low bits of an index entry; room for 8 codecs in this layout version
 _MAX_VARINT_BYTES = 10  # 2**70 > any length a file can hold
+_IDENTITY_HEX = 16  # the identity field: the first 64 bits of a sha256, in hex
 
 
 # --------------------------------------------------------------------------- codecs
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().cpu().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
 def _raw_encode(t: torch.Tensor, view) -> bytes:
-    return _raw_bytes(t)
+    return le_bytes(t)
 
 
 def _raw_decode(data: bytes, like: torch.Tensor, view) -> torch.Tensor:
     # the index check already made len(data) == like's byte size
-    if not data:
-        return torch.zeros_like(like)
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return flat.view(like.dtype).reshape(like.shape)
+    return from_le_bytes(data, like.dtype, like.shape)
 
 
 def _rans_encode(t: torch.Tensor, view) -> bytes | None:
@@ -92,14 +94,13 @@ def _f16_encode(t: torch.Tensor, view) -> bytes | None:
     h = t.detach().cpu().half()
     if not torch.isfinite(h).all() or not torch.equal(h.float(), t.detach().cpu()):
         return None  # not exactly representable: f16 would not be lossless
-    return _raw_bytes(h)
+    return le_bytes(h)
 
 
 def _f16_decode(data: bytes, like: torch.Tensor, view) -> torch.Tensor:
     if like.dtype != torch.float32:
         raise CheckpointError(f"is stored as f16 but the model holds a {like.dtype} tensor")
-    flat = torch.frombuffer(bytearray(data), dtype=torch.float16)
-    return flat.float().reshape(like.shape)
+    return from_le_bytes(data, torch.float16, like.shape).float()
 
 
 def _grid_encode(t: torch.Tensor, view) -> bytes | None:
@@ -167,12 +168,23 @@ def _views(empty: nn.Module) -> dict:
     return code_tensors(empty)
 
 
+def identity(state: dict[str, torch.Tensor]) -> str:
+    """The header's "identity": the first 16 hex digits of the sha256 of one UTF-8 line
+    "name|dtype|d0,d1,...\\n" per tensor (dtype as torch names it, without "torch."), in
+    `state`'s order, so a reordered, renamed, retyped or reshaped tensor list changes it."""
+    h = hashlib.sha256()
+    for key, t in state.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        h.update(f"{key}|{dtype}|{','.join(map(str, t.shape))}\n".encode("utf-8"))
+    return h.hexdigest()[:_IDENTITY_HEX]
+
+
 def _signature(state: dict[str, torch.Tensor]) -> set[tuple[str, torch.dtype, tuple[int, ...]]]:
     return {(k, t.dtype, tuple(t.shape)) for k, t in state.items()}
 
 
 def write(state: dict[str, torch.Tensor], empty: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A model's state_dict -> ({"blob": uint8 (n,)}, {"layout", "index"}).
+    """A model's state_dict -> ({"blob": uint8 (n,)}, {"layout", "identity", "index"}).
 
     `empty` is the model the loader will rebuild from the stored config + quant config; the model
     being saved must have exactly its tensors (names, dtypes, shapes), else ValueError: a file whose
@@ -195,7 +207,7 @@ def write(state: dict[str, torch.Tensor], empty: nn.Module) -> tuple[dict[str, t
         parts.append(best[1])
     blob = b"".join(parts)
     tensor = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
-    return {BLOB: tensor}, {"layout": LAYOUT, "index": encode_index(entries)}
+    return {BLOB: tensor}, {"layout": LAYOUT, "identity": identity(want), "index": encode_index(entries)}
 
 
 def read(stored: dict[str, torch.Tensor], meta: dict[str, str], empty: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,10 +218,16 @@ def read(stored: dict[str, torch.Tensor], meta: dict[str, str], empty: nn.Module
     blob = stored[BLOB]
     if blob.dtype != torch.uint8 or blob.dim() != 1:
         raise CheckpointError(f"compact blob is {blob.dtype} of shape {tuple(blob.shape)}, expected 1-D uint8")
+    want = empty.state_dict()
+    if "identity" not in meta:
+        raise CheckpointError("compact layout has no 'identity' field: the file was not written by iteralite; "
+                              "re-create it with `dvc repro`")
+    if meta["identity"] != identity(want):
+        raise CheckpointError("compact layout: the file's tensor list (names, dtypes, shapes in order) does not "
+                              "match this code's model; rebuild it with `dvc repro`")
     if "index" not in meta:
         raise CheckpointError("compact layout has no index")
     entries = decode_index(meta["index"])
-    want = empty.state_dict()
     if len(entries) != len(want):
         raise CheckpointError(f"compact index lists {len(entries)} tensors; the stored config builds {len(want)}")
     lengths = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import stat
 import types
 import typing
 from pathlib import Path
@@ -20,29 +21,110 @@ from iteralite.io.errors import ParamsError
 T = TypeVar("T")
 
 
+# The top-level sections params.yaml may have; `pipeline.sections.SECTIONS` maps each to the class
+# that parses it (a test keeps the two equal). Kept here so reading a file needs no config class.
+SECTION_NAMES = ("data", "tokenizer", "model", "train", "eval", "calibrate", "int4", "qat", "prune", "finetune",
+                 "student", "mixed_precision", "fuse", "benchmark")
+MAX_PARAMS_BYTES = 1 << 20  # the repository's params.yaml is ~7 KB; a 10 MB one costs every stage ~30 s
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """safe_load without aliases: `*name` (and so a "billion laughs" alias bomb) is refused."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"line {mark.line + 1}: YAML aliases (*{self.peek_event().anchor}) are not "
+                                 "supported in params; write the value out")
+        return super().compose_node(parent, index)
+
+
+def _check_unique_keys(node: yaml.Node, where: str, path: Path) -> None:
+    """A ParamsError naming the first key that appears twice in one mapping (YAML loaders keep the
+    last silently)."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{where}[{i}]", path)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key, value in node.value:
+        name = str(key.value)
+        full = f"{where}.{name}" if where else name
+        if name in seen:
+            raise ParamsError(f"params: {path}: '{full}' is given twice (lines {seen[name]} and "
+                              f"{key.start_mark.line + 1}); keep one")
+        seen[name] = key.start_mark.line + 1
+        _check_unique_keys(value, full, path)
+
+
 def read_params(path: str | Path = "params.yaml") -> dict:
+    """The params file as a mapping of known sections. Refused with one line: a missing, oversized
+    or non-UTF-8 file, invalid YAML, YAML aliases, a key given twice at any level, and an unknown
+    top-level section (named, with the closest known one)."""
     path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path}: file not found (run from the repository root)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        st = path.stat()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the repository root)") from None
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot read the params file: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ParamsError(f"{path}: not a regular file (pass the params file, e.g. params.yaml)")
+    if st.st_size > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{path}: {st.st_size:,} bytes; a params file may hold at most "
+                          f"{MAX_PARAMS_BYTES:,} bytes (1 MiB)")
+    try:
+        text = path.read_bytes()[:MAX_PARAMS_BYTES + 1].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot read the params file: {e.strerror}") from None
+    loader = None
+    try:
+        loader = _ParamsLoader(text)  # its reader already refuses control characters (NUL, DEL)
+        node = loader.get_single_node()
+        if node is not None:
+            _check_unique_keys(node, "", path)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+        raise ParamsError(f"{path}: not valid YAML: {_clip(' '.join(str(e).split()))}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: values nested too deeply to be params (a section holds plain "
+                          f"values and lists)") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    for name in data:
+        if name not in SECTION_NAMES:
+            close = difflib.get_close_matches(str(name), SECTION_NAMES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ParamsError(f"params: {path}: unknown section '{name}'{hint}; known sections: "
+                              f"{', '.join(SECTION_NAMES)}")
     return data
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """`text` cut to `limit` characters (a message stays one short line whatever the value)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _describe(value: Any) -> str:
     """How a wrong value is named in a message: "the string '0.1'", "the int 3", "None"."""
     if value is None:
         return "None"
+    try:
+        shown = _clip(repr(value))
+    except RecursionError:
+        shown = "(nested too deeply to show)"
     if isinstance(value, (list, tuple)):
-        return f"a list {value!r}"
+        return f"a list {shown}"
     if isinstance(value, dict):
-        return f"a mapping {value!r}"
+        return f"a mapping {shown}"
     kind = {str: "string", bool: "boolean"}.get(type(value), type(value).__name__)
-    return f"the {kind} {value!r}"
+    return f"the {kind} {shown}"
 
 
 def _type_name(tp: Any) -> str:
@@ -128,7 +210,7 @@ def _check_finite(value: Any, key: str) -> None:
     """Every float a field holds (itself or its list items) must be finite: `.inf` and `.nan` are
     valid YAML but never a valid setting."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise ParamsError(f"params: '{key}' must be a finite number, got {value}")
+        raise ParamsError(f"params: '{key}' must be a finite number, got {_clip(repr(value))}")
     if isinstance(value, list):
         for i, v in enumerate(value):
             if isinstance(v, float) and not math.isfinite(v):
@@ -181,7 +263,7 @@ def _check_value(value: Any, tp: Any, key: str, meta: typing.Mapping = types.Map
                 f = None
             if f is not None and f.is_integer():
                 hint = f" (a string: YAML reads {value} as text; write {int(f)})"
-        raise ParamsError(f"params: '{key}' must be {_type_name(tp)}, got {value!r}{hint}") from None
+        raise ParamsError(f"params: '{key}' must be {_type_name(tp)}, got {_clip(repr(value))}{hint}") from None
     _check_finite(out, key)
     return out
 

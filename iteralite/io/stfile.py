@@ -5,6 +5,11 @@ order, so two saves of the same tensors and metadata can differ in bytes (and in
 DVC compares). `save_tensors` serializes with the library, then rewrites the JSON header in one
 canonical order (metadata keys sorted, then the tensor entries by offset), compact and padded to
 8 bytes as the format requires; the tensor bytes are untouched. Any safetensors reader loads it.
+
+`le_bytes` / `from_le_bytes` are a tensor's bytes in little-endian order whatever the host's byte
+order (safetensors stores little-endian; so do the compact layout's raw and f16 codecs and the
+checkpoint's tensor digest): each element is viewed as an integer of its width and converted with
+an explicit '<' numpy dtype, a no-op on a little-endian host and a byte swap on a big-endian one.
 """
 from __future__ import annotations
 
@@ -12,12 +17,34 @@ import json
 import os
 import struct
 
+import numpy as np
 import torch
 from safetensors.torch import save
 
 from iteralite.io.atomic import atomic_path
 
 _ALIGN = 8
+# element width -> (a torch integer dtype of that width, its little-endian numpy dtype)
+_LE = {1: (torch.uint8, "<u1"), 2: (torch.int16, "<i2"), 4: (torch.int32, "<i4"), 8: (torch.int64, "<i8")}
+
+
+def le_bytes(t: torch.Tensor) -> bytes:
+    """A real tensor's elements, row-major, each in little-endian byte order (on any host)."""
+    t = t.detach().contiguous().cpu().reshape(-1)
+    if t.is_complex() or t.element_size() not in _LE:
+        raise ValueError(f"no little-endian byte layout for a {t.dtype} tensor")
+    view, le = _LE[t.element_size()]
+    return t.view(view).numpy().astype(le, copy=False).tobytes()
+
+
+def from_le_bytes(data: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
+    """Inverse of `le_bytes`: a new tensor of `dtype` and `shape`; `data` must hold exactly its bytes."""
+    width = torch.empty(0, dtype=dtype).element_size()
+    if width not in _LE:
+        raise ValueError(f"no little-endian byte layout for {dtype}")
+    view, le = _LE[width]
+    native = np.frombuffer(data, dtype=le).astype(np.dtype(le).newbyteorder("="))  # a writable copy
+    return torch.from_numpy(native).view(dtype).reshape(shape)
 
 
 def canonical_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

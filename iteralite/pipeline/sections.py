@@ -37,10 +37,28 @@ def section_class(section: str) -> type:
 
 
 def check_params(path: str | Path = "params.yaml") -> dict:
-    """Parse every section of `path` with its class: {section: config}. Unknown sections and every
-    key error are ParamsErrors naming the key."""
+    """Parse every section of `path` with its class and check what one section says about another:
+    {section: config}. Unknown sections, every key error and every disagreement between sections are
+    ParamsErrors naming the keys. The pipeline's first stage (`check_params` in dvc.yaml) runs this,
+    so a setting that only a late stage reads stops the run before any work."""
     raw = read_params(path)
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ParamsError(f"params: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}")
-    return {sec: from_dict(section_class(sec), raw.get(sec), sec) for sec in SECTIONS}
+    parsed = {sec: from_dict(section_class(sec), raw.get(sec), sec) for sec in SECTIONS}
+    check_across(parsed)
+    return parsed
+
+
+def check_across(cfg: dict) -> None:
+    """The rules that span sections (each section's own ranges are its class's `validate`)."""
+    from iteralite.runtime.native.layout import MAX_EXPERTS
+
+    ratios, student = cfg["prune"].ratios, cfg["student"]
+    if student.from_ratio not in ratios:
+        raise ParamsError(f"params: 'student.from_ratio' = {student.from_ratio} is not one of 'prune.ratios' "
+                          f"{ratios}: the student is cut from checkpoints/finetune/<ratio>, which only a listed "
+                          "ratio's finetune stage writes; pick one of them or add it to prune.ratios")
+    model = cfg["model"]
+    most = max([model.n_experts] + list(model.layer_n_experts or []))
+    if most > MAX_EXPERTS:
+        raise ParamsError(f"params: 'model.n_experts' = {most} is more than the {MAX_EXPERTS} experts per layer "
+                          "the native runtime routes (ITL_MAX_EXPERTS in itl_step.c); the fuse and benchmark "
+                          f"stages run it, so use at most {MAX_EXPERTS}")

@@ -39,8 +39,8 @@ class PruneConfig:
 
     def validate(self, section: str = "prune") -> None:
         check(len(self.ratios) > 0, section, "ratios", "must list at least one ratio, e.g. [0.1, 0.2, 0.4]")
-        for r in self.ratios:
-            check(0.0 <= r < 1.0, section, "ratios", f"entries must be in [0, 1), got {r}")
+        for r in self.ratios:  # 0 would prune nothing and leave the sweep's report a row it cannot draw
+            check(0.0 < r < 1.0, section, "ratios", f"entries must be in (0, 1) (a fraction removed), got {r}")
         # Each ratio is one pruned artifact and one plot row: a repeat would be trained twice.
         repeated = sorted({r for r in self.ratios if self.ratios.count(r) > 1})
         check(not repeated, section, "ratios",

@@ -5,8 +5,11 @@ codes), so a tensor's codes can be stored in fewer bits than `packing.pack_bits`
 back bit-exactly. This module codes one flat array of symbols in [0, n_symbols) (n_symbols =
 2**bits for bits 1..8, or 3 for ternary codes) into one self-contained blob.
 
-Coder: `constriction`'s stack coder (rANS, `stream.stack.AnsCoder`: 32-bit words, 64-bit state,
-24-bit probabilities), not its range coder. Why rANS:
+Coder: static rANS with a 64-bit state, 32-bit words and 24-bit weights (the layout of
+`constriction` 0.5.0's stack coder, which wrote the first artifacts; the coder is now ours: C in
+`iteralite/runtime/native/itl_rans.c`, loaded with ctypes from the native library, and the plain
+Python twin `encode_ref` / `decode_ref`, used when that library is not built; both write the same
+bytes). Why rANS:
   - the model is static and the whole tensor is coded at once, so the stack order costs nothing
     (encode in reverse, decode forward), and decoding is one multiply-add per symbol with no
     carry handling;
@@ -14,16 +17,23 @@ Coder: `constriction`'s stack coder (rANS, `stream.stack.AnsCoder`: 32-bit words
     symbol's weight), from which every encode strictly grows the coder's content; so a decoder
     that has read `count` symbols must land exactly on S with every word consumed. That one
     comparison checks the count in the header and catches almost every payload corruption, for
-    about 3 bytes per tensor;
-  - the algorithm is short enough to restate in plain Python (`encode_ref` / `decode_ref`), and
-    the twin writes the same words as constriction, so tests compare the bytes, not only the
-    decoded codes.
+    about 3 bytes per tensor.
 
-Model: the table is quantized to integer frequencies q_i >= 1 that sum to 2**precision (only the
-symbols that occur get one). The coder uses the weights w_i = q_i << (24 - precision); we hand
-constriction the floats w_i - 1, which its fast (`perfect=False`) quantizer maps back to exactly
-w_i (it gives every symbol weight 1 plus floor(cumulative * scale), and the scale is exactly 1).
-The table stored in the blob is therefore the model the payload was coded with, bit for bit.
+Model: the symbols' counts are quantized to integer frequencies q_i >= 1 that sum to 2**precision
+(only the symbols that occur get one) by integer arithmetic only (`quantize_freqs`), so the bytes
+do not depend on the numpy build or the platform. The coder uses the weights
+w_i = q_i << (24 - precision) and cumulative weights c_i = w_0 + ... + w_{i-1}, i in the order of
+the present symbols.
+
+Coding (all integers, state x < 2**64):
+    encode, symbols taken last to first, x = S at the start:
+        if x >> 40 >= w_i: push the word x & (2**32 - 1); x >>= 32
+        x = ((x // w_i) << 24) | (x % w_i + c_i)
+    then push x's words, least significant first, until x is 0 (so the last word is nonzero).
+    decode, words popped from the end: x = the last word, then while words remain and x < 2**32,
+    x = (x << 32) | next word. For each symbol: r = x & (2**24 - 1), i such that
+    c_i <= r < c_i + w_i, x = (x >> 24) * w_i + r - c_i, and if x < 2**32 and words remain,
+    x = (x << 32) | next word. At the end no word may remain and x must equal S.
 
 Blob layout, version 1 (varints are unsigned LEB128, minimal length; words little-endian):
     u8      version (1)
@@ -35,12 +45,14 @@ Blob layout, version 1 (varints are unsigned LEB128, minimal length; words littl
             fewer than 2 symbols occur
     varint  W: number of 32-bit payload words (0 when fewer than 2 symbols occur: the header alone
             says everything)
-    W * u32 the rANS words, exactly to the end of the blob
+    W * u32 the rANS words in the order the encoder pushed them, each little-endian, exactly to
+            the end of the blob (the decoder starts from the last one)
 
 Corrupt input: `decode` validates every header field before it allocates or decodes (sizes, table
 sums, bitmap padding, trailing bytes), caps the count at MAX_COUNT (and at `expected_count` when
-the caller knows the shape), decodes in chunks that stop as soon as the payload is exhausted, and
-checks the final state. Anything malformed raises CheckpointError with one line. A payload
+the caller knows the shape), stops as soon as the payload is exhausted (a lying count costs no
+decoding), and checks the final state. The C decoder validates the same fields itself (it must be
+safe on its own: a negative error code for any malformed blob, never a read out of bounds). Anything malformed raises CheckpointError with one line. A payload
 corruption that still lands on the sentinel (very unlikely, never observed in the tests) returns
 an array of the header's count, dtype uint8, holding only symbols from the table; the enclosing
 checkpoint's sha256 is what guarantees integrity end to end.
@@ -48,9 +60,11 @@ checkpoint's sha256 is what guarantees integrity end to end.
 from __future__ import annotations
 
 import bisect
+import ctypes
+import heapq
 from dataclasses import dataclass
+from fractions import Fraction
 
-import constriction
 import numpy as np
 
 from iteralite.io import varint
@@ -58,13 +72,17 @@ from iteralite.io.errors import CheckpointError
 
 VERSION = 1
 DEFAULT_PRECISION = 14  # frequencies fit 2-byte varints; 2**16 coded 2-4 bit weights no smaller
-MIN_PRECISION, MAX_PRECISION = 8, 24  # 2**8 >= 256 symbols; 24 = constriction's default precision
+MIN_PRECISION, MAX_PRECISION = 8, 24  # 2**8 >= 256 symbols; 24 = the coder's weight precision
 MAX_COUNT = 1 << 26  # codes per blob (64M; the largest tensor here is ~256k): bounds what a header
 # can make `decode` allocate when the caller passes no expected_count
 _CODER_PRECISION = 24
 _SENTINEL = 1 << _CODER_PRECISION  # initial (and final) coder state, see the module docstring
 _WORD_MASK = (1 << 32) - 1
-_CHUNK = 1 << 20  # symbols decoded per constriction call
+_NATIVE_ERRORS = {-1: "bad argument", -2: "truncated header", -3: "version", -4: "precision",
+                  -5: "over-long varint", -6: "count", -7: "bitmap", -8: "symbol count",
+                  -9: "frequency table", -10: "word count", -11: "payload"}  # itl_rans.c's codes
+_E_PAYLOAD = -11
+_native_lib = None  # the ctypes library once looked up; False when it is not built (see _native)
 _MAX_VARINT_BYTES = 5
 
 
@@ -78,6 +96,7 @@ class _Blob:
     symbols: np.ndarray  # uint8 (k,): the symbols that occur, ascending
     freqs: list[int]  # (k,) quantized frequencies, sum 2**precision (empty when k <= 1)
     words: np.ndarray  # uint32 (W,)
+    raw: bytes  # the whole blob
 
     def weights(self) -> list[int]:
         """The coder's 24-bit weights w_i = q_i << (24 - precision)."""
@@ -88,27 +107,38 @@ class _Blob:
 # Frequency table
 
 
-def quantize_freqs(counts: np.ndarray, precision: int) -> np.ndarray:
+def quantize_freqs(counts, precision: int) -> np.ndarray:
     """counts int (k,) all >= 1 -> int64 (k,) frequencies >= 1 that sum to 2**precision.
 
-    Start from the rounded-down share (at least 1), then move one unit at a time where it buys the
-    most: add to the symbol with the largest gain c * log2((q+1)/q), or take from the one with the
-    smallest loss c * log2(q/(q-1)). At most k steps, since flooring is off by fewer than k units.
+    Integers only, so every platform gets the same table. Start from the rounded-down share c*T//N
+    (at least 1), then move one unit at a time where it buys the most: add to the symbol with the
+    largest gain 2c / (2q + 1), or take from the one (q > 1) with the smallest loss 2c / (2q - 1)
+    (both approximate c * ln of the ratio of the new to the old q, to O(1/q**3)), compared exactly
+    as fractions, ties to the lowest index. At most k steps: flooring is off by fewer than k units.
     """
-    counts = np.asarray(counts, dtype=np.int64)
+    counts = [int(c) for c in np.asarray(counts).reshape(-1).tolist()]
     total = 1 << precision
-    if counts.size > total:
-        raise ValueError(f"{counts.size} symbols do not fit a table of precision {precision}")
-    q = np.maximum(counts * total // int(counts.sum()), 1)
-    c = counts.astype(np.float64)
-    while (diff := total - int(q.sum())) != 0:
-        if diff > 0:
-            q[int(np.argmax(c * np.log2((q + 1) / q)))] += 1
-        else:
-            with np.errstate(divide="ignore"):
-                loss = np.where(q > 1, c * np.log2(q / np.maximum(q - 1, 1)), np.inf)
-            q[int(np.argmin(loss))] -= 1
-    return q
+    if len(counts) > total:
+        raise ValueError(f"{len(counts)} symbols do not fit a table of precision {precision}")
+    n = sum(counts)
+    q = [max(c * total // n, 1) for c in counts]
+    diff = total - sum(q)
+    if diff > 0:
+        heap = [(Fraction(-2 * c, 2 * qi + 1), i) for i, (c, qi) in enumerate(zip(counts, q))]
+        heapq.heapify(heap)
+        for _ in range(diff):
+            _, i = heapq.heappop(heap)
+            q[i] += 1
+            heapq.heappush(heap, (Fraction(-2 * counts[i], 2 * q[i] + 1), i))
+    elif diff < 0:
+        heap = [(Fraction(2 * c, 2 * qi - 1), i) for i, (c, qi) in enumerate(zip(counts, q)) if qi > 1]
+        heapq.heapify(heap)
+        for _ in range(-diff):
+            _, i = heapq.heappop(heap)
+            q[i] -= 1
+            if q[i] > 1:
+                heapq.heappush(heap, (Fraction(2 * counts[i], 2 * q[i] - 1), i))
+    return np.array(q, dtype=np.int64)
 
 
 def empirical_entropy_bits(codes, n_symbols: int) -> float:
@@ -211,7 +241,7 @@ def _parse(blob, expected_count: int | None) -> _Blob:
     words = np.frombuffer(blob, dtype="<u4", count=n_words, offset=pos).astype(np.uint32)
     if n_words and words[-1] == 0:  # a coder's flushed state never ends in a zero word
         raise CheckpointError("entropy blob's payload ends in a zero word: it is corrupt")
-    return _Blob(n_symbols, precision, count, symbols, freqs, words)
+    return _Blob(n_symbols, precision, count, symbols, freqs, words, blob)
 
 
 def _trivial(b: _Blob) -> np.ndarray:
@@ -227,83 +257,98 @@ def _check_end(final_words: list[int], decoded: int, count: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast path: constriction
+# Fast path: the C coder (itl_rans.c in the native library)
 
 
-def _model(weights: list[int]):
-    w = np.asarray(weights, dtype=np.float64)
-    # w - 1 sums to 2**24 - k, so constriction's scale is exactly 1 and it rebuilds exactly w.
-    return constriction.stream.model.Categorical(w - 1.0, perfect=False)
+def _native():
+    """The native library with the rANS functions declared, or None when it is not built here (or
+    predates itl_rans.c); then `encode` and `decode` use the Python twin."""
+    global _native_lib
+    if _native_lib is None:
+        try:
+            from iteralite.runtime.native.runtime import NativeUnavailable, load_library
+        except ImportError:
+            _native_lib = False
+            return None
+        try:
+            lib = load_library()
+            u8p, u32p, u64 = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64
+            lib.itl_rans_decode.argtypes = [u8p, ctypes.c_size_t, u8p, u64, ctypes.POINTER(u64)]
+            lib.itl_rans_decode.restype = ctypes.c_int
+            lib.itl_rans_encode.argtypes = [u8p, u64, u32p, ctypes.c_uint32, ctypes.c_int, u32p, u64]
+            lib.itl_rans_encode.restype = ctypes.c_int64
+            _native_lib = lib
+        except (NativeUnavailable, OSError, AttributeError):
+            _native_lib = False
+    return _native_lib or None
+
+
+def _words_native(lib, idx: np.ndarray, freqs: list[int], precision: int) -> np.ndarray:
+    """Dense indices uint8 (n,) -> the payload words, uint32 (W,), by the C encoder."""
+    idx = np.ascontiguousarray(idx, dtype=np.uint8)
+    f = np.array(freqs, dtype=np.uint32)
+    out = np.empty(idx.size + 2, dtype=np.uint32)  # at most one word per symbol plus the flush
+    n = lib.itl_rans_encode(idx.ctypes.data, idx.size, f.ctypes.data, f.size, precision,
+                            out.ctypes.data, out.size)
+    if n < 0:  # _prepare validated everything the C encoder checks
+        raise RuntimeError(f"itl_rans_encode failed ({_NATIVE_ERRORS.get(n, n)})")
+    return out[:n]
+
+
+def _decode_native(lib, b: _Blob) -> np.ndarray:
+    out = np.empty(b.count, dtype=np.uint8)
+    done = ctypes.c_uint64(0)
+    rc = lib.itl_rans_decode(b.raw, len(b.raw), out.ctypes.data, out.size, ctypes.byref(done))
+    if rc == _E_PAYLOAD:
+        _check_end([], done.value, b.count)  # always raises: done < count or not at the sentinel
+    if rc != 0:  # _parse accepted what the C decoder refused: they disagree
+        raise CheckpointError(f"entropy blob is corrupt: the native decoder refused its "
+                              f"{_NATIVE_ERRORS.get(rc, rc)}")
+    return out
 
 
 def encode(codes, n_symbols: int, precision: int = DEFAULT_PRECISION) -> bytes:
     """codes uint8 (any shape, flattened row-major, each < n_symbols) -> self-contained blob.
 
     n_symbols: 2**bits for b-bit codes, 3 for ternary. precision: the table sums to 2**precision.
+    C when the native library is built, else the Python twin (the same bytes).
     """
     flat, head, present, freqs = _prepare(codes, n_symbols, precision)
     if len(freqs) < 2:
         return head + varint.encode(0)
-    lut = np.zeros(n_symbols, dtype=np.int32)
-    lut[present] = np.arange(present.size, dtype=np.int32)
-    shift = _CODER_PRECISION - precision
-    coder = constriction.stream.stack.AnsCoder(np.array([_SENTINEL], dtype=np.uint32))
-    coder.encode_reverse(lut[flat], _model([q << shift for q in freqs]))
-    words = coder.get_compressed().astype("<u4")
-    return head + varint.encode(words.size) + words.tobytes()
+    lut = np.zeros(n_symbols, dtype=np.uint8)
+    lut[present] = np.arange(present.size, dtype=np.uint8)
+    idx = lut[flat]
+    lib = _native()
+    words = _words_native(lib, idx, freqs, precision) if lib is not None \
+        else _words_ref(idx, freqs, precision)
+    return head + varint.encode(words.size) + words.astype("<u4").tobytes()
 
 
 def decode(blob, expected_count: int | None = None) -> np.ndarray:
     """blob from `encode` -> codes uint8 (count,). expected_count: the caller's numel, if known;
-    a blob of another size is refused before anything is allocated. Raises CheckpointError."""
+    a blob of another size is refused before anything is allocated. Raises CheckpointError.
+    C when the native library is built, else the Python twin."""
     b = _parse(blob, expected_count)
     if len(b.freqs) < 2:
         return _trivial(b)
-    try:
-        coder = constriction.stream.stack.AnsCoder(b.words)
-    except ValueError as e:
-        raise CheckpointError(f"entropy blob's payload is corrupt: {e}") from None
-    model = _model(b.weights())
-    parts, done = [], 0
-    while done < b.count:
-        n = min(_CHUNK, b.count - done)
-        parts.append(b.symbols[coder.decode(model, n)])
-        done += n
-        # The coder's content shrinks with every symbol and ends at the sentinel: once it is at
-        # or below the sentinel with symbols left, the payload cannot hold them. Stop early so a
-        # lying count costs one chunk, not `count` bytes.
-        if done < b.count and coder.num_words() <= 2 and _value(coder.get_compressed()) <= _SENTINEL:
-            break
-    _check_end(coder.get_compressed().tolist(), done, b.count)
-    return np.concatenate(parts)
-
-
-def _value(words) -> int:
-    """Words as the coder's conceptual integer (the last word is the most significant)."""
-    v = 0
-    for w in reversed(np.asarray(words).tolist()):
-        v = (v << 32) | w
-    return v
+    lib = _native()
+    return _decode_native(lib, b) if lib is not None else _decode_py(b)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reference twin: the same rANS in plain Python (same header, same words)
 
 
-def encode_ref(codes, n_symbols: int, precision: int = DEFAULT_PRECISION) -> bytes:
-    """Reference twin of `encode`: rANS one symbol at a time; writes the same bytes."""
-    flat, head, present, freqs = _prepare(codes, n_symbols, precision)
-    if len(freqs) < 2:
-        return head + varint.encode(0)
+def _words_ref(idx: np.ndarray, freqs: list[int], precision: int) -> np.ndarray:
+    """Dense indices (n,) -> the payload words, uint32 (W,): rANS one symbol at a time."""
     shift = _CODER_PRECISION - precision
     weights = [q << shift for q in freqs]
     cum = [0]
     for w in weights:
         cum.append(cum[-1] + w)
-    dense = {int(s): i for i, s in enumerate(present.tolist())}
     state, words = _SENTINEL, []
-    for sym in reversed(flat.tolist()):
-        i = dense[sym]
+    for i in reversed(np.asarray(idx).tolist()):
         w = weights[i]
         if state >> (64 - _CODER_PRECISION) >= w:  # keep the next state below 2**64
             words.append(state & _WORD_MASK)
@@ -312,15 +357,26 @@ def encode_ref(codes, n_symbols: int, precision: int = DEFAULT_PRECISION) -> byt
     while state:  # flush: least significant word first, so the last word is nonzero
         words.append(state & _WORD_MASK)
         state >>= 32
-    payload = np.array(words, dtype="<u4").tobytes()
-    return head + varint.encode(len(words)) + payload
+    return np.array(words, dtype=np.uint32)
+
+
+def encode_ref(codes, n_symbols: int, precision: int = DEFAULT_PRECISION) -> bytes:
+    """Reference twin of `encode`: rANS in plain Python; writes the same bytes."""
+    flat, head, present, freqs = _prepare(codes, n_symbols, precision)
+    if len(freqs) < 2:
+        return head + varint.encode(0)
+    dense = {int(s): i for i, s in enumerate(present.tolist())}
+    words = _words_ref([dense[s] for s in flat.tolist()], freqs, precision)
+    return head + varint.encode(words.size) + words.astype("<u4").tobytes()
 
 
 def decode_ref(blob, expected_count: int | None = None) -> np.ndarray:
     """Reference twin of `decode`: pops words off the end, one symbol at a time."""
     b = _parse(blob, expected_count)
-    if len(b.freqs) < 2:
-        return _trivial(b)
+    return _trivial(b) if len(b.freqs) < 2 else _decode_py(b)
+
+
+def _decode_py(b: _Blob) -> np.ndarray:
     weights = b.weights()
     cum = [0]
     for w in weights:
@@ -331,8 +387,8 @@ def decode_ref(blob, expected_count: int | None = None) -> np.ndarray:
         state = (state << 32) | words.pop()
     mask = (1 << _CODER_PRECISION) - 1
     out = []
-    for done in range(b.count):
-        if not words and state <= _SENTINEL:  # exhausted: see `decode`
+    for _ in range(b.count):
+        if not words and state <= _SENTINEL:  # exhausted: the count lies; stop before decoding it
             break
         quantile = state & mask
         i = bisect.bisect_right(cum, quantile) - 1

@@ -135,22 +135,20 @@ def stream_text(tok, model, prompt: str, max_new_tokens: int, temperature: float
                 write: Callable[[str], None], timing: dict | None = None, *, top_p: float = 1.0) -> list[int]:
     """Generate after `prompt`, calling `write` with each new piece of decoded text.
 
-    Decoding is incremental, so the work per token does not grow with the story: only the ids not
-    yet shown (`tail`, usually one or a few) are decoded. A byte-level BPE token can end inside a
-    multi-byte UTF-8 character, which decodes to a trailing U+FFFD; the tail is held back until it
-    decodes to text that ends in a complete character, then written and dropped. The byte-level
-    decoder maps each id to its bytes and neither adds nor strips spaces, so decoding a tail that
-    starts on a character boundary gives exactly that part of decoding the whole output. Whatever
-    is still held at the end is written as it decodes, so the pieces add up to `tok.decode(ids)`.
+    Decoding is incremental (`iteralite.io.text.TextStream`): the work per token does not grow with
+    the story, a multi-byte UTF-8 character split over tokens is held until it completes, and bytes
+    that can never complete one (a lone continuation byte) are written at once as U+FFFD. The pieces
+    add up to `tok.decode(ids)`.
     """
     from iteralite.data.tokenizer import eot_id
+    from iteralite.io.text import TextStream
 
     check_prompt(prompt)
     eot = eot_id(tok)
     prompt_ids = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
     prompt_ids = prompt_ids or [eot]  # an empty prompt starts a fresh story
     out: list[int] = []
-    tail: list[int] = []
+    stream = TextStream(tok, write)
     timing = {} if timing is None else timing
     timing.update(prompt_tokens=len(prompt_ids), prompt_s=0.0, gen_tokens=0, gen_s=0.0)
     t0 = time.perf_counter()
@@ -164,11 +162,6 @@ def stream_text(tok, model, prompt: str, max_new_tokens: int, temperature: float
         if t == eot:
             break
         out.append(t)
-        tail.append(t)
-        text = tok.decode(tail)
-        if not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
-            write(text)
-            tail.clear()
-    if tail:
-        write(tok.decode(tail))
+        stream.push(t)
+    stream.finish()
     return out

@@ -43,6 +43,10 @@ def main(argv: list[str]) -> int:
 
     args = parse_args(argv)
     nproc = args.nproc_per_node
+    if str(nproc).lstrip("-").isdigit() and int(nproc) < 1:  # torch's launcher would fail a bare assert
+        print(f"[train] error: params: 'train.nproc' must be >= 1 (the processes torchrun starts), got {nproc}",
+              file=sys.stderr)
+        return STAGE_ERROR
     _threads_per_worker(int(nproc) if str(nproc).isdigit() else 1)
     os.environ[LAUNCHER_PID] = str(os.getpid())  # the workers' parent: they die with it
     _quiet_elastic_logs()

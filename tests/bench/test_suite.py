@@ -85,7 +85,8 @@ def test_run_benchmark_takes_peer_behaviour_from_the_registry(model, tmp_path, m
     results, hotspots = suite.run_benchmark(plan, cfg, evaluator, {"size_bytes": path.stat().st_size, "val_ppl": 16.0})
 
     twin = results["peer_twin"]
-    assert twin["val_ppl"] == 16.0 and twin["quality_from"] == "m/train.json (same weights as fp32)"
+    assert twin["val_ppl"] == 16.0
+    assert twin["quality_from"] == "m/train.json (same weights as fp32; probe logits within 0.001 of fp32's)"
     assert twin["max_abs_logit_diff_vs_fp32"] == 0.0
     int8 = results["peer_int8_weight_only"]
     assert int8["quality_from"] == "benchmark" and int8["val_ppl_delta_pct"] == pytest.approx(25.0)
@@ -113,3 +114,32 @@ def test_a_kind_with_a_scorer_is_scored_by_it_with_the_rows_so_far(model, tmp_pa
     row = results["s"]
     assert row["val_ppl"] == 99.0 and row["quality_from"] == "scorer" and row["seen"] == ["fp32"]
     assert row["load_to_first_token_ms"] > 0 and row["resident_weight_bytes"] > 0
+
+
+def _perturbed_twin(model):
+    """Claims FP32's weights but changes them: its logits no longer match FP32's."""
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.norm_f.weight.mul_(1.5)
+    return m
+
+
+def test_a_same_weights_peer_whose_logits_differ_is_scored_not_given_fp32_quality(model, tmp_path, monkeypatch):
+    path = tmp_path / "fp32.safetensors"
+    save_checkpoint(path, model, kind="fp32", tokenizer_sha256="x")
+    monkeypatch.setitem(variants.VARIANTS, "twin", variants.VariantKind(
+        "tests.bench.test_suite:_perturbed_twin", from_fp32=True, same_weights_as_fp32=True))
+    monkeypatch.setattr(suite, "peak_rss", lambda kind, p, n: {"peak_rss_mb": 1.0})
+    plan = [suite.Variant("fp32", "artifact", str(path), {"params": model.num_params(), "val_ppl": 16.0}, "m"),
+            suite.Variant("peer_twin", "twin", str(path))]
+    cfg = suite.BenchmarkConfig(decode_tokens=2, repeats=1, profile_tokens=2, hotspots_top=3)
+    evaluator = _Evaluator()
+    results, _ = suite.run_benchmark(plan, cfg, evaluator, {"size_bytes": path.stat().st_size, "val_ppl": 16.0})
+    twin = results["peer_twin"]
+    assert twin["max_abs_logit_diff_vs_fp32"] > suite.SAME_WEIGHTS_ATOL
+    assert twin["val_ppl"] == 20.0 and len(evaluator.scored) == 1  # scored here, not FP32's 16.0
+    assert twin["quality_from"].startswith("benchmark (logits differ from fp32's by")

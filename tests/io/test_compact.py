@@ -3,6 +3,7 @@ small header, and every malformed file answered by a one-line CheckpointError.""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import random
@@ -342,9 +343,9 @@ def test_missing_index_unknown_layout_and_extra_tensors(saved, tmp_path):
     path = tmp_path / "u.safetensors"
     model, quant = build("mixed")
     save(path, model, quant)
-    for old in ("compact-v9", "compact-v1"):  # v1: before the grid codec (2 codec bits)
+    for old in ("compact-v9", "compact-v1", "compact-v2"):  # v1: before the grid codec; v2: no identity
         _resign(path, layout=old)
-        msg = f"tensor layout '{old}' is unknown; this iteralite reads the default layout and compact-v2"
+        msg = f"tensor layout '{old}' is unknown; this iteralite reads the default layout and {compact.LAYOUT}"
         with pytest.raises(CheckpointError, match=msg) as e:
             load_model(path)
         _one_line(e, path)
@@ -352,6 +353,90 @@ def test_missing_index_unknown_layout_and_extra_tensors(saved, tmp_path):
     _resign(path, layout=compact.LAYOUT, index="")  # a default file that claims the compact layout
     with pytest.raises(CheckpointError, match="compact layout holds tensors .* expected only 'blob'"):
         load_model(path)
+
+
+def _swap_registration(monkeypatch, cls, table: str, a: str, b: str) -> None:
+    """Make `cls` register its `a` and `b` in each other's place (`table`: "_modules" or
+    "_parameters"), as a code change reordering two same-shape tensors would."""
+    init = cls.__init__
+
+    def swapped(self, *args, **kw):
+        init(self, *args, **kw)
+        entries = getattr(self, table)
+        keys = list(entries)
+        i, j = keys.index(a), keys.index(b)
+        keys[i], keys[j] = keys[j], keys[i]
+        reordered = {k: entries[k] for k in keys}
+        entries.clear()
+        entries.update(reordered)
+
+    monkeypatch.setattr(cls, "__init__", swapped)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "mixed"])
+@pytest.mark.parametrize("where", ["norms", "ssm"])
+def test_a_reordered_tensor_list_is_refused_before_decoding(tmp_path, monkeypatch, kind, where):
+    """Same-shape tensors in another order (code that registers norm2 before norm1, or D before
+    A_log): every index check passes, so only the stored identity stops each one loading into
+    its neighbour's place."""
+    from iteralite.core.model import Block
+    from iteralite.core.ssm import SSM
+
+    model, quant = build(kind)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            layer.norm1.weight.fill_(1 + i)
+            layer.norm2.weight.fill_(-1 - i)
+    path = tmp_path / "c.safetensors"
+    save(path, model, quant)
+    before = list(read_checkpoint(path).tensors)
+    if where == "norms":
+        _swap_registration(monkeypatch, Block, "_modules", "norm1", "norm2")
+        a, b = "layers.0.norm1.weight", "layers.0.norm2.weight"
+    else:
+        _swap_registration(monkeypatch, SSM, "_parameters", "A_log", "D")
+        a, b = "layers.0.mixer.A_log", "layers.0.mixer.D"
+    after = list(IteraLite(model.cfg).state_dict())
+    assert before.index(a) < before.index(b) and after.index(a) > after.index(b)  # the patch took
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    assert _one_line(e, path).endswith("compact layout: the file's tensor list (names, dtypes, shapes in order) "
+                                       "does not match this code's model; rebuild it with `dvc repro`")
+
+
+def test_a_file_without_identity_is_refused(saved):
+    _resign(saved, identity=None)
+    with pytest.raises(CheckpointError, match="compact layout has no 'identity' field") as e:
+        load_model(saved)
+    _one_line(e, saved)
+
+
+def test_identity_hashes_names_dtypes_shapes_in_order():
+    a = {"x": torch.zeros(2, 3), "y": torch.zeros(2, 3)}
+    line = b"x|float32|2,3\ny|float32|2,3\n"
+    assert compact.identity(a) == hashlib.sha256(line).hexdigest()[:16]
+    others = [{"y": a["y"], "x": a["x"]}, {"x": a["x"], "z": a["y"]}, {"x": a["x"], "y": a["y"].half()},
+              {"x": a["x"], "y": a["y"].reshape(3, 2)}]
+    assert len({compact.identity(o) for o in [a, *others]}) == 5
+
+
+# --------------------------------------------------------------------------- byte order
+
+
+@pytest.mark.parametrize("t,cid,stored", [
+    (torch.tensor([1.0, -2.0]), 2, b"\x00\x3c\x00\xc0"),  # f16: fp16 1.0 = 0x3c00, -2.0 = 0xc000
+    (torch.tensor([1.0, -2.5]), 0, b"\x00\x00\x80\x3f\x00\x00\x20\xc0"),  # raw float32 0x3f800000, 0xc0200000
+    (torch.tensor([1.0, 0.5]).half(), 0, b"\x00\x3c\x00\x38"),  # raw float16
+    (torch.tensor([[1, 258]], dtype=torch.int64), 0, b"\x01" + b"\0" * 7 + b"\x02\x01" + b"\0" * 6),
+    (torch.tensor([7, 200], dtype=torch.uint8), 0, b"\x07\xc8"),
+])
+def test_codecs_store_little_endian_bytes(t, cid, stored):
+    """Hand-computed little-endian bytes: the codecs convert through explicit '<' dtypes, so a
+    big-endian host writes (and reads) these very bytes, not its own order."""
+    codec = compact.CODECS[cid]
+    assert codec.encode(t, None) == stored
+    like = torch.zeros_like(t, dtype=torch.float32 if cid == 2 else t.dtype)
+    assert torch.equal(codec.decode(stored, like, None), like.new_tensor(t.tolist()))
 
 
 def test_quant_config_disagreeing_with_the_model_is_refused_at_save(tmp_path):

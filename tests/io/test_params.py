@@ -145,3 +145,135 @@ def test_scalar_for_a_list_says_how_to_write_a_list():
         from_dict(QATConfig, {"keep_float": "dt_proj"}, "qat")
     with pytest.raises(ParamsError, match=r"'qat.keep_float' must be a list of strings, got a mapping"):
         from_dict(QATConfig, {"keep_float": {"a": 1}}, "qat")
+
+
+# --- the file itself: duplicates, aliases, size, unknown sections ---------------------------------
+
+def _write(tmp_path, text, name="params.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("eval:\n  seq_len: 64\ntrain:\n  lr: 0.1\neval:\n  seq_len: 128\n", "eval", "1 and 5"),
+    ("train:\n  lr: 0.1\n  steps: 3\n  lr: 0.2\n", "train.lr", "2 and 4"),
+    ("mixed_precision:\n  manual:\n    embedding: int8\n    embedding: int4\n",
+     "mixed_precision.manual.embedding", "3 and 4"),
+])
+def test_a_key_given_twice_at_any_level_is_refused(tmp_path, text, key, lines):
+    """PyYAML keeps the last of two equal keys silently: `iteralite evaluate --params` read the
+    second of two `eval:` sections."""
+    p = _write(tmp_path, text)
+    with pytest.raises(ParamsError, match=re.escape(f"'{key}' is given twice (lines {lines}); keep one")):
+        load_section(TrainConfig, "train", p)
+
+
+def test_yaml_aliases_are_refused_before_expansion(tmp_path):
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(  # 9**5 items once expanded
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcd", "bcde"))
+    p = _write(tmp_path, bomb)
+    with pytest.raises(ParamsError, match=r"not valid YAML: line 2: YAML aliases \(\*a\) are not supported"):
+        read_params(p)
+    p = _write(tmp_path, "train:\n  lr: &lr 0.1\n  min_lr: *lr\n")
+    with pytest.raises(ParamsError, match=r"line 3: YAML aliases \(\*lr\) are not supported in params"):
+        read_params(p)
+
+
+def test_an_oversized_params_file_is_refused_unread(tmp_path, monkeypatch):
+    from iteralite.io import params
+
+    p = _write(tmp_path, "train:\n  lr: 0.1\n" + "# padding\n" * 120_000)
+    with pytest.raises(ParamsError, match=r"params.yaml: 1,200,0\d\d bytes; a params file may hold at most 1,048,576"):
+        read_params(p)
+    monkeypatch.setattr(params.Path, "read_bytes", lambda self: pytest.fail("read an oversized file"))
+    with pytest.raises(ParamsError, match="at most"):
+        read_params(p)
+
+
+def test_unknown_section_is_named_with_a_suggestion(tmp_path):
+    p = _write(tmp_path, "evall:\n  seq_len: 64\n")
+    with pytest.raises(ParamsError, match=r"unknown section 'evall' \(did you mean 'eval'\?\); known sections: data,"):
+        load_section(TrainConfig, "eval", p)
+    p = _write(tmp_path, "zzz: 1\n")
+    with pytest.raises(ParamsError, match=r"unknown section 'zzz'; known sections"):
+        read_params(p)
+
+
+def test_section_names_match_the_section_registry():
+    from iteralite.io.params import SECTION_NAMES
+    from iteralite.pipeline.sections import SECTIONS
+
+    assert tuple(SECTIONS) == SECTION_NAMES
+
+
+def test_not_utf8_and_not_a_file_are_one_line(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_bytes(b"train:\n  lr: \xff\n")
+    with pytest.raises(ParamsError, match=r"not UTF-8 text \(invalid byte at offset 13\)"):
+        read_params(p)
+    with pytest.raises(ParamsError, match="not a regular file"):
+        read_params(tmp_path)
+
+
+# --- what one section says about another (check_params, the pipeline's first stage) -------------
+
+def _repo_params(tmp_path, **edits):
+    """The repository's params.yaml with `section.key: value` edits, written to tmp_path."""
+    from tests.conftest import REPO
+
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in edits.items():
+        sec, key = dotted.split("__")
+        p[sec][key] = value
+    return _write(tmp_path, yaml.safe_dump(p, sort_keys=False))
+
+
+@pytest.mark.parametrize("edits,msg", [
+    ({"student__from_ratio": 0.3}, "'student.from_ratio' = 0.3 is not one of 'prune.ratios' [0.1, 0.2, 0.4]"),
+    ({"prune__ratios": [0.0, 0.4]}, "'prune.ratios' entries must be in (0, 1) (a fraction removed), got 0.0"),
+    ({"train__nproc": 0}, "'train.nproc' must be >= 1"),
+    ({"model__n_experts": 65, "model__top_k": 2}, "'model.n_experts' = 65 is more than the 64 experts per layer"),
+    ({"model__top_k": 5}, "'model.top_k' must be <= n_experts (4)"),
+])
+def test_check_params_refuses_what_only_a_late_stage_would_meet(tmp_path, edits, msg):
+    from iteralite.pipeline.sections import check_params
+
+    with pytest.raises(ParamsError) as e:
+        check_params(_repo_params(tmp_path, **edits))
+    assert str(e.value).startswith("params: ") and msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_native_limit_in_check_params_is_the_c_routers():
+    """model.n_experts is checked against layout.MAX_EXPERTS: it must be itl_step.c's ITL_MAX_EXPERTS."""
+    from iteralite.runtime.native.layout import MAX_EXPERTS
+    from tests.conftest import REPO
+
+    c = (REPO / "iteralite" / "runtime" / "native" / "itl_step.c").read_text()
+    assert re.search(rf"#define ITL_MAX_EXPERTS {MAX_EXPERTS}\b", c)
+
+
+def test_deep_nesting_control_characters_and_huge_values_are_one_short_line(tmp_path):
+    """Found by tests/fuzz: YAML nested ~1,000 deep escaped as RecursionError, a NUL or DEL byte as
+    PyYAML's ReaderError (raised while the loader was built), and a wrong value was repeated whole
+    in the message (megabytes for a big list)."""
+    from iteralite.pipeline.sections import check_params
+    from tests.conftest import REPO
+
+    base = (REPO / "params.yaml").read_text()
+    cases = {
+        "deep": base.replace("  lr: 0.003\n", "  lr: " + "[" * 1000 + "]" * 1000 + "\n", 1),
+        "nul": base.replace("train:", "tra\x00in:", 1),
+        "del": base.replace("train:", "tra\x7fin:", 1),
+    }
+    for name, text in cases.items():
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(text)
+        with pytest.raises(ParamsError) as e:
+            read_params(p)
+        assert "\n" not in str(e.value) and len(str(e.value)) < 400, name
+    big = tmp_path / "big.yaml"
+    big.write_text(base.replace("  lr: 0.003\n", "  lr: [" + ", ".join(["1"] * 20000) + "]\n", 1))
+    with pytest.raises(ParamsError) as e:
+        check_params(big)
+    assert "train.lr" in str(e.value) and len(str(e.value)) < 400

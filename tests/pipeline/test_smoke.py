@@ -86,8 +86,9 @@ def test_sweeping_prune_ratios_reruns_only_prune_and_after(clone):
     # 0.4 stays in the list: it is mixed_precision.from_ratio, whose finetune output that stage reads
     r = _run(["dvc", "exp", "run", "-S", "prune.ratios=[0.3,0.4]"], dst, env)
     ran = {line.split("'")[1] for line in r.stdout.splitlines() if line.startswith("Running stage")}
-    # the benchmark table covers every ratio; mixed_precision (from_ratio 0.4), fuse and the rest do not rerun
-    assert ran == {"prune@0.3", "finetune@0.3", "prune_report", "benchmark"}, r.stdout
+    # the benchmark table covers every ratio; mixed_precision (from_ratio 0.4), fuse and the rest do not rerun;
+    # check_params (which tracks every param) reruns, and its unchanged output reruns nothing
+    assert ran == {"check_params", "prune@0.3", "finetune@0.3", "prune_report", "benchmark"}, r.stdout
 
 
 def test_unknown_params_key_stops_the_stage_with_its_name(clone):

@@ -250,3 +250,106 @@ def test_a_rank_whose_peer_left_stops_with_one_line_and_rank_0_keeps_a_bugs_trac
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(ZeroDivisionError):  # and so does a plain bug on any rank
         run("data", lambda: 1 / 0)
+
+
+# --- output locations and stale temporaries, checked before any work -----------------------------
+
+@pytest.mark.parametrize("stage_name,make,msg", [
+    # a folder output replaced by a file: the stage used to fail at its first write into it, after its work
+    ("tokenizer", lambda r: (r / "data").mkdir() or (r / "data" / "tokenizer").write_text("x"),
+     "cannot write data/tokenizer: data/tokenizer is a file, not a folder; move it away or delete it"),
+    # a file output that is a folder: os.replace failed at the very end
+    ("train", lambda r: (r / "checkpoints" / "fp32.safetensors").mkdir(parents=True),
+     "cannot write checkpoints/fp32.safetensors: it is a folder, not a file; move it away or delete it"),
+    ("prune", lambda r: (r / "checkpoints").write_text("x"),
+     "cannot write checkpoints/prune/${item.ratio}.safetensors: checkpoints is a file, not a folder; "
+     "move it away or delete it"),
+])
+def test_a_file_or_folder_in_an_outputs_place_stops_the_stage_before_main(repo, capsys, stage_name, make, msg):
+    make(repo)
+    called = []
+    with pytest.raises(SystemExit) as exit_:
+        run(stage_name, lambda: called.append(1))
+    assert exit_.value.code == 2 and not called
+    assert capsys.readouterr().err == f"[{stage_name}] error: {msg}\n"
+
+
+def test_an_output_folder_linked_out_of_the_repository_stops_the_stage_before_main(repo, tmp_path_factory, capsys):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (repo / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    called = []
+    with pytest.raises(SystemExit) as exit_:
+        run("train", lambda: called.append(1))
+    assert exit_.value.code == 2 and not called
+    assert capsys.readouterr().err == (
+        "[train] error: cannot write checkpoints/fp32.safetensors: checkpoints leads to "
+        f"{elsewhere.resolve()}, outside the repository (DVC tracks outputs inside it only); "
+        "make checkpoints a folder in the repository\n")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_link_inside_the_repository_is_accepted(repo):
+    (repo / "store").mkdir()
+    (repo / "checkpoints").symlink_to(repo / "store", target_is_directory=True)
+    run("train", lambda: None)
+
+
+def test_temporaries_of_killed_writes_are_removed_before_main(repo, capsys):
+    """SIGKILL in atomic_path leaves `.<name>.<random>.tmp`: in a folder output DVC would hash it.
+    Only the stage's own outputs' temporaries go; other files stay."""
+    tok = repo / "data" / "tokenizer"
+    (tok / "sub").mkdir(parents=True)
+    (repo / "checkpoints").mkdir()
+    (repo / "metrics").mkdir()
+    stale = [tok / ".train.npy.k3j_x9.tmp", tok / "sub" / ".a.json.q1.tmp",
+             repo / "checkpoints" / ".fp32.safetensors.abc123.tmp", repo / "metrics" / ".train.json.zz9.tmp"]
+    kept = [tok / "tokenizer.json", repo / "data" / ".other.json.x1.tmp",  # not an output of tokenizer
+            repo / "checkpoints" / ".qat.safetensors.abc123.tmp",  # another stage's output
+            repo / "checkpoints" / "notes.tmp"]
+    for f in stale + kept:
+        f.write_text("x")
+    seen = []
+    run("tokenizer", lambda: seen.append(sorted(p.name for p in tok.rglob("*") if p.is_file())))
+    assert seen == [["tokenizer.json"]]
+    run("train", lambda: None)
+    assert [f for f in stale if f.exists()] == [] and all(f.exists() for f in kept)
+    assert "removed checkpoints/.fp32.safetensors.abc123.tmp (the temporary file of a write that was killed)" \
+        in capsys.readouterr().out
+
+
+def test_templated_outputs_temporaries_are_removed(repo):
+    (repo / "checkpoints" / "prune").mkdir(parents=True)
+    stale = repo / "checkpoints" / "prune" / ".0.4.safetensors.r4nd0m.tmp"
+    stale.write_text("x")
+    run("prune", lambda: None)
+    assert not stale.exists()
+
+
+# --- timing-free quality records -------------------------------------------------------------
+
+def test_write_metrics_quality_record_drops_timings(tmp_path):
+    metrics = {"val_ppl": 13.5, "size_bytes": 10, "train_seconds": 788.9, "threads": 2, "resumed_from_step": 3,
+               "speed": {"decode_tok_s_fp32": 470.2}, "finetune": {"seconds": 1.0, "steps": 4},
+               "methods": {"gptq": {"val_ppl": 14.0, "prefill_ms_128": 2.9}}}
+    write_metrics(str(tmp_path / "train.json"), metrics)
+    assert not (tmp_path / "quality").exists()  # only on request
+    write_metrics("metrics/train.json", metrics, quality=True)
+    assert json.loads(open("metrics/train.json").read()) == metrics
+    assert json.loads(open("metrics/quality/train.json").read()) == {
+        "val_ppl": 13.5, "size_bytes": 10, "finetune": {"steps": 4}, "methods": {"gptq": {"val_ppl": 14.0}}}
+
+
+def test_a_write_killed_by_sigkill_leaves_a_temporary_that_the_next_run_removes(repo):
+    import subprocess
+
+    from tests.conftest import REPO
+
+    code = ("import os, signal\nfrom iteralite.io.atomic import atomic_path\n"
+            "with atomic_path('data/tokenizer/train.npy') as tmp:\n"
+            "    tmp.write_bytes(b'half')\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=repo, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == -9
+    left = list((repo / "data" / "tokenizer").iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".train.npy.")
+    run("tokenizer", lambda: None)
+    assert list((repo / "data" / "tokenizer").iterdir()) == []

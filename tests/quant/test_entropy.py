@@ -1,3 +1,4 @@
+import ctypes
 import time
 
 import numpy as np
@@ -12,6 +13,8 @@ from iteralite.quant.entropy import (decode, decode_ref, empirical_entropy_bits,
                                      quantize_freqs, zstd_bytes)
 
 ALPHABETS = [2 ** b for b in range(1, 9)] + [3]  # bit widths 1..8 and ternary
+NATIVE = E._native()  # the C coder, None when the native library is not built here
+needs_native = pytest.mark.skipif(NATIVE is None, reason="native library not built")
 
 
 def skewed(n, n_symbols, seed=0, p=0.35):
@@ -115,17 +118,13 @@ def test_two_symbols_at_the_precision_extremes():
         assert_round_trip(codes, 2, precision=precision)
 
 
-def test_decode_in_many_chunks(monkeypatch):
-    monkeypatch.setattr(E, "_CHUNK", 1000)  # the chunk loop and its exhaustion check, at test size
-    for n in (999, 1000, 1001, 25_000):
-        assert_round_trip(skewed(n, 8, seed=n), 8)
+def test_lying_count_stops_where_the_payload_runs_out():
     codes = skewed(3500, 8, seed=9)
     b = E._parse(encode(codes, 8), None)
     lying = craft(8, 10_000, np.unique(codes), b.freqs[:-1], b.words)
-    with pytest.raises(CheckpointError, match="exactly 10000 codes \\(stopped at 4000\\)"):
-        decode(lying)  # the payload ran out inside the 4th chunk: the 5th is never decoded
-    with pytest.raises(CheckpointError, match="exactly 10000 codes \\(stopped at 3500\\)"):
-        decode_ref(lying)
+    for dec in (decode, decode_ref):  # the payload ran out after 3500 codes: nothing more decoded
+        with pytest.raises(CheckpointError, match="exactly 10000 codes \\(stopped at 3500\\)"):
+            dec(lying)
 
 
 def test_accepts_torch_codes_of_any_shape():
@@ -182,8 +181,139 @@ def test_quantize_freqs_sums_to_the_precision_and_keeps_every_symbol():
             assert q.sum() == 1 << precision and q.min() >= 1
     q = quantize_freqs(np.array([3, 1]), 8)
     assert q.tolist() == [192, 64]
+
+
+def test_quantize_freqs_gives_fixed_integer_tables():
+    """Known tables for fixed counts (computed once, by hand where shown): a change is visible."""
+    assert quantize_freqs([1000, 300, 7, 1, 1, 50000], 12).tolist() == [79, 23, 1, 1, 1, 3991]
+    assert quantize_freqs([1, 1, 1], 8).tolist() == [86, 85, 85]  # a tie: the lowest index wins
+    # floors 182, 36, 36; the first gains tie exactly (10/365 == 2/73): index 0, then index 1.
+    # (The old float log2 gains differ by 1e-6 bit here and chose [182, 37, 37].)
+    assert quantize_freqs([5, 1, 1], 8).tolist() == [183, 37, 36]
+    # floors 128, 76, 51 (sum 255); gains 2c/(2q+1) = 10/257 < 6/153 > 4/103: the middle one
+    assert quantize_freqs([5, 3, 2], 8).tolist() == [128, 77, 51]
+    # 200 rare symbols forced up to 1 overshoot the table by 199: all taken from the big one
+    assert quantize_freqs([1] * 200 + [10 ** 6], 8).tolist() == [1] * 200 + [56]
+    assert quantize_freqs(np.array([7], np.int64), 8).tolist() == [256]
     with pytest.raises(ValueError, match="do not fit a table of precision 8"):
         quantize_freqs(np.ones(257, np.int64), 8)
+
+
+# ---- the C coder and its Python twin ----
+
+# 24 4-bit codes and the blob that holds them (table [683, 683, 2048, 7509, 4096, 683, 682] for
+# symbols 3, 5..10 at precision 14). Written by the first coder (constriction 0.5.0): it must keep
+# decoding, and the encoder must keep writing it.
+GOLDEN_CODES = [7, 8, 7, 6, 7, 9, 8, 7, 7, 5, 8, 7, 10, 7, 6, 8, 7, 7, 8, 3, 7, 6, 7, 8]
+GOLDEN_BLOB = bytes.fromhex("010f0e18e807ab05ab058010d53a8020ab050300bce1bd4d6357d1830f0000")
+
+
+def test_golden_blob_decodes_and_is_rewritten_bit_for_bit():
+    codes = np.array(GOLDEN_CODES, np.uint8)
+    b = E._parse(GOLDEN_BLOB, None)
+    assert b.freqs == [683, 683, 2048, 7509, 4096, 683, 682] and b.symbols.tolist() == [3, 5, 6, 7, 8, 9, 10]
+    for dec in (decode, decode_ref):
+        assert dec(GOLDEN_BLOB, expected_count=24).tolist() == GOLDEN_CODES
+    assert encode(codes, 16) == encode_ref(codes, 16) == GOLDEN_BLOB
+
+
+def random_table(rng, k, precision):
+    """k random frequencies >= 1 summing to 2**precision (not from quantize_freqs)."""
+    cuts = np.sort(rng.choice(np.arange(1, 1 << precision), k - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [1 << precision]])).tolist()
+
+
+@needs_native
+def test_native_coder_equals_the_twin_on_random_tables():
+    rng = np.random.default_rng(12)
+    for trial in range(60):
+        k = int(rng.choice([2, 3, 17, 255, 256]))
+        precision = int(rng.choice([8, 11, 14, 16, 17, 24]))
+        freqs = random_table(rng, k, precision)
+        n = int(rng.choice([0, 1, 2, 100, 3000]))
+        idx = rng.integers(0, k, n).astype(np.uint8)  # any index, however unlikely its weight
+        words = E._words_native(NATIVE, idx, freqs, precision)
+        assert np.array_equal(words, E._words_ref(idx, freqs, precision))
+        if n < k:
+            continue  # a blob lists only symbols that occur, and at most `count` of them
+        present = list(range(k))
+        idx[rng.permutation(n)[:k]] = present  # every index occurs
+        words = E._words_native(NATIVE, idx, freqs, precision)
+        blob = craft(256, n, present, freqs[:-1], words, precision=precision)
+        assert np.array_equal(E._decode_native(NATIVE, E._parse(blob, None)), idx)
+        assert np.array_equal(decode_ref(blob), idx)
+
+
+@needs_native
+@pytest.mark.parametrize("n_symbols", [1, 2, 3, 256])
+@pytest.mark.parametrize("n", [0, 1, 5, 2000])
+def test_native_decode_equals_the_twin_on_small_and_full_alphabets(n_symbols, n):
+    codes = uniform(n, n_symbols, seed=n)
+    blob = encode(codes, n_symbols)
+    assert blob == encode_ref(codes, n_symbols)
+    assert np.array_equal(decode(blob), decode_ref(blob)) and np.array_equal(decode(blob), codes)
+
+
+def test_python_fallback_writes_and_reads_the_same_bytes(monkeypatch):
+    codes = skewed(5000, 16, seed=13)
+    blob = encode(codes, 16)
+    monkeypatch.setattr(E, "_native", lambda: None)  # as without a built native library
+    assert encode(codes, 16) == blob
+    assert np.array_equal(decode(blob, expected_count=5000), codes)
+
+
+def test_native_coder_is_used_when_the_library_is_built():
+    from iteralite.runtime.native.runtime import library_path
+    assert (library_path() is None) == (NATIVE is None)
+
+
+def native_rc(blob, cap=None):
+    """The C decoder alone, with no Python parsing in front: (return code, n_out)."""
+    out = np.zeros(E.MAX_COUNT if cap is None else cap, np.uint8)
+    n = ctypes.c_uint64(0)
+    rc = NATIVE.itl_rans_decode(blob, len(blob), out.ctypes.data, out.size, ctypes.byref(n))
+    return rc, n.value
+
+
+@needs_native
+def test_native_decoder_refuses_every_bad_blob_by_itself():
+    for blob, _ in BAD_BLOBS:
+        assert native_rc(blob)[0] < 0, blob.hex()
+    blob = encode(skewed(300, 8, seed=14), 8)
+    assert native_rc(blob) == (0, 300)
+    assert native_rc(blob, cap=299)[0] == -6  # the caller's buffer is too small: refused
+    n = ctypes.c_uint64(0)
+    assert NATIVE.itl_rans_decode(blob, len(blob), None, 0, ctypes.byref(n)) == 0 and n.value == 300
+    for cut in range(len(blob)):  # every truncation
+        assert native_rc(blob[:cut], cap=400)[0] < 0
+
+
+@needs_native
+def test_native_decoder_and_twin_agree_on_mutated_blobs():
+    """Every byte of small blobs set to several values: both decoders refuse, or both return the
+    same codes (exactly the header's count of them)."""
+    rng = np.random.default_rng(15)
+    for n_symbols, n in ((3, 40), (16, 60), (256, 300)):
+        blob = encode(skewed(n, n_symbols, seed=n), n_symbols)
+        for i in range(len(blob)):
+            for v in (0, 1, 0x7F, 0x80, 0xFF, int(rng.integers(256))):
+                bad = blob[:i] + bytes([v]) + blob[i + 1:]
+                rc, done = native_rc(bad, cap=1 << 16)
+                try:
+                    ref = decode_ref(bad)
+                except CheckpointError:
+                    assert rc < 0, (i, v)
+                    continue
+                assert rc == 0 and done == ref.size, (i, v)
+                assert np.array_equal(decode(bad), ref)
+
+
+@needs_native
+def test_native_refusal_that_python_accepted_is_one_line(monkeypatch):
+    b = E._parse(encode(skewed(100, 4, seed=16), 4), None)
+    b.raw = bytes([2]) + b.raw[1:]  # the C decoder sees another version than _parse did
+    with pytest.raises(CheckpointError, match="native decoder refused its version"):
+        E._decode_native(NATIVE, b)
 
 
 def test_zstd_baseline():
@@ -278,7 +408,7 @@ def test_huge_claimed_count_fails_fast_without_a_huge_allocation():
     for dec in (decode, decode_ref):
         with pytest.raises(CheckpointError, match="stopped at"):
             dec(lying)
-    assert time.perf_counter() - t < 2.0  # one chunk decoded, not 2**28 symbols
+    assert time.perf_counter() - t < 2.0  # stops where the payload runs out, not after 2**26 symbols
     # a payload-free blob cannot be checked by its payload: the caller's count bounds it
     with pytest.raises(CheckpointError, match=f"holds {E.MAX_COUNT} codes, expected 10"):
         decode(craft(4, E.MAX_COUNT, [1], [], []), expected_count=10)

@@ -195,3 +195,22 @@ def test_a_worker_dies_with_its_launcher(tmp_path):
             os.kill(worker, signal.SIGKILL)
             pytest.fail("the worker outlived its killed launcher")
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("nproc", ["0", "-1"])
+def test_the_launcher_refuses_no_processes_with_one_line(tmp_path, nproc):
+    """`train.nproc: 0` reached torch's launcher, which failed a bare `assert` before any stage
+    code could check the params."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "never.py"
+    script.write_text("raise SystemExit('the worker must not start')\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "iteralite.train.torchrun", "--standalone", "--nproc-per-node", nproc,
+                        str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2
+    assert p.stdout + p.stderr == (f"[train] error: params: 'train.nproc' must be >= 1 (the processes torchrun "
+                                   f"starts), got {nproc}\n")

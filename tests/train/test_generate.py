@@ -227,6 +227,19 @@ def test_decode_work_per_token_is_bounded(tok):
     assert counting.calls <= 2001 and counting.ids <= 3 * len(out)
 
 
+
+def test_lone_continuation_bytes_stream_at_once_with_linear_work(tok):
+    """A model that emits only lone UTF-8 continuation bytes (0x80, which never completes a
+    character): each token is written as it arrives (one U+FFFD) and the decode work stays linear,
+    where holding the tail until a character completed wrote nothing until the end and passed
+    ~n^2/2 ids to decode."""
+    byte80 = tok.token_to_id("\u0122")  # byte-level BPE's alphabet spells byte 0x80 as U+0122
+    assert byte80 is not None and tok.decode([byte80]) == "\ufffd"
+    counting = CountingTokenizer(tok)
+    out, pieces = _stream(counting, [byte80] * 2000)
+    assert len(out) == 2000 and pieces == ["\ufffd"] * 2000
+    assert counting.ids <= 3 * len(out)
+
 # --- the sampler: temperature, then top-k, then top-p, against its plain-Python twin -------------
 
 # Probabilities picked so no top-p cut below falls on a float boundary.

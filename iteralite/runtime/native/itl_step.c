@@ -14,9 +14,15 @@
    builds with portable flags) and plain scalar C. itl_set_isa forces one (the tests run both;
    ITERALITE_NATIVE_ISA=scalar forces scalar from the environment).
 
-   Loaded with ctypes (no Python C API); the structs mirror iteralite/runtime/native/layout.py. */
+   Loaded with ctypes (no Python C API); the structs mirror iteralite/runtime/native/layout.py.
+
+   Every exported function checks its own inputs (null pointers, the model's sizes and pointers at
+   itl_create via itl_check_model, the token range and the caller's buffer sizes at each step) and
+   returns an ITL_ERR_* code (itl_strerror names it) instead of reading out of bounds; the checks
+   run once per call, never inside the loops. */
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,6 +36,9 @@
 enum { ITL_INT = 0, ITL_F16 = 1 };
 #define ITL_MAX_EXPERTS 64 /* experts per layer; layout.py refuses more (MAX_EXPERTS) */
 enum { ITL_SCALAR = 0, ITL_AVX2 = 1 };
+enum { ITL_OK = 0, ITL_ERR_NULL = 1, ITL_ERR_CTX = 2, ITL_ERR_TOKEN = 3, ITL_ERR_STATE = 4, ITL_ERR_LOGITS = 5,
+       ITL_ERR_COUNT = 6, ITL_ERR_MODEL = 7 };
+#define ITL_MAGIC 0x49544C31u /* "ITL1": a live context */
 
 typedef struct {
     int32_t kind;      /* ITL_INT: codes; ITL_F16: fp16 weights */
@@ -62,7 +71,11 @@ typedef struct {
 } itl_model;
 
 typedef struct {
+    uint32_t magic;  /* ITL_MAGIC while live, 0 once freed: catches a pointer that is not a context;
+                        a freed one cannot be checked here (the caller must not pass it: Python's
+                        wrapper clears its pointer before it frees) */
     const itl_model *m;
+    size_t conv_n, ssm_n; /* state sizes the model needs */
     int isa;
     float *x, *xn, *xz, *xc, *dbc, *dt, *y, *up, *hid, *mo;
     int8_t *x8;     /* the quantized activation */
@@ -747,27 +760,119 @@ int itl_avx2_supported(void) {
 #endif
 }
 
-/* 0 scalar, 1 AVX2 (only where supported); returns the path now in use. */
+static int ctx_ok(const itl_ctx *c) { return c && c->magic == ITL_MAGIC && c->m; }
+
+/* What an ITL_ERR_* code means. */
+const char *itl_strerror(int code) {
+    switch (code) {
+    case ITL_OK: return "ok";
+    case ITL_ERR_NULL: return "a null pointer was passed";
+    case ITL_ERR_CTX: return "the context is null or not a live itl context";
+    case ITL_ERR_TOKEN: return "the token id is outside the vocabulary";
+    case ITL_ERR_STATE: return "a state buffer is smaller than the model needs";
+    case ITL_ERR_LOGITS: return "the logits buffer is smaller than the vocabulary";
+    case ITL_ERR_COUNT: return "the token count is negative";
+    case ITL_ERR_MODEL: return "the model structs are inconsistent";
+    default: return "unknown error code";
+    }
+}
+
+static int mat_bad(const itl_mat *w, int out, int in, int cap, const char *name, int layer, char *why, int n) {
+    const char *bad = NULL;
+    if (w->out != out || w->in != in) bad = "has the wrong shape";
+    else if (out <= 0 || in <= 0 || out > cap || in > cap) bad = "has a size outside the scratch buffers";
+    else if (w->group <= 0 || in % w->group) bad = "has a group that does not divide its inputs";
+    else if (w->kind == ITL_F16) { if (!w->w16) bad = "has no fp16 weights"; }
+    else if (w->kind != ITL_INT) bad = "has an unknown kind";
+    else if (w->bits != 2 && w->bits != 4 && w->bits != 8) bad = "has a code width other than 2, 4 or 8";
+    else if ((int64_t)w->rowbytes * 8 < (int64_t)in * w->bits) bad = "has rows shorter than its codes";
+    else if (!w->codes || !w->scales || !w->zeros) bad = "has a null codes/scales/zeros pointer";
+    if (!bad) return 0;
+    if (why && n > 0) snprintf(why, (size_t)n, "layer %d %s %s (out %d, in %d)", layer, name, bad, (int)w->out, (int)w->in);
+    return 1;
+}
+
+/* ITL_OK when every size, range and pointer of the model is one the step can run; otherwise
+   ITL_ERR_MODEL (or ITL_ERR_NULL) with what is wrong written to `why` (may be NULL). */
+int itl_check_model(const itl_model *m, char *why, int why_len) {
+#define ITL_BAD(...) do { if (why && why_len > 0) snprintf(why, (size_t)why_len, __VA_ARGS__); return ITL_ERR_MODEL; } while (0)
+    if (why && why_len > 0) why[0] = 0;
+    if (!m) { if (why && why_len > 0) snprintf(why, (size_t)why_len, "null model"); return ITL_ERR_NULL; }
+    if (m->vocab <= 0 || m->d <= 0 || m->n_layers < 0 || m->max_in <= 0)
+        ITL_BAD("model sizes out of range (vocab %d, d %d, layers %d, max_in %d)", (int)m->vocab, (int)m->d,
+                (int)m->n_layers, (int)m->max_in);
+    if (!m->norm_f || (m->n_layers > 0 && !m->layers)) ITL_BAD("model has a null norm_f or layers pointer");
+    int cap = m->max_in > m->vocab ? m->max_in : m->vocab;
+    if (m->d > cap) ITL_BAD("d %d exceeds max_in %d", (int)m->d, cap);
+    if (mat_bad(&m->emb, m->vocab, m->d, cap, "emb", -1, why, why_len)) return ITL_ERR_MODEL;
+    for (int l = 0; l < m->n_layers; l++) {
+        const itl_layer *L = &m->layers[l];
+        if (L->d_inner <= 0 || L->d_conv <= 0 || L->h <= 0 || L->p <= 0 || L->n <= 0 || L->r <= 0 || L->f <= 0 ||
+            (int64_t)L->h * L->p != L->d_inner || 2 * (int64_t)L->d_inner > cap || (int64_t)L->r + 2 * L->n > cap ||
+            (int64_t)L->d_inner * L->d_conv > INT32_MAX || (int64_t)L->h * L->p * L->n > INT32_MAX)
+            ITL_BAD("layer %d sizes out of range (d_inner %d, d_conv %d, h %d, p %d, n %d, r %d, f %d)", l,
+                    (int)L->d_inner, (int)L->d_conv, (int)L->h, (int)L->p, (int)L->n, (int)L->r, (int)L->f);
+        if (L->e < 1 || L->e > ITL_MAX_EXPERTS)
+            ITL_BAD("layer %d has %d experts; the step routes 1..%d (ITL_MAX_EXPERTS)", l, (int)L->e, ITL_MAX_EXPERTS);
+        if (L->k < 1 || L->k > L->e) ITL_BAD("layer %d routes top-%d of %d experts; k must be 1..%d", l, (int)L->k,
+                                             (int)L->e, (int)L->e);
+        if (!L->norm1 || !L->norm2 || !L->conv_w || !L->conv_b || !L->dt_b || !L->A || !L->D || !L->w1 || !L->w2)
+            ITL_BAD("layer %d has a null vector or expert pointer", l);
+        if (mat_bad(&L->in_proj, 2 * L->d_inner, m->d, cap, "in_proj", l, why, why_len) ||
+            mat_bad(&L->x_proj, L->r + 2 * L->n, L->d_inner, cap, "x_proj", l, why, why_len) ||
+            mat_bad(&L->dt_proj, L->h, L->r, cap, "dt_proj", l, why, why_len) ||
+            mat_bad(&L->out_proj, m->d, L->d_inner, cap, "out_proj", l, why, why_len) ||
+            mat_bad(&L->router, L->e, m->d, cap, "router", l, why, why_len))
+            return ITL_ERR_MODEL;
+        for (int j = 0; j < L->e; j++)
+            if (mat_bad(&L->w1[j], L->f, m->d, cap, "w1", l, why, why_len) ||
+                mat_bad(&L->w2[j], m->d, L->f, cap, "w2", l, why, why_len))
+                return ITL_ERR_MODEL;
+    }
+    return ITL_OK;
+#undef ITL_BAD
+}
+
+/* 0 scalar, 1 AVX2 (only where supported); returns the path now in use (-ITL_ERR_CTX for a bad context). */
 int itl_set_isa(itl_ctx *c, int isa) {
+    if (!ctx_ok(c)) return -ITL_ERR_CTX;
     c->isa = (isa == ITL_AVX2 && itl_avx2_supported()) ? ITL_AVX2 : ITL_SCALAR;
     return c->isa;
 }
 
-int itl_get_isa(const itl_ctx *c) { return c->isa; }
+int itl_get_isa(const itl_ctx *c) { return ctx_ok(c) ? c->isa : -ITL_ERR_CTX; }
+
+/* The state sizes (floats) a context's model needs; ITL_ERR_CTX / ITL_ERR_NULL. */
+int itl_state_sizes(const itl_ctx *c, int64_t *conv_n, int64_t *ssm_n) {
+    if (!ctx_ok(c)) return ITL_ERR_CTX;
+    if (!conv_n || !ssm_n) return ITL_ERR_NULL;
+    *conv_n = (int64_t)c->conv_n;
+    *ssm_n = (int64_t)c->ssm_n;
+    return ITL_OK;
+}
 
 void itl_free(itl_ctx *c) {
-    if (!c) return;
+    if (!c || c->magic != ITL_MAGIC) return;
+    c->magic = 0;
     void *bufs[] = {c->x, c->xn, c->xz, c->xc, c->dbc, c->dt, c->y, c->up, c->hid, c->mo, c->x8, c->x16, c->xs,
                     c->xsum, c->xf, c->row};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
 
-/* A context over `m` (which must outlive it), with its scratch buffers; NULL when out of memory. */
+/* A context over `m` (which must outlive it and stay unchanged), with its scratch buffers; NULL
+   when out of memory or when itl_check_model refuses `m` (call it for the reason). */
 itl_ctx *itl_create(const itl_model *m) {
+    if (itl_check_model(m, NULL, 0) != ITL_OK) return NULL;
     itl_ctx *c = calloc(1, sizeof *c);
     if (!c) return NULL;
+    c->magic = ITL_MAGIC;
     c->m = m;
+    for (int l = 0; l < m->n_layers; l++) {
+        const itl_layer *L = &m->layers[l];
+        c->conv_n += (size_t)L->d_inner * L->d_conv;
+        c->ssm_n += (size_t)L->h * L->p * L->n;
+    }
     size_t big = (size_t)(m->max_in > m->vocab ? m->max_in : m->vocab) + 64;
     c->x = malloc(big * 4); c->xn = malloc(big * 4); c->xz = malloc(big * 4); c->xc = malloc(big * 4);
     c->dbc = malloc(big * 4); c->dt = malloc(big * 4); c->y = malloc(big * 4); c->up = malloc(big * 4);
@@ -783,9 +888,17 @@ itl_ctx *itl_create(const itl_model *m) {
     return c;
 }
 
-/* One token: conv (sum over layers of d_inner * d_conv), ssm (sum of h * p * n) updated in
-   place; logits (vocab) written. */
-void itl_step(itl_ctx *c, int token, float *conv, float *ssm, float *logits) {
+static int check_call(const itl_ctx *c, int token, const float *conv, int64_t conv_n, const float *ssm,
+                      int64_t ssm_n, const float *logits, int64_t logits_n) {
+    if (!ctx_ok(c)) return ITL_ERR_CTX;
+    if (!conv || !ssm || !logits) return ITL_ERR_NULL;
+    if (token < 0 || token >= c->m->vocab) return ITL_ERR_TOKEN;
+    if (conv_n < (int64_t)c->conv_n || ssm_n < (int64_t)c->ssm_n) return ITL_ERR_STATE;
+    if (logits_n < c->m->vocab) return ITL_ERR_LOGITS;
+    return ITL_OK;
+}
+
+static void step(itl_ctx *c, int token, float *conv, float *ssm, float *logits) {
     const itl_model *m = c->m;
     embed(c, token, c->x);
     for (int l = 0; l < m->n_layers; l++) {
@@ -799,14 +912,31 @@ void itl_step(itl_ctx *c, int token, float *conv, float *ssm, float *logits) {
     matvec(c, &m->emb, c->xn, logits);
 }
 
-/* n greedy tokens after `token` (the first one predicted from it), written to out; the state
-   and logits (of the last step) as in itl_step. */
-void itl_greedy(itl_ctx *c, int token, int n, float *conv, float *ssm, float *logits, int32_t *out) {
+/* One token: conv (conv_n floats, at least the sum over layers of d_inner * d_conv), ssm (ssm_n,
+   at least the sum of h * p * n) updated in place; logits (logits_n >= vocab) written. Returns
+   ITL_OK or an ITL_ERR_* code (nothing read or written then). */
+int itl_step(itl_ctx *c, int token, float *conv, int64_t conv_n, float *ssm, int64_t ssm_n, float *logits,
+             int64_t logits_n) {
+    int err = check_call(c, token, conv, conv_n, ssm, ssm_n, logits, logits_n);
+    if (err) return err;
+    step(c, token, conv, ssm, logits);
+    return ITL_OK;
+}
+
+/* n greedy tokens after `token` (the first one predicted from it), written to out (n int32);
+   the state and logits (of the last step) as in itl_step. */
+int itl_greedy(itl_ctx *c, int token, int n, float *conv, int64_t conv_n, float *ssm, int64_t ssm_n, float *logits,
+               int64_t logits_n, int32_t *out) {
+    int err = check_call(c, token, conv, conv_n, ssm, ssm_n, logits, logits_n);
+    if (err) return err;
+    if (n < 0) return ITL_ERR_COUNT;
+    if (n > 0 && !out) return ITL_ERR_NULL;
     for (int t = 0; t < n; t++) {
-        itl_step(c, token, conv, ssm, logits);
+        step(c, token, conv, ssm, logits);
         int best = 0;
         for (int v = 1; v < c->m->vocab; v++)
             if (logits[v] > logits[best]) best = v;
         out[t] = token = best;
     }
+    return ITL_OK;
 }

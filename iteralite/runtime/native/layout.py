@@ -16,8 +16,9 @@ fp16 matrix the largest divisor of its input dim up to 64). `_ref` twins live in
 """
 from __future__ import annotations
 
+import copy
 import ctypes
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -173,6 +174,15 @@ class NativeWeights:
     layers: list
     _keep: list = field(default_factory=list, repr=False)  # ctypes objects the C side points into
     _model: "Model | None" = field(default=None, repr=False)  # the structs, built once
+
+    def __deepcopy__(self, memo):
+        """The arrays copied; the C structs (raw pointers into the originals) built afresh."""
+        fresh = NativeWeights.__new__(NativeWeights)
+        memo[id(self)] = fresh
+        for f in fields(self):
+            value = [] if f.name == "_keep" else None if f.name == "_model" else copy.deepcopy(getattr(self, f.name), memo)
+            setattr(fresh, f.name, value)
+        return fresh
 
     def all_mats(self) -> list[NativeMat]:
         out = [self.emb]
