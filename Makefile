@@ -6,9 +6,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data repro test deps exps serve loadtest gate clean-venv
+.PHONY: setup data repro test deps exps sweep frontier serve loadtest gate clean-venv
 
-$(STAMP): pyproject.toml requirements.lock setup.py iteralite/runtime/native/itl_step.c iteralite/runtime/native/itl_rans.c
+$(STAMP): pyproject.toml requirements.lock setup.py iteralite/runtime/native/itl_step.c iteralite/runtime/native/itl_rans.c iteralite/runtime/native/itl_text.c iteralite/runtime/native/itl_text.h
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "iteralite needs Python 3.11"'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
@@ -36,6 +36,19 @@ deps: setup
 EXPS_SORT ?= metrics/headline/mixed_precision.json:val_ppl
 exps: setup
 	dvc exp show --no-pager --only-changed --drop '^[^:]*/[^:]*$$' --sort-by $(EXPS_SORT) --sort-order asc
+
+# The size-quality frontier (docs/experiments.md, "The size-quality frontier"). `make sweep` queues one
+# experiment per combination of the grid (each reruns student_tiny and mixed_precision_tiny, plus what
+# reads them) and starts one worker (-j 1: two torch jobs on 2 cores thrash). When `dvc queue status`
+# shows them done, `make frontier` reads `dvc exp show --json` and writes plots/frontier.csv and .png:
+# bytes vs validation perplexity, one point per experiment and target, the Pareto frontier marked.
+SWEEP ?= -S 'student.targets.tiny.d_model=24,32,40' -S 'mixed_precision.targets.tiny.target_bits_per_weight=3.0,4.0'
+sweep: setup
+	dvc exp run --queue $(SWEEP)
+	dvc queue start -j 1
+
+frontier: setup
+	python -m iteralite.pipeline.frontier
 
 # The working tree's guarded headline metrics (gate.yaml) against those committed at BASE: a markdown
 # table, a frontier plot of both (build/gate/gate_frontier.png), exit 1 on a regression beyond tolerance.

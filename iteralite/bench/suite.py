@@ -56,6 +56,7 @@ class Variant:
     path: str  # the checkpoint it is loaded from (a peer: the FP32 checkpoint)
     quality: dict | None = None  # read from a stage's metrics (None: score it here)
     quality_from: str = ""
+    reference: str = "mixed"  # a runtime row's artifact row (its scorer compares against it as "mixed")
 
 
 def _read(path: str, *keys) -> dict:
@@ -85,6 +86,13 @@ def plan(ratios: list[float], int4_methods: list[str], peers: list[str], paths) 
     v.append(_stage_output("fused", "fused", paths.FUSED_CKPT, paths.FUSE_METRICS))
     v.append(Variant("native", "native", paths.MIXED_CKPT))  # the headline artifact on the C step
     v.append(Variant("peer_onnxruntime", "onnxruntime", paths.MIXED_CKPT))  # ... on ONNX Runtime
+    for target in getattr(paths, "EXTRA_TARGETS", ()):  # the other student targets: artifact and C step
+        mixed = f"mixed_{target}"
+        v.append(_stage_output(f"student_{target}", "artifact", paths.for_target(paths.STUDENT_CKPT, target),
+                               paths.for_target(paths.STUDENT_METRICS, target)))
+        v.append(_stage_output(mixed, "artifact", paths.for_target(paths.MIXED_CKPT, target),
+                               paths.for_target(paths.MIXED_METRICS, target)))
+        v.append(Variant(f"native_{target}", "native", paths.for_target(paths.MIXED_CKPT, target), reference=mixed))
     v += [Variant(f"peer_{p}", p, paths.FP32_CKPT) for p in peers]
     return v
 
@@ -110,7 +118,8 @@ def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32
         diff = float((logits - fp32_logits).abs().max())
         scorer = variant_kind(v.kind).scorer
         if scorer is not None:
-            row.update(resolve(scorer)(model, v.path, evaluator, fp32_metrics, results))
+            seen = {**results, "mixed": results[v.reference]} if v.reference in results else results
+            row.update(resolve(scorer)(model, v.path, evaluator, fp32_metrics, seen))
         elif v.quality is not None:
             row.update(v.quality, size_bytes=os.path.getsize(v.path), size_kind="file", quality_from=v.quality_from)
         elif variant_kind(v.kind).same_weights_as_fp32 and diff <= SAME_WEIGHTS_ATOL:

@@ -1,5 +1,8 @@
 """Itera-Lite: embedding -> N x [RMSNorm -> SSM -> +; RMSNorm -> MoE -> +] -> RMSNorm -> tied head.
 
+With `cfg.embed_rank = r > 0` the embedding is factorised: a tied (V, r) table, `embed_in` (r -> d)
+after the lookup and `head_proj` (d -> r) before the head, so the head is (V, r) @ (r,) a token.
+
 Two execution paths share the parameters: `forward` (parallel chunked scan, for training and
 prefill) and `step` (recurrent, O(1) per token, for generation).
 """
@@ -60,7 +63,10 @@ class IteraLite(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embedding = TiedEmbedding(cfg.vocab_size, cfg.d_model)
+        self.embedding = TiedEmbedding(cfg.vocab_size, cfg.embed_width)
+        if cfg.embed_rank:
+            self.embed_in = nn.Linear(cfg.embed_rank, cfg.d_model, bias=False)
+            self.head_proj = nn.Linear(cfg.d_model, cfg.embed_rank, bias=False)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm_f = nn.RMSNorm(cfg.d_model, eps=1e-5)
         self._init_weights()
@@ -72,17 +78,29 @@ class IteraLite(nn.Module):
                 nn.init.normal_(lin.weight, std=0.02)
             layer.mixer.out_proj.weight.mul_(1.0 / math.sqrt(2 * self.cfg.n_layers))
             init_scaled_(layer.moe, self.cfg.n_layers)
+        if self.cfg.embed_rank:
+            for lin in (self.embed_in, self.head_proj):
+                nn.init.normal_(lin.weight, std=self.cfg.embed_rank ** -0.5)
+
+    def embed(self, idx):
+        """Token ids -> residual stream (.., d)."""
+        x = self.embedding(idx)
+        return self.embed_in(x) if self.cfg.embed_rank else x
+
+    def head(self, h):
+        """Normed residual (.., d) -> logits (.., V) through the tied table."""
+        return self.embedding.attend(self.head_proj(h) if self.cfg.embed_rank else h)
 
     def forward(self, idx, state=None, return_state: bool = False):
         """idx (b, l) -> logits (b, l, V), mean balance loss; with return_state also per-layer states."""
-        x = self.embedding(idx)
+        x = self.embed(idx)
         aux_total = x.new_zeros(())
         states = []
         for i, layer in enumerate(self.layers):
             x, aux, st = layer(x, None if state is None else state[i], return_state)
             aux_total = aux_total + aux
             states.append(st)
-        logits = self.embedding.attend(self.norm_f(x))
+        logits = self.head(self.norm_f(x))
         aux_total = aux_total / len(self.layers)
         if return_state:
             return logits, aux_total, states
@@ -93,12 +111,12 @@ class IteraLite(nn.Module):
 
     def step(self, token, state):
         """token (b,) -> logits (b, V), new state."""
-        x = self.embedding(token)
+        x = self.embed(token)
         new_state = []
         for layer, st in zip(self.layers, state):
             x, st = layer.step(x, st)
             new_state.append(st)
-        return self.embedding.attend(self.norm_f(x)), new_state
+        return self.head(self.norm_f(x)), new_state
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -217,8 +217,11 @@ def build(cfg: TokenizerConfig, prepared: str | Path = "data/prepared", out_dir:
     prepared, out_dir = Path(prepared), Path(out_dir)
     tok = train_tokenizer_batches(cfg, _prepared_batches(prepared / "train.txt", "train BPE", progress))
     save_tokenizer(tok, out_dir / "tokenizer.json")
+    from iteralite.data.tokbin import write_tokbin
+
+    write_tokbin(tok, out_dir / "tokenizer.bin")  # the same tokenizer for the C runtime (data.tokbin)
     nbytes = token_bytes(tok)
-    metrics = {"vocab_size": tok.get_vocab_size()}
+    metrics = {"vocab_size": tok.get_vocab_size(), "tokenizer_bin_bytes": (out_dir / "tokenizer.bin").stat().st_size}
 
     def add(name: str, n_tokens: int, n_bytes: int) -> None:
         metrics[f"{name}_tokens"] = n_tokens

@@ -50,7 +50,8 @@ _MAX_HEADER = 16 * 1024 * 1024  # real headers are < 20 KB; JSON this size parse
 # on the raw JSON, before `ModelConfig.validate` loops over the layers or anything is allocated.
 CONFIG_LIMITS = {"vocab_size": 1 << 20, "d_model": 1 << 16, "n_layers": 512, "d_state": 1 << 12,
                  "d_conv": 1 << 10, "headdim": 1 << 12, "n_heads": 1 << 12, "dt_rank": 1 << 16,
-                 "n_experts": 1 << 12, "top_k": 1 << 12, "d_ff": 1 << 20, "chunk_size": 1 << 16}
+                 "n_experts": 1 << 12, "top_k": 1 << 12, "d_ff": 1 << 20, "chunk_size": 1 << 16,
+                 "embed_rank": 1 << 16}
 _LAYER_LISTS = {"layer_n_heads": "n_heads", "layer_n_experts": "n_experts", "layer_d_ff": "d_ff"}
 # A quantized or compact file stores >= ~0.7 bits a weight (the pipeline's: 2.9+); refuse a config
 # that claims more than 32 weights (0.25 bits each) per stored byte, beyond a small model's worth.
@@ -269,14 +270,7 @@ def _short(v: int) -> str:
 def float_weights(config: ModelConfig) -> int:
     """Weights of the float model `config` describes (= IteraLite(config).num_params()), counted
     without building it."""
-    c, d = config, config.d_model
-    total = c.vocab_size * d + d  # tied embedding, final norm
-    for i in range(c.n_layers):
-        h, e, f = c.heads(i), c.experts(i), c.ff(i)
-        di = h * c.headdim
-        total += (2 * d + d * 2 * di + di * (c.d_conv + 1) + di * (c.dt_rank + 2 * c.d_state)
-                  + c.dt_rank * h + h + 2 * h + di * d + d * e + 2 * e * f * d)
-    return total
+    return config.num_weights()
 
 
 def _check_sizes(path: Path, config: ModelConfig, quant: dict, layout_tag, tensors: dict) -> None:

@@ -29,13 +29,21 @@ value is little-endian whatever the host (`stfile.le_bytes`, numpy '<' dtypes):
             max define (`io.grid`: log for group scales, linear for the float leftovers): b bits
             a value plus 5 bytes; also lossless, so it applies only to tensors snapped to a grid
             (`mixed_precision.scale_bits`, `leftover_bits`)
+    4 rans-prev  a packed integer code tensor, its codes entropy-coded with one table per
+            previous code (context = the code before; `quant.context`)
+    5 rans-rows  the same with one table per group of consecutive codes (G contiguous groups:
+            blocks of rows; G stored in the blob)
+
+Codecs 4 and 5 came without a layout version: old files never hold them and an old reader refuses
+their ids by name. The writer tries every codec, so a context codec is stored only for the tensors
+where it is smaller than rans (`codec_report` measures what each one saves on a model).
 
 compact-v1 (2 codec bits, codecs 0-2) and compact-v2 (no identity) are no longer read: their
 artifacts are rebuilt by `dvc repro`.
 
-So a raw or f16 tensor costs one index byte and a coded or grid one two or three. A code tensor is stored coded
-only when the blob is smaller than its packed bytes. Reading checks, before decoding anything,
-that the identity matches the rebuilt model's tensor list, that the index has one entry per
+So a raw or f16 tensor costs one index byte and a coded or grid one two or three. A code tensor is
+stored coded only when the blob is smaller than its packed bytes. Reading checks, before decoding
+anything, that the identity matches the rebuilt model's tensor list, that the index has one entry per
 rebuilt tensor with a known codec, that raw entries carry no length and that the lengths sum to
 the blob's size; every failure is a CheckpointError of one line. The checkpoint's sha256 covers
 the header fields (identity and index included) and the blob, and is verified before the config is
@@ -111,9 +119,51 @@ def _grid_decode(data: bytes, like: torch.Tensor, view) -> torch.Tensor:
     return grid.decode(data, like)
 
 
+def _context():
+    from iteralite.quant import context  # io must not import quant at module load
+    return context
+
+
+def _codes(t: torch.Tensor, view):
+    """A packed code tensor's codes (numpy uint8), or None when `t` is not one or its packing is
+    not reproducible from its codes (nonzero pad bits: only raw is lossless then)."""
+    if view is None:
+        return None
+    packed = t.detach().cpu().reshape(-1)
+    if packed.dtype != torch.uint8 or packed.numel() != view.packed_bytes:
+        return None
+    codes = view.unpack(packed)
+    return codes.numpy() if torch.equal(view.pack(codes), packed) else None
+
+
+def _context_codec(encode_name: str, decode_name: str, label: str):
+    """(encode, decode) of a context-modelled code codec (`quant.context`)."""
+    def enc(t: torch.Tensor, view) -> bytes | None:
+        # None also where the codec provably cannot beat the packed bytes or the plain rans blob
+        # (`quant.context`'s lower bound): it would never be chosen, and skipping it keeps
+        # writing 8-bit tensors (up to 256 tables each) fast
+        codes = _codes(t, view)
+        if codes is None:
+            return None
+        beat = min(view.packed_bytes, len(view.encode(t)))
+        return getattr(_context(), encode_name)(codes, view.n_symbols, beat=beat)
+
+    def dec(data: bytes, like: torch.Tensor, view) -> torch.Tensor:
+        if view is None:
+            raise CheckpointError(f"is stored {label} but is not an integer code tensor")
+        codes = getattr(_context(), decode_name)(data, view.n_symbols, view.count)
+        packed = view.pack(torch.from_numpy(codes))
+        if packed.numel() != like.numel() or like.dtype != torch.uint8:
+            raise CheckpointError(f"decodes to {packed.numel()} bytes, the model holds {like.numel()}")
+        return packed.reshape(like.shape)
+
+    return enc, dec
+
+
 @dataclass(frozen=True)
 class Codec:
-    """encode(tensor, CodeView | None) -> bytes, or None where it does not apply;
+    """encode(tensor, CodeView | None) -> bytes, or None where it does not apply (or, for the
+    context codecs, provably cannot be the smallest);
     decode(bytes, like: the rebuilt model's tensor, CodeView | None) -> tensor like `like`.
     implied: like -> the stored length when the tensor implies it (then the index omits it),
     None when the index must carry it."""
@@ -133,7 +183,10 @@ def _nbytes(t: torch.Tensor) -> int:
 CODECS: tuple[Codec, ...] = (Codec("raw", _raw_encode, _raw_decode, implied=_nbytes),
                              Codec("rans", _rans_encode, _rans_decode),
                              Codec("f16", _f16_encode, _f16_decode, implied=lambda like: 2 * like.numel()),
-                             Codec("grid", _grid_encode, _grid_decode))
+                             Codec("grid", _grid_encode, _grid_decode),
+                             Codec("rans-prev", *_context_codec("encode_prev", "decode_prev", "rans-prev")),
+                             Codec("rans-rows", *_context_codec("encode_rows", "decode_rows", "rans-rows")))
+CONTEXT_CODECS = ("rans-prev", "rans-rows")  # the context-modelled options `codec_report` measures
 
 
 # --------------------------------------------------------------------------- index
@@ -183,6 +236,60 @@ def _signature(state: dict[str, torch.Tensor]) -> set[tuple[str, torch.dtype, tu
     return {(k, t.dtype, tuple(t.shape)) for k, t in state.items()}
 
 
+def _check_tensors(state: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    if _signature(want) != _signature(state):
+        diff = sorted(_signature(want) ^ _signature(state), key=str)[:3]
+        raise ValueError(f"compact layout: the model's tensors differ from those its config and quant "
+                         f"config rebuild (first differences: {diff}); pass the quant config it was built with")
+
+
+def _candidates(state: dict[str, torch.Tensor], empty: nn.Module) -> list[dict[int, bytes]]:
+    """Per tensor of `empty`'s state_dict, in its order: codec id -> stored bytes, for every codec
+    that applies to `state`'s tensor (raw always does)."""
+    views = _views(empty)
+    out = []
+    for key in empty.state_dict():
+        cands = {}
+        for cid, codec in enumerate(CODECS):
+            data = codec.encode(state[key], views.get(key))
+            if data is not None:
+                cands[cid] = data
+        out.append(cands)
+    return out
+
+
+def _pick(cands: dict[int, bytes], allowed) -> int:
+    """The allowed codec with the fewest bytes, the lowest id on a tie (raw first)."""
+    return min((cid for cid in allowed if cid in cands), key=lambda cid: (len(cands[cid]), cid))
+
+
+def codec_report(state: dict[str, torch.Tensor], empty: nn.Module) -> dict:
+    """The measured effect of the context-modelled codecs on a model's compact blob: its size in
+    bytes with only the context-free codecs ("rans": raw, rans, f16, grid), with each context
+    option added on its own ("rans-prev", "rans-rows"), and with all of them ("chosen": what
+    `write` stores); "saved" = bytes each option saves against "rans"; "tensors_by_codec": how
+    many tensors `write` stores with each codec. `state` and `empty` as for `write`."""
+    _check_tensors(state, empty.state_dict())
+    cands = _candidates(state, empty)
+    ids = {c.name: i for i, c in enumerate(CODECS)}
+    base = [i for i, c in enumerate(CODECS) if c.name not in CONTEXT_CODECS]
+
+    def size(allowed) -> int:
+        return sum(len(c[_pick(c, allowed)]) for c in cands)
+
+    out = {"rans": size(base)}
+    for name in CONTEXT_CODECS:
+        out[name] = size(base + [ids[name]])
+    out["chosen"] = size(range(len(CODECS)))
+    out["saved"] = {name: out["rans"] - out[name] for name in CONTEXT_CODECS + ("chosen",)}
+    by = {}
+    for c in cands:
+        name = CODECS[_pick(c, range(len(CODECS)))].name
+        by[name] = by.get(name, 0) + 1
+    out["tensors_by_codec"] = by
+    return out
+
+
 def write(state: dict[str, torch.Tensor], empty: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A model's state_dict -> ({"blob": uint8 (n,)}, {"layout", "identity", "index"}).
 
@@ -191,20 +298,12 @@ def write(state: dict[str, torch.Tensor], empty: nn.Module) -> tuple[dict[str, t
     index cannot be read back is never written. Each tensor takes the smallest codec that applies
     (raw on a tie)."""
     want = empty.state_dict()
-    if _signature(want) != _signature(state):
-        diff = sorted(_signature(want) ^ _signature(state), key=str)[:3]
-        raise ValueError(f"compact layout: the model's tensors differ from those its config and quant "
-                         f"config rebuild (first differences: {diff}); pass the quant config it was built with")
-    views = _views(empty)
+    _check_tensors(state, want)
     parts, entries = [], []
-    for key in want:  # the order the loader splits the blob in
-        t, best = state[key], None
-        for cid, codec in enumerate(CODECS):
-            data = codec.encode(t, views.get(key))
-            if data is not None and (best is None or len(data) < len(best[1])):
-                best = (cid, data)
-        entries.append((best[0], 0 if CODECS[best[0]].implied is not None else len(best[1])))
-        parts.append(best[1])
+    for cands in _candidates(state, empty):  # the order the loader splits the blob in
+        cid = _pick(cands, range(len(CODECS)))
+        entries.append((cid, 0 if CODECS[cid].implied is not None else len(cands[cid])))
+        parts.append(cands[cid])
     blob = b"".join(parts)
     tensor = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
     return {BLOB: tensor}, {"layout": LAYOUT, "identity": identity(want), "index": encode_index(entries)}

@@ -41,7 +41,8 @@ def coding_metrics(path: str, model, csv_path: str, **save_kw) -> dict:
     model's size in the default layout (packed codes, not coded: a real file, written to a
     temporary folder and removed), the header's share of the file, totals of the per-tensor coding
     report, and that report as a CSV (name, bits, symbols, raw_bytes, coded_bytes, entropy_bytes,
-    stored) for `dvc plots`."""
+    stored) for `dvc plots`, and the context-model codecs' effect (`io.compact.codec_report`)."""
+    from iteralite.io.compact import codec_report
     from iteralite.quant.coding import coding_report, report_totals
 
     with tempfile.TemporaryDirectory(dir=Path(path).parent) as d:
@@ -53,4 +54,8 @@ def coding_metrics(path: str, model, csv_path: str, **save_kw) -> dict:
                                                      for r in rows]) + "\n")
     return {"entropy_coded": True, "size_bytes_uncoded": uncoded,
             "coding_saved_pct": round(100.0 * (1 - size / uncoded), 3),
-            "header_bytes": head, "header_share": round(head / size, 5), "coding": report_totals(rows)}
+            "header_bytes": head, "header_share": round(head / size, 5), "coding": report_totals(rows),
+            # issue 24's coder options, measured on this artifact: blob bytes with only the
+            # context-free codecs and with each context model; `write` keeps one per tensor only
+            # where it is smaller, so "saved" is what each option bought here
+            "coding_options": codec_report(model.state_dict(), model)}

@@ -36,7 +36,8 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def load_config(path: Path) -> dict:
-    """gate.yaml -> {"metrics": [{file, key, better, tolerance}], "frontier": [{csv, x, y[, title, log_x]}]}."""
+    """gate.yaml -> {"metrics": [{file, key, better, tolerance} | {file, key, at_most}],
+    "frontier": [{csv, x, y[, title, log_x]}]}."""
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except (OSError, ValueError, yaml.YAMLError) as e:
@@ -47,12 +48,12 @@ def load_config(path: Path) -> dict:
     if not isinstance(guards, list) or not guards:
         raise GateError(f"gate: {path} needs a non-empty `metrics:` list")
     for i, g in enumerate(guards):
-        ok = (isinstance(g, dict) and set(g) == {"file", "key", "better", "tolerance"}
-              and g["better"] in ("lower", "higher") and isinstance(g["tolerance"], (int, float))
-              and not isinstance(g["tolerance"], bool) and g["tolerance"] >= 0)
-        if not ok:
-            raise GateError(f"gate: {path} metrics[{i}] must have exactly file, key, "
-                            f"better (lower|higher) and tolerance (a fraction >= 0): {g!r}")
+        relative = (isinstance(g, dict) and set(g) == {"file", "key", "better", "tolerance"}
+                    and g["better"] in ("lower", "higher") and _num(g["tolerance"]) and g["tolerance"] >= 0)
+        bound = isinstance(g, dict) and set(g) == {"file", "key", "at_most"} and _num(g["at_most"])
+        if not (relative or bound):
+            raise GateError(f"gate: {path} metrics[{i}] must have exactly file, key, and either "
+                            f"better (lower|higher) and tolerance (a fraction >= 0), or at_most (a bound): {g!r}")
     frontier = cfg.get("frontier") or []
     if not all(isinstance(f, dict) and {"csv", "x", "y"} <= set(f) for f in frontier):
         raise GateError(f"gate: {path} frontier entries need csv, x and y")
@@ -104,7 +105,14 @@ def _num(v) -> bool:
 
 
 def judge(g: dict, old, new) -> tuple[str, str, bool]:
-    """(change, verdict, failed) for one guarded metric."""
+    """(change, verdict, failed) for one guarded metric: relative to BASE, or (`at_most`) an
+    absolute bound the working tree's value must meet whatever BASE had."""
+    if "at_most" in g:
+        if not _num(new):
+            return "", "missing in working tree" if new is None else "not a number", new is not None
+        failed = new > g["at_most"]
+        return ("" if not (_num(old) and old) else f"{(new - old) / abs(old):+.2%}",
+                "**FAIL**" if failed else "ok", failed)
     if old is None or new is None:
         side = "BASE" if old is None else "working tree"
         return "", f"missing in {side}", False
@@ -133,8 +141,11 @@ def report(guards: list[dict], diff: dict, rev: str, sha: str) -> tuple[list[str
         change, verdict, bad = judge(g, old, new)
         if not entry:
             verdict = "missing on both sides"
-        sign = "+" if g["better"] == "lower" else "-"
-        tol = f"{sign}{g['tolerance']:.0%} ({g['better']} is better)"
+        if "at_most" in g:
+            tol = f"at most {_fmt(g['at_most'])}"
+        else:
+            sign = "+" if g["better"] == "lower" else "-"
+            tol = f"{sign}{g['tolerance']:.0%} ({g['better']} is better)"
         lines.append(f"| {name} | {_fmt(old)} | {_fmt(new)} | {change} | {tol} | {verdict} |")
         if bad:
             failed.append(name)

@@ -20,7 +20,7 @@ HEADLINE_DIR = "headline"
 # size and quality of an artifact: every stage that writes a model
 QUALITY = ("size_bytes", "compression_vs_fp32", "val_ppl", "val_bpb", "val_ppl_delta_pct", "wikitext2_ppl")
 # decode speed (tokens/s on one thread) of the runtimes people choose between
-SPEED_ROWS = ("fp32", "mixed", "fused", "native", "peer_onnxruntime", "peer_compiled")
+SPEED_ROWS = ("fp32", "mixed", "fused", "native", "mixed_tiny", "native_tiny", "peer_onnxruntime", "peer_compiled")
 
 HEADLINE: dict[str, tuple[str, ...]] = {
     "data": ("train_stories", "valid_stories"),
@@ -31,10 +31,13 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "prune": QUALITY + ("prunable_params_removed_frac",),
     "finetune": QUALITY,
     "student": QUALITY + ("params",),
-    "mixed_precision": QUALITY + ("allocated_bits_per_weight",),
+    "student_tiny": QUALITY + ("params",),
+    "mixed_precision": QUALITY + ("params", "allocated_bits_per_weight", "entropy_coded"),
+    "mixed_precision_tiny": QUALITY + ("params", "allocated_bits_per_weight", "entropy_coded"),
     "fuse": ("val_ppl", "decode_tok_s_1thread"),
     "benchmark": tuple(f"{row}.decode_tok_s_1thread" for row in SPEED_ROWS)
-    + ("native.decode_speedup_vs_fused", "native.val_ppl"),
+    + ("native.decode_speedup_vs_fused", "native.val_ppl", "native.val_ppl_delta_vs_dequantized_pct",
+       "native_tiny.val_ppl", "native_tiny.val_ppl_delta_vs_dequantized_pct"),
 }
 
 _MATRIX_SUFFIX = re.compile(r"_[0-9.]+$")

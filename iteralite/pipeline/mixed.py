@@ -5,6 +5,7 @@ library pieces live in `quant.units` (vocabulary), `quant.allocate` (profile and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -28,8 +29,10 @@ OBJECTIVES = ("ppl_budget", "bits_target")
 # The original plan's fixed map. The head is tied to the embedding here, so one precision serves both.
 CONTROL_PRECISION = 4  # control_finetune: the uniform precision fine-tuned for the same steps, as a fair control
 SLACK_NATS = math.log1p(0.01)  # slack below ~1% perplexity is not worth another fine-tune
-DEFAULT_MANUAL = {"embedding": 8, "in_proj": 8, "out_proj": 8, "x_proj": 16, "dt_proj": 16,
-                  "router": 16, "experts": 4}
+TARGET_KEYS = ("objective", "max_ppl_delta_pct", "target_bits_per_weight", "budget_rounds", "finetune_steps",
+               "max_refits", "control_finetune")
+DEFAULT_MANUAL = {"embedding": 8, "embed_in": 8, "head_proj": 8, "in_proj": 8, "out_proj": 8, "x_proj": 16,
+                  "dt_proj": 16, "router": 16, "experts": 4}
 
 
 @dataclass
@@ -54,8 +57,19 @@ class MixedConfig:
     compare: list[int | str] = field(default_factory=lambda: [8, 4])  # uniform precisions on the Pareto plot
     control_finetune: bool = True  # also fine-tune uniform int4 for the same steps (a fair control)
     budget_rounds: int = 5  # reallocate with the dev budget the fine-tune left unused (one fine-tune each)
+    targets: dict = field(default_factory=dict)  # student target -> overrides of TARGET_KEYS for its stage
+
+    def for_target(self, name: str, section: str = "mixed_precision") -> "MixedConfig":
+        """This config with student target `name`'s overrides (none: as it is), validated."""
+        cfg = dataclasses.replace(self, **self.targets.get(name, {}))
+        cfg.validate(section if name not in self.targets else f"{section}.targets.{name}")
+        return cfg
 
     def validate(self, section: str = "mixed_precision") -> None:
+        for name, over in self.targets.items():
+            check(isinstance(over, dict), section, f"targets.{name}", "must be a mapping of overrides")
+            bad = sorted(set(over) - set(TARGET_KEYS))
+            check(not bad, section, f"targets.{name}", f"has unknown keys {bad}; allowed: {', '.join(TARGET_KEYS)}")
         check(self.policy in POLICIES, section, "policy", f"must be one of {', '.join(POLICIES)}; got {self.policy!r}")
         check(self.objective in OBJECTIVES, section, "objective",
               f"must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")

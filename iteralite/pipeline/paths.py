@@ -57,8 +57,30 @@ def ratio_metrics(stage: str, ratio) -> str:
     return f"metrics/{stage}_{ratio}.json"
 
 
-def mixed_candidate(name: str) -> str:
-    return f"{MIXED_CANDIDATES_DIR}/{name}.safetensors"
+def mixed_candidate(name: str, target: str = "headline") -> str:
+    return f"{for_target(MIXED_CANDIDATES_DIR, target)}/{name}.safetensors"
+
+
+HEADLINE = "headline"  # the student target whose outputs keep the plain names
+TARGETS = (HEADLINE, "tiny")  # the student targets dvc.yaml has stages for (student_tiny, mixed_precision_tiny)
+EXTRA_TARGETS = TARGETS[1:]
+
+
+def for_target(path: str, target: str) -> str:
+    """A headline output's path for student target `target`: the headline's own path, else with
+    `_<target>` before the extension (checkpoints/mixed.safetensors -> checkpoints/mixed_tiny.safetensors,
+    checkpoints/mixed -> checkpoints/mixed_tiny)."""
+    if target == HEADLINE:
+        return path
+    head, slash, name = path.rpartition("/")
+    stem, dot, ext = name.partition(".")
+    return f"{head}{slash}{stem}_{target}{dot}{ext}"
+
+
+def target_stage(stage: str, target: str) -> str:
+    """The dvc.yaml stage of `stage` ("student", "mixed_precision") for a target: `stage` for the
+    headline, `<stage>_<target>` otherwise."""
+    return stage if target == HEADLINE else f"{stage}_{target}"
 
 
 def live_dir(stage: str, ratio=None) -> str:

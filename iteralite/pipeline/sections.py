@@ -56,6 +56,16 @@ def check_across(cfg: dict) -> None:
         raise ParamsError(f"params: 'student.from_ratio' = {student.from_ratio} is not one of 'prune.ratios' "
                           f"{ratios}: the student is cut from checkpoints/finetune/<ratio>, which only a listed "
                           "ratio's finetune stage writes; pick one of them or add it to prune.ratios")
+    from iteralite.pipeline.paths import TARGETS
+
+    for sec in ("student", "mixed_precision"):
+        names = set(cfg[sec].targets)
+        if sec == "mixed_precision":
+            names |= set(TARGETS)  # a target without overrides takes the section as it is
+        if names != set(TARGETS):
+            raise ParamsError(f"params: '{sec}.targets' names {sorted(names)}, but the pipeline has stages for the "
+                              f"targets {list(TARGETS)} (dvc.yaml: student, student_tiny, mixed_precision, "
+                              "mixed_precision_tiny); give exactly those")
     model = cfg["model"]
     most = max([model.n_experts] + list(model.layer_n_experts or []))
     if most > MAX_EXPERTS:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from iteralite.io.errors import IteraliteError
 from iteralite.io.atomic import write_json
@@ -240,6 +240,33 @@ def write_metrics(path: str, metrics: dict, *, quality: bool = False) -> None:
         target = headline.headline_path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_json(target, top)
+
+
+def target_arg(targets, script: str) -> str:
+    """The student target named on the command line (default: the headline)."""
+    import sys
+
+    from iteralite.io.errors import ParamsError
+
+    if len(sys.argv) > 2:
+        raise ParamsError(f"usage: python {script} [TARGET] (one of student.targets: {', '.join(targets)})")
+    name = sys.argv[1] if len(sys.argv) == 2 else "headline"
+    if name not in targets:
+        raise ParamsError(f"target {name!r} is not in student.targets ({', '.join(targets)})")
+    return name
+
+
+def run_for_target(stage: str, script: str, targets: Callable[[], Iterable[str]],
+                   main: Callable[[str], None]) -> None:
+    """Run `main(target)` as the stage of the student target named on the command line
+    (`<stage>` for the headline, `<stage>_<target>` otherwise); a bad target is one line, exit 2."""
+    from iteralite.pipeline.paths import target_stage
+
+    try:
+        target = target_arg(targets(), script)
+    except IteraliteError as e:
+        _fail(stage, str(e))
+    run(target_stage(stage, target), lambda: main(target))
 
 
 def ratio_arg(ratios: list[float], script: str) -> tuple[str, float]:

@@ -37,7 +37,7 @@ from iteralite.quant.intcodes import quantize_rtn
 from iteralite.quant.registry import precision_spec
 from iteralite.quant.units import split_expert, unit_bits, units
 
-UNIT_TYPES = ("embedding", "in_proj", "x_proj", "dt_proj", "out_proj", "router", "experts")
+UNIT_TYPES = ("embedding", "embed_in", "head_proj", "in_proj", "x_proj", "dt_proj", "out_proj", "router", "experts")
 
 
 def unit_type(name: str) -> str:

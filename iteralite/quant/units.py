@@ -8,7 +8,9 @@ A *precision* is an entry of `quant.registry.PRECISIONS`: ternary (1), int2, int
 
 An *allocation* maps a unit name to a precision. Units are the weights a user thinks of:
 
-    embedding                      the tied embedding / LM head (V, d)
+    embedding                      the tied embedding / LM head (V, d), or (V, r) when factorised
+    embed_in, head_proj            a factorised embedding's projections (r -> d after the lookup,
+                                   d -> r before the head)
     layers.<i>.mixer.in_proj       SSM input projection      layers.<i>.mixer.x_proj   dt, B, C
     layers.<i>.mixer.dt_proj       dt projection (r -> h)    layers.<i>.mixer.out_proj SSM output
     layers.<i>.moe.router          the router (d -> e)       layers.<i>.moe.experts[<e>] expert e (w1, w2)
@@ -49,6 +51,9 @@ def units(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Allocation units of a float IteraLite -> the shape of each unit's weight (experts: one
     matrix's shape; an expert holds two, (f, d) and (d, f))."""
     out = {"embedding": tuple(model.embedding.weight.shape)}
+    if getattr(model.cfg, "embed_rank", 0):
+        for part in ("embed_in", "head_proj"):
+            out[part] = tuple(getattr(model, part).weight.shape)
     for i, layer in enumerate(model.layers):
         for part in ("in_proj", "x_proj", "dt_proj", "out_proj"):
             out[f"layers.{i}.mixer.{part}"] = tuple(getattr(layer.mixer, part).weight.shape)

@@ -8,6 +8,8 @@ eager time is almost all per-op dispatch. This module removes it:
   - the MoE is dense-gated: all experts run, weighted by a gate vector that is zero outside the
     top-k. Shapes never depend on the routing, so one static graph covers every token (no
     bincount, no .tolist(), no Python per expert); top-k selection is the one of `MoE.route`;
+  - a factorised embedding (`cfg.embed_rank` > 0) keeps its (V, r) table and the projections as
+    buffers `embed_in` (d, r) and `head_proj` (r, d); a dense model has neither (same buffers as before);
   - the state is a flat tuple (conv_0, ssm_0, conv_1, ssm_1, ...) of dense tensors;
   - `compile()` turns step and prefill into one inductor C++ graph each, by default as
     AOTInductor packages called without Dynamo's per-call guard check.
@@ -175,7 +177,11 @@ class FusedIteraLite(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.cfg = model.cfg
-        self.register_buffer("emb", model.embedding.weight.detach().float().contiguous().clone())  # (V, d)
+        self.register_buffer("emb", model.embedding.weight.detach().float().contiguous().clone())  # (V, d) or (V, r)
+        self.rank = getattr(model.cfg, "embed_rank", 0) or 0
+        if self.rank:  # factorised: lookup -> embed_in (d, r); head_proj (r, d) -> tied head
+            for name in ("embed_in", "head_proj"):
+                self.register_buffer(name, getattr(model, name).weight.detach().float().contiguous().clone())
         self.register_buffer("norm_f", model.norm_f.weight.detach().float().clone())
         self.eps_f = model.norm_f.eps
         self.blocks = nn.ModuleList(FusedBlock(layer) for layer in model.layers)
@@ -202,11 +208,17 @@ class FusedIteraLite(nn.Module):
                       self.emb.new_zeros(batch, blk.h, blk.p, blk.n)]
         return tuple(state)
 
+    def _embed(self, idx):
+        """Token ids (...) -> residual stream (..., d)."""
+        x = F.embedding(idx, self.emb)
+        return _linear(x, self.embed_in) if self.rank else x
+
     def _head(self, x):
-        return _linear(_rms(x, self.norm_f, self.eps_f), self.emb)
+        xn = _rms(x, self.norm_f, self.eps_f)
+        return _linear(_linear(xn, self.head_proj) if self.rank else xn, self.emb)
 
     def _step_eager(self, token, *state):
-        x = F.embedding(token, self.emb)  # (b, d)
+        x = self._embed(token)  # (b, d)
         new = []
         for i, blk in enumerate(self.blocks):
             m, conv, S = ssm_step(blk, x, state[2 * i], state[2 * i + 1])
@@ -217,7 +229,7 @@ class FusedIteraLite(nn.Module):
 
     def _forward_eager(self, idx, *state):
         b, l = idx.shape
-        x = F.embedding(idx, self.emb)  # (b, l, d)
+        x = self._embed(idx)  # (b, l, d)
         new = []
         for i, blk in enumerate(self.blocks):
             m, conv, S = ssm_prefill(blk, x, state[2 * i], state[2 * i + 1])

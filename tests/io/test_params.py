@@ -66,7 +66,7 @@ def test_check_params_names_an_unknown_section_and_a_bad_key(tmp_path):
     bad.write_text(text + "\nprunee:\n  ratios: [0.1]\n")
     with pytest.raises(ParamsError, match="unknown section.*prunee"):
         check_params(bad)
-    bad.write_text(text.replace("  repeats: 5\n", "  repeatz: 5\n", 1))
+    bad.write_text(text.replace("  repeats: 3\n", "  repeatz: 3\n", 1))
     with pytest.raises(ParamsError, match="unknown key 'fuse.repeatz'"):
         check_params(bad)
 

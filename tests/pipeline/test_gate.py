@@ -49,7 +49,7 @@ def test_gate_passes_on_unchanged_tree(clone, capsys):
     assert rc == 0, out + err
     for g in gate.load_config(clone / "gate.yaml")["metrics"]:
         name = f"{g['file'].rsplit('/', 1)[1][:-5]}:{g['key']}"
-        assert _row(out, name).endswith("| same |")
+        assert _row(out, name).endswith("| ok |" if "at_most" in g else "| same |")
     assert "Gate passed" in out and str(png) in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -129,6 +129,21 @@ def test_judge_directions_and_tolerance_edges():
     assert gate.judge(higher, 100, None)[1:] == ("missing in working tree", False)
     assert gate.judge(lower, None, 3)[1:] == ("missing in BASE", False)
     assert gate.judge(lower, 0, 1)[2] and not gate.judge(lower, 0, 0)[2]
+
+
+def test_at_most_is_a_bar_whatever_base_had():
+    bar = {"at_most": 119999}
+    assert gate.judge(bar, 137783, 119000)[1:] == ("ok", False)
+    assert gate.judge(bar, 100000, 120000)[1:] == ("**FAIL**", True)
+    assert gate.judge(bar, None, 119999)[1:] == ("ok", False)  # a new metric: BASE had none
+    assert gate.judge(bar, 1, None)[1:] == ("missing in working tree", False)
+
+
+def test_a_guard_mixing_both_forms_is_refused(tmp_path):
+    bad = tmp_path / "gate.yaml"
+    bad.write_text("metrics:\n  - {file: a.json, key: k, at_most: 3, better: lower}\n")
+    with pytest.raises(gate.GateError, match="at_most"):
+        gate.load_config(bad)
 
 
 def test_pareto_keeps_the_non_dominated_points():

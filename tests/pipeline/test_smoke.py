@@ -71,9 +71,36 @@ def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(clone):
         assert rendered and rendered[0]["type"] in ("vega", "image"), name
         if rendered[0]["type"] == "vega":
             assert rendered[0]["content"]["data"]["values"], f"plot {name} has no data"
+    _both_artifacts(dst, bench)
     for ckpt in (dst / "checkpoints").rglob("*.safetensors"):  # timings go to metrics, never into artifacts
         if ckpt.name != "calibration.safetensors":
             assert not RUN_FACTS & _keys(read_checkpoint(ckpt).meta), ckpt
+
+
+def _both_artifacts(dst, bench: dict) -> None:
+    """The headline and tiny targets: both artifacts written, factorised as their params say, in
+    the benchmark (tiny on the native step too), and the fused and native runtimes give eager's
+    greedy tokens on each."""
+    import torch
+
+    from iteralite.io.checkpoint import load_model
+    from iteralite.runtime.fused import FusedIteraLite
+    from iteralite.runtime.native.runtime import NativeIteraLite
+    from iteralite.train.generate import generate_ids
+
+    assert {"student_tiny", "mixed_tiny", "native_tiny"} <= set(bench)
+    for target, ckpt, rank in (("headline", "mixed", 8), ("tiny", "mixed_tiny", 4)):
+        m = json.loads((dst / "metrics" / f"mixed_precision{'' if target == 'headline' else '_tiny'}.json").read_text())
+        assert m["target"] == target and m["size_bytes"] == (dst / "checkpoints" / f"{ckpt}.safetensors").stat().st_size
+        model = load_model(dst / "checkpoints" / f"{ckpt}.safetensors")[0].eval()
+        assert model.cfg.embed_rank == rank and {"embed_in", "head_proj"} <= set(m["allocation"])
+        with torch.no_grad():
+            eager = list(generate_ids(model, [1, 2, 3], 40, temperature=0))
+            fused = list(generate_ids(FusedIteraLite.from_model(model), [1, 2, 3], 40, temperature=0))
+            native = list(generate_ids(NativeIteraLite.from_model(model), [1, 2, 3], 40, temperature=0))
+        assert fused == eager and native == eager, target
+    tiny = json.loads((dst / "metrics" / "student_tiny.json").read_text())
+    assert tiny["params"] < json.loads((dst / "metrics" / "student.json").read_text())["params"]
 
 
 def _keys(meta: dict) -> set:

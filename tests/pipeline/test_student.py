@@ -116,3 +116,42 @@ def test_student_logs_its_distillation_and_dev_losses(tmp_path, monkeypatch):
     assert tsvs["dev/loss.tsv"] == [(0, info["dev_loss_cut"]), (8, info["dev_loss_student"])]
     assert [s for s, _ in tsvs["train/ce.tsv"]] == [8]
     assert summary["dev_loss_teacher"] == info["dev_loss_teacher"] and summary["step"] == 8
+
+
+def test_targets_override_the_cut_and_unknown_keys_are_one_line():
+    c = cfg(embed_rank=8, targets={"headline": {}, "tiny": {"d_model": 16, "embed_rank": 4, "max_heads": 1}})
+    assert c.for_target("headline").embed_rank == 8
+    tiny = c.for_target("tiny")
+    assert (tiny.d_model, tiny.embed_rank, tiny.max_heads, tiny.max_ff) == (16, 4, 1, 0)
+    with pytest.raises(ParamsError, match="has no target 'small'"):
+        c.for_target("small")
+    with pytest.raises(ParamsError, match=r"targets.tiny' has unknown keys \['lr'\]"):
+        cfg(targets={"headline": {}, "tiny": {"lr": 1}})
+    with pytest.raises(ParamsError, match="must name a 'headline' target"):
+        cfg(targets={"tiny": {}})
+    with pytest.raises(ParamsError, match="embed_rank"):
+        cfg(targets={"headline": {}, "tiny": {"d_model": 8, "embed_rank": 8}}).for_target("tiny")
+
+
+def test_full_rank_factorisation_is_the_same_model():
+    """A (V, d) table of rank <= r factorises exactly: the logits do not move (float rounding)."""
+    model = build(n_heads=2)
+    with torch.no_grad():
+        E = model.embedding.weight
+        u, s, vh = torch.linalg.svd(E, full_matrices=False)
+        model.embedding.weight.copy_((u[:, :5] * s[:5]) @ vh[:5])  # rank 5
+    idx = tokens()
+    before = logits(model, idx)
+    fact = student_mod.factorise_embedding(model, 5)
+    assert fact.cfg.embed_rank == 5 and fact.embedding.weight.shape == (300, 5)
+    torch.testing.assert_close(logits(fact, idx), before, rtol=1e-4, atol=1e-4)
+    assert student_mod.factorise_embedding(fact, 3) is fact  # already factorised: unchanged
+
+
+def test_cap_units_keeps_at_most_max_heads_and_channels():
+    model = build(n_heads=3, d_ff=16)
+    info = student_mod.cap_units(model, [tokens(2, 17, seed=s) for s in range(2)], max_heads=2, max_ff=8)
+    assert all(model.cfg.heads(i) == 2 and model.cfg.ff(i) == 8 for i in range(model.cfg.n_layers))
+    assert info == {"heads_removed": 2, "expert_channels_removed": 2 * 3 * 8}
+    assert logits(model, tokens()).isfinite().all()
+    assert model.num_params() == model.cfg.num_weights()

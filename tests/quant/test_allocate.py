@@ -119,12 +119,12 @@ def test_config_errors_name_the_key_and_the_allowed_values(raw, match):
         from_dict(MixedConfig, raw, "mixed_precision")
 
 
-_ALL4 = dict.fromkeys(("embedding", "in_proj", "x_proj", "dt_proj", "out_proj", "router", "experts"), 4)
+_ALL4 = dict.fromkeys(("embedding", "embed_in", "head_proj", "in_proj", "x_proj", "dt_proj", "out_proj", "router", "experts"), 4)
 
 
 @pytest.mark.parametrize("raw,match", [
     # the default manual map (int8, fp16, int4) with fewer candidates: refused before any profile
-    ({"precisions": [2, 3, 4]}, r"'mixed_precision.manual' uses int8 for embedding, in_proj, out_proj; fp16 for "
+    ({"precisions": [2, 3, 4]}, r"'mixed_precision.manual' uses int8 for embedding, embed_in, head_proj, in_proj, out_proj; fp16 for "
                                 r"x_proj, dt_proj, router, not among the candidates 'mixed_precision.precisions' "
                                 r"\(int2, int3, int4\)"),
     ({"precisions": [2, 3, 4], "manual": _ALL4}, r"'mixed_precision.compare' has int8, not among the candidates "

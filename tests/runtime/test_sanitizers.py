@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent(r"""
     from iteralite.runtime.native.ref import RefModel
     from tests.conftest import tiny_config
     from tests.runtime.test_native import WIDE, _run, packed
+    from tests.runtime.test_factorised import factorised
 
     assert runtime.library_path() == __import__("os").environ["ITERALITE_NATIVE_LIB"]
 
@@ -39,7 +40,9 @@ SCRIPT = textwrap.dedent(r"""
         raise AssertionError(f"{what}: not refused")
 
     # the step equals its ref twin, both code paths, narrow and wide (SIMD main loops) models
-    for q in (packed(list(PRECISIONS)), packed(list(PRECISIONS), tiny_config(**WIDE), group_size=64, seed=1)):
+    # and factorised embeddings (a (V, r) table, embed_in / head_proj) at int and fp16 projections
+    for q in (packed(list(PRECISIONS)), packed(list(PRECISIONS), tiny_config(**WIDE), group_size=64, seed=1),
+              factorised((4, 8)), factorised((16, 3))):
         w = layout.native_weights(q)
         for isa in ("scalar", "avx2"):
             worst, dconv, dssm = _run(NativeIteraLite(w, q.cfg, isa=isa), RefModel(w), [3, 250 % w.vocab, 9, 0, 100])

@@ -2,7 +2,9 @@
 
    One call runs the whole step of every layer: RMSNorm, in_proj, the conv-state shift and taps,
    dt/B/C, the state update, the gate, out_proj, the router and only the top-k experts (sparse
-   MoE), then the final norm and the tied head. Weights stay packed (see itl_mat); every matmul
+   MoE), then the final norm and the tied head. A factorised embedding (rank r > 0: a (vocab, r)
+   table) adds two matrices: x = embed_in . E[tok] after the lookup and logits = E . (head_proj . xn)
+   at the head; rank 0 is the dense (vocab, d) table, with embed_in / head_proj unread. Weights stay packed (see itl_mat); every matmul
    first quantizes its input vector to int8 per block (block = the weight's group size), then
    computes integer dot products per group and applies one float scale per group:
 
@@ -66,8 +68,10 @@ typedef struct {
     int32_t vocab, d, n_layers, max_in;
     float eps_f;
     const float *norm_f;
-    itl_mat emb;  /* (vocab, d), tied head */
+    itl_mat emb;  /* (vocab, d), tied head; (vocab, rank) when rank > 0 */
     const itl_layer *layers;
+    int32_t rank;               /* 0: dense embedding; r > 0: factorised, the two matrices below */
+    itl_mat embed_in, head_proj; /* (d, rank), (rank, d); unread when rank == 0 */
 } itl_model;
 
 typedef struct {
@@ -666,8 +670,8 @@ static void silu_inplace(itl_ctx *c, float *v, int n) {
 }
 static inline float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
 
-/* Row `tok` of the embedding, dequantized. */
-static void embed(itl_ctx *c, int tok, float *x) {
+/* Row `tok` of the embedding table, dequantized (emb.in floats). */
+static void embed_row(itl_ctx *c, int tok, float *x) {
     const itl_mat *w = &c->m->emb;
     if (w->kind == ITL_F16) {
         for (int i = 0; i < w->in; i++) x[i] = half_to_float(w->w16[(size_t)tok * w->in + i]);
@@ -677,6 +681,17 @@ static void embed(itl_ctx *c, int tok, float *x) {
     for (int i = 0; i < w->in; i++) {
         size_t gi = (size_t)(i / w->group) * w->out + tok;
         x[i] = ((float)c->row[i] - (float)w->zeros[gi]) * half_to_float(w->scales[gi]);
+    }
+}
+
+/* The residual stream of token `tok` (d floats): its row, through embed_in when factorised (the
+   row is staged in xn, which the first layer overwrites only after this). */
+static void embed(itl_ctx *c, int tok, float *x) {
+    if (c->m->rank > 0) {
+        embed_row(c, tok, c->xn);
+        matvec(c, &c->m->embed_in, c->xn, x);
+    } else {
+        embed_row(c, tok, x);
     }
 }
 
@@ -804,7 +819,11 @@ int itl_check_model(const itl_model *m, char *why, int why_len) {
     if (!m->norm_f || (m->n_layers > 0 && !m->layers)) ITL_BAD("model has a null norm_f or layers pointer");
     int cap = m->max_in > m->vocab ? m->max_in : m->vocab;
     if (m->d > cap) ITL_BAD("d %d exceeds max_in %d", (int)m->d, cap);
-    if (mat_bad(&m->emb, m->vocab, m->d, cap, "emb", -1, why, why_len)) return ITL_ERR_MODEL;
+    if (m->rank < 0 || m->rank > cap) ITL_BAD("embedding rank %d out of range (0..%d)", (int)m->rank, cap);
+    if (mat_bad(&m->emb, m->vocab, m->rank > 0 ? m->rank : m->d, cap, "emb", -1, why, why_len)) return ITL_ERR_MODEL;
+    if (m->rank > 0 && (mat_bad(&m->embed_in, m->d, m->rank, cap, "embed_in", -1, why, why_len) ||
+                        mat_bad(&m->head_proj, m->rank, m->d, cap, "head_proj", -1, why, why_len)))
+        return ITL_ERR_MODEL;
     for (int l = 0; l < m->n_layers; l++) {
         const itl_layer *L = &m->layers[l];
         if (L->d_inner <= 0 || L->d_conv <= 0 || L->h <= 0 || L->p <= 0 || L->n <= 0 || L->r <= 0 || L->f <= 0 ||
@@ -909,7 +928,12 @@ static void step(itl_ctx *c, int token, float *conv, float *ssm, float *logits) 
         ssm += (size_t)L->h * L->p * L->n;
     }
     rms(c->x, m->norm_f, m->eps_f, m->d, c->xn);
-    matvec(c, &m->emb, c->xn, logits);
+    if (m->rank > 0) {
+        matvec(c, &m->head_proj, c->xn, c->y);
+        matvec(c, &m->emb, c->y, logits);
+    } else {
+        matvec(c, &m->emb, c->xn, logits);
+    }
 }
 
 /* One token: conv (conv_n floats, at least the sum over layers of d_inner * d_conv), ssm (ssm_n,

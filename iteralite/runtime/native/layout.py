@@ -9,6 +9,9 @@ expanded to float:
     out) so the kernel reads eight rows' scales with one load;
   - fp16 matrices (precision 16) stay fp16;
   - the float leftovers (norms, conv taps, dt bias, A = -exp(A_log), D) are float32 vectors.
+A factorised embedding (`cfg.embed_rank` r > 0) is a (V, r) table plus the two projections
+`embed_in` (d, r) and `head_proj` (r, d), stored matrices like any other; a projection left a float
+nn.Linear goes in as fp16 only when its weights are fp16 values (then exactly), else it is refused.
 `NativeWeights.resident_bytes` counts every byte the native model holds.
 
 Activations are quantized to int8 per block of `group` inputs (the weight's group size; for an
@@ -126,6 +129,22 @@ def _mat(module, name: str) -> NativeMat:
     return _to_mat(_source(module, name), name)
 
 
+def _projection(module, name: str) -> NativeMat:
+    """A factorised embedding's projection (bias-free) -> NativeMat. A stored one as any stored
+    linear; a float nn.Linear as fp16 when that is exact for its weights (the mixed stage may leave
+    the projections float, rounded to fp16 values), else NativeUnsupported: the native step holds
+    no float32 matrices."""
+    if getattr(module, "bias", None) is not None:
+        raise NativeUnsupported(f"'{name}' has a bias; the native step's embedding projections are bias-free")
+    if registry.module_format(module) is None and isinstance(module, torch.nn.Linear):
+        w = module.weight.detach().float()
+        if not torch.equal(w.to(torch.float16).float(), w):
+            raise NativeUnsupported(f"'{name}' is a float Linear whose weights are not fp16 values; the native "
+                                    "step runs packed artifacts (store it as integer codes or fp16)")
+        return _from_half(w)
+    return _mat(module, name)
+
+
 def _experts(moe, name: str) -> tuple[list[NativeMat], list[NativeMat]]:
     ex = moe.experts
     if isinstance(ex, MixedExperts):  # one stored linear per expert and matrix
@@ -170,8 +189,11 @@ class NativeWeights:
     d: int
     eps_f: float
     norm_f: np.ndarray
-    emb: NativeMat
+    emb: NativeMat  # (vocab, d); (vocab, rank) when factorised
     layers: list
+    rank: int = 0  # 0: dense embedding; r > 0: factorised, with the two projections below
+    embed_in: NativeMat | None = None  # (d, rank)
+    head_proj: NativeMat | None = None  # (rank, d)
     _keep: list = field(default_factory=list, repr=False)  # ctypes objects the C side points into
     _model: "Model | None" = field(default=None, repr=False)  # the structs, built once
 
@@ -185,7 +207,7 @@ class NativeWeights:
         return fresh
 
     def all_mats(self) -> list[NativeMat]:
-        out = [self.emb]
+        out = [self.emb] + [m for m in (self.embed_in, self.head_proj) if m is not None]
         for L in self.layers:
             out += list(L.mats.values()) + L.w1 + L.w2
         return out
@@ -212,8 +234,9 @@ class NativeWeights:
         self._keep.append(layers)
         max_in = max(max(m.in_, m.out) for m in self.all_mats())
         max_in = max(max_in, *(2 * L.d_inner for L in self.layers))
+        proj = [Mat() if m is None else m.struct() for m in (self.embed_in, self.head_proj)]
         model = Model(self.vocab, self.d, len(self.layers), max_in, self.eps_f, self.norm_f.ctypes.data,
-                      self.emb.struct(), ctypes.cast(layers, ctypes.c_void_p))
+                      self.emb.struct(), ctypes.cast(layers, ctypes.c_void_p), self.rank, *proj)
         self._keep.append(model)
         self._model = model
         return model
@@ -224,6 +247,8 @@ def native_weights(model) -> NativeWeights:
     """A packed IteraLite (as `load_model` returns it) -> NativeWeights; NativeUnsupported names the
     first tensor in a format the native step does not read."""
     emb = _mat(model.embedding, "embedding")
+    rank = getattr(model.cfg, "embed_rank", 0) or 0
+    proj = [_projection(getattr(model, k), k) for k in ("embed_in", "head_proj")] if rank else [None, None]
     layers = []
     for i, layer in enumerate(model.layers):
         mx, moe = layer.mixer, layer.moe
@@ -241,7 +266,7 @@ def native_weights(model) -> NativeWeights:
             {k: _mat(getattr(mx, k), f"{pre}.mixer.{k}") for k in ("in_proj", "x_proj", "dt_proj", "out_proj")}
             | {"router": _mat(moe.router, f"{pre}.moe.router")}, w1, w2))
     return NativeWeights(model.cfg.vocab_size, model.cfg.d_model, model.norm_f.eps, _f32(model.norm_f.weight),
-                         emb, layers)
+                         emb, layers, rank, *proj)
 
 
 # --------------------------------------------------------------------------- C structs (itl_step.c)
@@ -264,4 +289,5 @@ class Layer(ctypes.Structure):
 class Model(ctypes.Structure):
     _fields_ = [("vocab", ctypes.c_int32), ("d", ctypes.c_int32), ("n_layers", ctypes.c_int32),
                 ("max_in", ctypes.c_int32), ("eps_f", ctypes.c_float), ("norm_f", ctypes.c_void_p),
-                ("emb", Mat), ("layers", ctypes.c_void_p)]
+                ("emb", Mat), ("layers", ctypes.c_void_p), ("rank", ctypes.c_int32), ("embed_in", Mat),
+                ("head_proj", Mat)]

@@ -20,13 +20,15 @@ def act_int8_ref(x: torch.Tensor, block: int) -> torch.Tensor:
 class RefModel:
     """The native step in PyTorch (float64 accumulation is not used: float32 like the C side)."""
 
-    def __init__(self, w: NativeWeights):
-        self.w = w
+    def __init__(self, w: NativeWeights, int8_acts: bool = True):
+        """int8_acts=False: float activations (no rounding), i.e. the eager model's math on the
+        resident weights; the tests use it to tie the twin to `IteraLite.step`."""
+        self.w, self.int8_acts = w, int8_acts
         self._deq = {id(m): m.dequantize() for m in w.all_mats()}
         self.vec = [{k: torch.from_numpy(v) for k, v in L.vecs.items()} for L in w.layers]
 
     def matvec_ref(self, m: NativeMat, x: torch.Tensor) -> torch.Tensor:
-        return self._deq[id(m)] @ act_int8_ref(x, m.group)
+        return self._deq[id(m)] @ (act_int8_ref(x, m.group) if self.int8_acts else x)
 
     def init_state(self):
         return [(torch.zeros(L.d_inner, L.d_conv), torch.zeros(L.h, L.p, L.n)) for L in self.w.layers]
@@ -65,10 +67,14 @@ class RefModel:
         """One token -> logits (vocab,), new state (a list of (conv, ssm) per layer)."""
         emb = self._deq[id(self.w.emb)]
         x = emb[token].clone()
+        if self.w.rank:  # factorised: (rank,) row -> (d,)
+            x = self.matvec_ref(self.w.embed_in, x)
         new = []
         for i, (conv, S) in enumerate(state):
             x, conv, S = self.mixer_ref(i, x, conv, S)
             x = self.moe_dense_ref(i, x)
             new.append((conv, S))
         xf = self._rms(x, torch.from_numpy(self.w.norm_f), self.w.eps_f)
+        if self.w.rank:
+            xf = self.matvec_ref(self.w.head_proj, xf)
         return self.matvec_ref(self.w.emb, xf), new
