@@ -64,12 +64,13 @@ def test_gate_fails_on_a_regressed_size(clone, capsys):
 
 
 def test_gate_passes_an_improvement_and_noise_within_tolerance(clone, capsys):
-    _edit(clone, MIXED, lambda d: d.update(size_bytes=round(d["size_bytes"] * 0.9), val_ppl=d["val_ppl"] * 1.005))
+    _edit(clone, MIXED, lambda d: d.update(size_bytes=round(d["size_bytes"] * 0.9),
+                                           val_ppl_delta_pct=min(29.9, d["val_ppl_delta_pct"] + 1)))
     _edit(clone, BENCH, lambda d: d["native"].update(decode_speedup_vs_fused=d["native"]["decode_speedup_vs_fused"] * 0.9))
     rc, out, err, _ = _gate(clone, capsys)
     assert rc == 0, out + err
     assert _row(out, "mixed_precision:size_bytes").endswith("| better |")
-    assert _row(out, "mixed_precision:val_ppl").endswith("| ok |")
+    assert _row(out, "mixed_precision:val_ppl_delta_pct").endswith("| ok |")  # inside the budget: a bar, not a drift
     assert _row(out, "benchmark:native.decode_speedup_vs_fused").endswith("| ok |")
 
 
@@ -81,11 +82,11 @@ def test_gate_fails_a_slower_decode_beyond_its_tolerance(clone, capsys):
 
 
 def test_gate_reports_a_missing_metric(clone, capsys):
-    _edit(clone, BENCH, lambda d: d["native"].pop("val_ppl"))
+    _edit(clone, BENCH, lambda d: d["native"].pop("val_ppl_delta_vs_dequantized_pct"))
     rc, out, err, _ = _gate(clone, capsys)
     assert rc == 0, out + err
-    assert _row(out, "benchmark:native.val_ppl").endswith("| missing in working tree |")
-    assert "Missing (not checked): benchmark:native.val_ppl" in out
+    assert _row(out, "benchmark:native.val_ppl_delta_vs_dequantized_pct").endswith("| missing in working tree |")
+    assert "Missing (not checked): benchmark:native.val_ppl_delta_vs_dequantized_pct" in out
 
 
 @pytest.mark.parametrize("path, data", [(MIXED, b'{"size_bytes": 1,\n'), (MIXED, b"\xff\xfe\x00"),
@@ -99,14 +100,16 @@ def test_invalid_json_is_one_line_and_exit_2(clone, capsys, path, data):
 
 def test_gate_against_the_parent_commit_as_ci_runs_it(clone, capsys):
     """CI's case: the last commit changed the metrics (and the frontier data); BASE=HEAD~1."""
-    _edit(clone, MIXED, lambda d: d.update(val_ppl=d["val_ppl"] * 1.02))
+    size = json.loads((clone / MIXED).read_text())["size_bytes"]
+    _edit(clone, MIXED, lambda d: d.update(val_ppl_delta_pct=31.0, size_bytes=round(size * 1.02)))
     csv = clone / "plots" / "mixed_pareto.csv"
-    csv.write_text(csv.read_text().replace("mixed_optimized,137862,", "mixed_optimized,120000,"))
+    csv.write_text(csv.read_text().replace(f"mixed_optimized,{size},", "mixed_optimized,120000,"))
     git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git + ["commit", "-q", "-am", "worse"], check=True)
     rc, out, err, png = _gate(clone, capsys, base="HEAD~1")
     assert rc == 1, out + err
-    assert "**FAIL**" in _row(out, "mixed_precision:val_ppl") and "+2.00%" in out
+    assert "**FAIL**" in _row(out, "mixed_precision:val_ppl_delta_pct")  # over the 30% bar
+    assert "**FAIL**" in _row(out, "mixed_precision:size_bytes") and "+2.00%" in out
     assert png.is_file() and "no size_bytes/val_ppl rows" not in out
 
 
