@@ -79,8 +79,26 @@ def _message(lib, code: int) -> str:
     return lib.itl_text_strerror(int(code)).decode()
 
 
-class CTokenizer:
+class _CHandle:
+    """A C object owned by this wrapper: `_FREE` names the library function that frees it, called
+    once by `close()` (or on garbage collection)."""
+
+    _FREE = ""
+    _h = None
+
+    def close(self) -> None:
+        if self._h is not None:
+            getattr(self._lib, self._FREE)(self._h)
+            self._h = None
+
+    def __del__(self):
+        self.close()
+
+
+class CTokenizer(_CHandle):
     """A binary tokenizer file loaded by the C library."""
+
+    _FREE = "itl_tok_free"
 
     def __init__(self, path: str | Path | None = None, data: bytes | None = None):
         self._lib = lib = load_library()
@@ -99,14 +117,6 @@ class CTokenizer:
         self.vocab_size = int(lib.itl_tok_vocab_size(self._h))
         eot = int(lib.itl_tok_eot_id(self._h))
         self.eot_id = None if eot < 0 else eot
-
-    def close(self) -> None:
-        if self._h is not None:
-            self._lib.itl_tok_free(self._h)
-            self._h = None
-
-    def __del__(self):
-        self.close()
 
     def _handle(self):
         if self._h is None:
@@ -137,9 +147,11 @@ class CTokenizer:
         return buf.raw[:n]
 
 
-class Sampler:
+class Sampler(_CHandle):
     """Seeded sampling from logits: temperature <= 0 or top_k == 1 is greedy (argmax, lowest id on
     ties); top_k <= 0 and top_p >= 1 turn those filters off. Non-finite logits are never drawn."""
+
+    _FREE = "itl_sampler_free"
 
     def __init__(self, seed: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
         self._lib = lib = load_library()
@@ -152,14 +164,6 @@ class Sampler:
         if not h:
             raise TextInputError("the C sampler refused its parameters (or is out of memory)")
         self._h = h
-
-    def close(self) -> None:
-        if self._h is not None:
-            self._lib.itl_sampler_free(self._h)
-            self._h = None
-
-    def __del__(self):
-        self.close()
 
     def sample(self, logits: np.ndarray) -> int:
         if self._h is None:
