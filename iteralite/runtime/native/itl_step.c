@@ -35,46 +35,9 @@
 #define ITL_X86 0
 #endif
 
-enum { ITL_INT = 0, ITL_F16 = 1 };
-#define ITL_MAX_EXPERTS 64 /* experts per layer; layout.py refuses more (MAX_EXPERTS) */
-enum { ITL_SCALAR = 0, ITL_AVX2 = 1 };
-enum { ITL_OK = 0, ITL_ERR_NULL = 1, ITL_ERR_CTX = 2, ITL_ERR_TOKEN = 3, ITL_ERR_STATE = 4, ITL_ERR_LOGITS = 5,
-       ITL_ERR_COUNT = 6, ITL_ERR_MODEL = 7 };
-#define ITL_MAGIC 0x49544C31u /* "ITL1": a live context */
+#include "itl_step.h"
 
-typedef struct {
-    int32_t kind;      /* ITL_INT: codes; ITL_F16: fp16 weights */
-    int32_t bits;      /* resident code width: 2, 4 or 8 (ITL_INT) */
-    int32_t out, in;   /* weight (out, in) */
-    int32_t group;     /* weight group and activation block along `in` (divides in) */
-    int32_t rowbytes;  /* bytes of one row of codes: ceil(in * bits / 8) */
-    const uint8_t *codes;    /* (out, rowbytes), LSB-first within each byte */
-    const uint16_t *scales;  /* fp16 (in / group, out): group-major, 8 rows' scales in a row */
-    const uint8_t *zeros;    /* (in / group, out) */
-    const uint16_t *w16;     /* fp16 (out, in), ITL_F16 */
-} itl_mat;
-
-typedef struct {
-    int32_t d_inner, d_conv, h, p, n, r, e, k, f;
-    float eps1, eps2;
-    const float *norm1, *norm2;
-    const float *conv_w, *conv_b; /* (d_inner, d_conv), (d_inner) */
-    const float *dt_b, *A, *D;    /* (h) each; A = -exp(A_log) */
-    itl_mat in_proj, x_proj, dt_proj, out_proj, router;
-    const itl_mat *w1, *w2;       /* e each: (f, d), (d, f) */
-} itl_layer;
-
-typedef struct {
-    int32_t vocab, d, n_layers, max_in;
-    float eps_f;
-    const float *norm_f;
-    itl_mat emb;  /* (vocab, d), tied head; (vocab, rank) when rank > 0 */
-    const itl_layer *layers;
-    int32_t rank;               /* 0: dense embedding; r > 0: factorised, the two matrices below */
-    itl_mat embed_in, head_proj; /* (d, rank), (rank, d); unread when rank == 0 */
-} itl_model;
-
-typedef struct {
+struct itl_ctx {
     uint32_t magic;  /* ITL_MAGIC while live, 0 once freed: catches a pointer that is not a context;
                         a freed one cannot be checked here (the caller must not pass it: Python's
                         wrapper clears its pointer before it frees) */
@@ -88,7 +51,7 @@ typedef struct {
     int32_t *xsum;  /* per block: sum of its int8 values */
     float *xf;      /* dequantized activation (fp16 matrices) */
     uint8_t *row;   /* one row of unpacked codes */
-} itl_ctx;
+};
 
 /* ------------------------------------------------------------------------- fp16 */
 
