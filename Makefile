@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup data repro test deps exps sweep frontier serve loadtest gate clean-venv
 
-$(STAMP): pyproject.toml requirements.lock setup.py iteralite/runtime/native/itl_step.c iteralite/runtime/native/itl_step.h iteralite/runtime/native/itl_rans.c iteralite/runtime/native/itl_text.c iteralite/runtime/native/itl_text.h
+$(STAMP): pyproject.toml requirements.lock setup.py $(wildcard iteralite/runtime/native/*.c iteralite/runtime/native/*.h)
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "iteralite needs Python 3.11"'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'

@@ -184,7 +184,7 @@ def cmd_generate(args) -> None:
     timing: dict = {}
     try:
         stream_text(tok, _FiniteLogits(model), args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                    args.seed, _emit, timing, top_p=args.top_p)
+                    args.seed, _emit, timing, top_p=args.top_p, sampler=args.sampler)
     except IteraliteError:
         _emit("\n")  # end the line the prompt began; the error line follows on stderr
         raise
@@ -410,6 +410,9 @@ def main(argv=None) -> int:
                    help="then keep the smallest set of most likely tokens whose probability reaches P "
                         "(nucleus sampling), 0 < P <= 1; 1 = no top-p filter (the default)")
     g.add_argument("--seed", type=int, default=0, help="the same seed and flags give the same story")
+    g.add_argument("--sampler", choices=["auto", "c", "torch"], default="auto",
+                   help="the random draw: c = the C sampler of itl-run and the web page (same seed, same "
+                        "story), torch = PyTorch's; auto = c where the native text library is built")
     g.add_argument("--threads", type=int, default=0, help="0 = torch default")
     g.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
                    help="native: the C step over the packed codes (auto's choice for packed artifacts); "

@@ -271,8 +271,9 @@ def test_native_runtime_on_a_float_model_is_one_line(ckpt, tok_dir, capsys):
 # --- --top-p on every runtime, --prompt-file and stdin ------------------------------------------
 
 def _ref_story(runtime_model, tok, prompt: str, n: int, temperature: float, top_k: int, top_p: float,
-               seed: int) -> str:
-    """What `generate` prints, rebuilt with the plain-Python sampler on the runtime's own logits."""
+               seed: int, sampler: str = "torch") -> str:
+    """What `generate` prints, rebuilt on the runtime's own logits with the plain-Python sampler
+    (sampler "torch") or with the C sampler called directly (sampler "c")."""
     from iteralite.train.generate import sampling_probs_ref
 
     gen, eot = torch.Generator().manual_seed(seed), eot_id(tok)
@@ -280,6 +281,12 @@ def _ref_story(runtime_model, tok, prompt: str, n: int, temperature: float, top_
     def draw(logits):
         probs = torch.tensor(sampling_probs_ref(logits.tolist(), temperature, top_k, top_p))
         return int(torch.multinomial(probs, 1, generator=gen))
+
+    if sampler == "c":
+        from iteralite.runtime.native.text import Sampler
+
+        c = Sampler(seed, temperature, top_k, top_p)
+        draw = lambda logits: c.sample(logits.detach().float().numpy())  # noqa: E731
 
     ids = tok.encode(prompt, add_special_tokens=False).ids
     logits, _, state = runtime_model(torch.tensor([ids]), return_state=True)
@@ -308,8 +315,9 @@ def test_top_p_on_every_runtime_matches_the_reference_sampler(ckpt, tok_dir, tmp
 
     path = _packed(ckpt, tok_dir, tmp_path)
 
-    def run(*extra):
-        assert main(_gen(path, tok_dir, "--max-new-tokens", "12", "--runtime", runtime, *extra)) == 0
+    def run(*extra, sampler="torch"):
+        assert main(_gen(path, tok_dir, "--max-new-tokens", "12", "--runtime", runtime, "--sampler", sampler,
+                         *extra)) == 0
         return capsys.readouterr().out
 
     story = run("--temperature", "1.3", "--top-k", "0", "--top-p", "0.9", "--seed", "3")
@@ -322,6 +330,10 @@ def test_top_p_on_every_runtime_matches_the_reference_sampler(ckpt, tok_dir, tmp
     assert run("--seed", "5") == GOLDEN_STORY
     assert run("--seed", "5", "--top-p", "1") == GOLDEN_STORY
     assert run("--seed", "5", "--top-p", "0.9") == GOLDEN_STORY_TOP_P_09
+    # the C sampler (itl-run's): its own draws on the same logits; auto picks it where it is built
+    c_story = run("--temperature", "1.3", "--top-k", "0", "--top-p", "0.9", "--seed", "3", sampler="c")
+    assert c_story == _ref_story(rt, tok, "Once upon a time", 12, 1.3, 0, 0.9, 3, sampler="c")
+    assert run("--temperature", "1.3", "--top-k", "0", "--top-p", "0.9", "--seed", "3", sampler="auto") == c_story
 
 
 def test_unparsable_top_p_and_two_prompts_are_one_argparse_line(tmp_path, capsys):

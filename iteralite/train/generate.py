@@ -92,28 +92,73 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, gen: torch
     return int(torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=gen))
 
 
+class TorchSampler:
+    """The PyTorch sampler: `sample_next` with a seeded torch.Generator (the `_ref` of the C one's
+    contract; its draws differ, since the random streams differ)."""
+
+    def __init__(self, seed: int, temperature: float, top_k: int, top_p: float):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.args = (temperature, top_k)
+        self.top_p = top_p
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        return sample_next(logits, *self.args, self.gen, self.top_p)
+
+
+class CSampler:
+    """The C sampler of the standalone runtime (itl_text.c, PCG32): the same draws as `itl-run` and
+    the WebAssembly page for the same seed, and no per-token PyTorch work."""
+
+    def __init__(self, seed: int, temperature: float, top_k: int, top_p: float):
+        from iteralite.runtime.native.text import Sampler
+
+        self.sampler = Sampler(seed, temperature, top_k, top_p)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        return self.sampler.sample(logits.detach().float().numpy())
+
+
+def _auto_sampler(seed: int, temperature: float, top_k: int, top_p: float):
+    from iteralite.runtime.native import text
+
+    return (CSampler if text.available() else TorchSampler)(seed, temperature, top_k, top_p)
+
+
+# --sampler: "auto" is the C sampler where the native text library is built (the README's setup
+# builds it), else PyTorch's
+SAMPLERS: dict[str, Callable] = {"auto": _auto_sampler, "c": CSampler, "torch": TorchSampler}
+
+
+def make_sampler(name: str, seed: int, temperature: float, top_k: int, top_p: float):
+    if name not in SAMPLERS:
+        raise IteraliteError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[name](seed, temperature, top_k, top_p)
+
+
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.8,
                  top_k: int = 40, seed: int = 0, stop_id: int | None = None,
-                 top_p: float = 1.0) -> Iterator[int]:
+                 top_p: float = 1.0, sampler: str = "auto") -> Iterator[int]:
     """Yield new token ids one at a time. Sampling is here, on the logits of any runtime's
-    `forward`/`step` (eager, fused or native), so every runtime samples the same way."""
+    `forward`/`step` (eager, fused or native), so every runtime samples the same way; `sampler`
+    names the random draw (SAMPLERS). Greedy (temperature 0) is the argmax, lowest id on ties."""
     check_sampling(temperature=temperature, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens,
                    top_p=top_p)
     if not prompt_ids:
         raise IteraliteError("the prompt encodes to no tokens")
     if max_new_tokens == 0:
         return
-    gen = torch.Generator().manual_seed(seed)
+    draw = (lambda lg: int(lg.argmax())) if temperature == 0 else \
+        make_sampler(sampler, seed, temperature, top_k, top_p)
     idx = torch.tensor([prompt_ids], dtype=torch.long)
     logits, _, state = model(idx, return_state=True)
-    nxt = sample_next(logits[0, -1], temperature, top_k, gen, top_p)
+    nxt = draw(logits[0, -1])
     for i in range(max_new_tokens):
         yield nxt
         if nxt == stop_id or i == max_new_tokens - 1:
             return
         logits, state = model.step(torch.tensor([nxt]), state)
-        nxt = sample_next(logits[0], temperature, top_k, gen, top_p)
+        nxt = draw(logits[0])
 
 
 def check_prompt(prompt: str) -> None:
@@ -132,7 +177,8 @@ def check_prompt(prompt: str) -> None:
 
 
 def stream_text(tok, model, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-                write: Callable[[str], None], timing: dict | None = None, *, top_p: float = 1.0) -> list[int]:
+                write: Callable[[str], None], timing: dict | None = None, *, top_p: float = 1.0,
+                sampler: str = "auto") -> list[int]:
     """Generate after `prompt`, calling `write` with each new piece of decoded text.
 
     Decoding is incremental (`iteralite.io.text.TextStream`): the work per token does not grow with
@@ -153,7 +199,7 @@ def stream_text(tok, model, prompt: str, max_new_tokens: int, temperature: float
     timing.update(prompt_tokens=len(prompt_ids), prompt_s=0.0, gen_tokens=0, gen_s=0.0)
     t0 = time.perf_counter()
     for t in generate_ids(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                          seed=seed, stop_id=eot, top_p=top_p):
+                          seed=seed, stop_id=eot, top_p=top_p, sampler=sampler):
         now = time.perf_counter()
         if not timing["prompt_s"]:  # the prefill and the first sampled token
             timing["prompt_s"], t0 = now - t0, now

@@ -352,7 +352,41 @@ GOLDEN_IDS_TOP_P_09 = [84, 258, 77, 77, 150, 182, 72, 71, 214, 91, 91, 21, 110, 
 
 
 def test_seeded_stories_are_golden(model):
-    kw = dict(temperature=0.8, top_k=40, seed=2)
+    kw = dict(temperature=0.8, top_k=40, seed=2, sampler="torch")
     assert list(generate_ids(model, [1, 2, 3], 25, **kw)) == GOLDEN_IDS
     assert list(generate_ids(model, [1, 2, 3], 25, **kw, top_p=1.0)) == GOLDEN_IDS
     assert list(generate_ids(model, [1, 2, 3], 25, **kw, top_p=0.9)) == GOLDEN_IDS_TOP_P_09
+
+
+def test_c_sampler_draws_what_the_c_sampler_draws(model):
+    """sampler="c": each token is the C sampler's draw (itl_text.c, the one itl-run uses) on the
+    model's logits, stepped by hand here; "auto" picks it where the library is built."""
+    text = pytest.importorskip("iteralite.runtime.native.text")
+    if not text.available():
+        pytest.skip("the native text library is not built here")
+    kw = dict(temperature=0.9, top_k=20, top_p=0.95, seed=7)
+    got = list(generate_ids(model, [1, 2, 3], 20, **kw, sampler="c"))
+    s = text.Sampler(7, 0.9, 20, 0.95)
+    with torch.no_grad():
+        logits, _, state = model(torch.tensor([[1, 2, 3]]), return_state=True)
+        want = [s.sample(logits[0, -1].float().numpy())]
+        for _ in range(19):
+            logits, state = model.step(torch.tensor([want[-1]]), state)
+            want.append(s.sample(logits[0].float().numpy()))
+    assert got == want
+    assert list(generate_ids(model, [1, 2, 3], 20, **kw)) == got  # auto
+    assert got != list(generate_ids(model, [1, 2, 3], 20, **kw, sampler="torch"))
+
+
+def test_unknown_sampler_is_one_line(model):
+    with pytest.raises(IteraliteError, match="--sampler must be one of"):
+        next(generate_ids(model, [1, 2], 3, temperature=1.0, sampler="numpy"))
+
+
+def test_cli_sampler_choices_are_the_registry(capsys):
+    from iteralite.train.generate import SAMPLERS
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--sampler", "numpy"])
+    assert e.value.code == 2
+    assert "choose from " + ", ".join(repr(k) for k in SAMPLERS) in capsys.readouterr().err
