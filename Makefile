@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data repro test deps exps sweep frontier serve loadtest gate clean-venv
+.PHONY: setup data repro test deps exps sweep frontier serve loadtest gate wasm clean-venv
 
 $(STAMP): pyproject.toml requirements.lock setup.py $(wildcard iteralite/runtime/native/*.c iteralite/runtime/native/*.h)
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "iteralite needs Python 3.11"'
@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml requirements.lock setup.py $(wildcard iteralite/runtime
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
 	touch $(STAMP)
 
+# The web page's WebAssembly build too, where emscripten is installed (`make wasm` below).
 setup: $(STAMP)
+	@if command -v $(EMCC) >/dev/null; then $(MAKE) -s --no-print-directory wasm; \
+	else echo "setup: no emcc here, so no web/itl.wasm for the web page (install emscripten, then make wasm)"; fi
 
 data: setup
 	dvc pull --quiet data/raw.dvc
@@ -63,6 +66,20 @@ serve: setup
 # The serving benchmark: 32 streaming clients for 60 s against a server on a free loopback port.
 loadtest: setup
 	python -m iteralite.serve.loadtest --checkpoint checkpoints/mixed.safetensors --out metrics/serve.json
+
+# The C step, artifact reader, tokenizer and sampler as WebAssembly (web/itl.wasm) for the offline web page
+# (web/index.html) and the Node runner (web/itl-node.mjs); needs only emscripten (Debian: `apt-get install
+# emscripten`), not the venv. A standalone module with no Emscripten JavaScript glue: web/itl.js loads it.
+# NODE_PATH: Debian's emcc needs its acorn module, which a Node from outside Debian does not look for.
+EMCC ?= emcc
+NATIVE := iteralite/runtime/native
+WASM_SRC := $(addprefix $(NATIVE)/,itl_wasm.c itl_artifact.c itl_gen.c itl_step.c itl_text.c itl_rans.c)
+WASM_FLAGS := -O3 -std=gnu11 -ffp-contract=off --no-entry -sSTANDALONE_WASM -sALLOW_MEMORY_GROWTH=1
+wasm: web/itl.wasm
+
+web/itl.wasm: $(WASM_SRC) $(wildcard $(NATIVE)/*.h)
+	NODE_PATH=$${NODE_PATH:+$$NODE_PATH:}/usr/share/nodejs $(EMCC) $(WASM_FLAGS) $(WASM_SRC) -o web/itl.tmp.wasm
+	mv web/itl.tmp.wasm $@
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,7 +6,8 @@ import types
 
 from iteralite.pipeline.baseline import load_baseline
 from iteralite.bench.report import write_bench_report
-from iteralite.bench.suite import BenchmarkConfig, plan, rounded, run_benchmark
+from iteralite.bench.suite import BenchmarkConfig, Prompt, plan, rounded, run_benchmark
+from iteralite.data.tokenizer import load_tokenizer
 from iteralite.pipeline.int4 import Int4Config
 from iteralite.io.params import load_section
 from iteralite.prune.config import PruneConfig
@@ -26,8 +27,11 @@ def main():
     cfg = load_section(BenchmarkConfig, "benchmark")
     ratios = load_section(PruneConfig, "prune").ratios
     base = load_baseline(train_tokens=False, train_metrics=TRAIN_QUALITY)
-    variants = plan(ratios, Int4Config.methods(load_section(Int4Config, "int4")), cfg.peers, quality_paths())
-    results, hotspots = run_benchmark(variants, cfg, base.evaluator, base.metrics)
+    variants = plan(ratios, Int4Config.methods(load_section(Int4Config, "int4")), cfg.peers, quality_paths(),
+                    cfg.programs)
+    ids = load_tokenizer(paths.TOKENIZER_JSON).encode(cfg.prompt, add_special_tokens=False).ids
+    prompt = Prompt(cfg.prompt, ids, f"{paths.TOKENIZER_DIR}/tokenizer.bin")
+    results, hotspots = run_benchmark(variants, cfg, base.evaluator, base.metrics, prompt)
     with open(quality_path(paths.FUSE_METRICS)) as f:
         fuse = json.load(f)
     results["fused"].update({k: fuse[k] for k in ("greedy_match_unfused", "greedy_tokens")})

@@ -26,14 +26,29 @@ COLUMNS = [
     ("val_ppl", "val ppl", lambda v: f"{v:.2f}"),
     ("val_bpb", "val bpb", lambda v: f"{v:.4f}"),
     ("wikitext2_ppl", "WikiText-2 ppl", lambda v: f"{v:.0f}"),
-    ("decode_tok_s_1thread", "decode tok/s (1 thread)", lambda v: f"{v:.0f}"),
-    ("decode_tok_s_all_threads", "decode tok/s (all threads)", lambda v: f"{v:.0f}"),
+    ("decode_tok_s_step_loop", "decode tok/s, step loop (1 thread)", lambda v: f"{v:.0f}"),
+    ("decode_tok_s_step_loop_all_threads", "step loop (all threads)", lambda v: f"{v:.0f}"),
+    ("decode_tok_s_best_loop", "decode tok/s, best loop (1 thread)", lambda v: f"{v:.0f}"),
+    ("decode_tok_s_all_threads", "best loop (all threads)", lambda v: f"{v:.0f}"),
     ("prefill_ms_128", "prefill 128 (ms)", lambda v: f"{v:.1f}"),
     ("peak_rss_mb", "peak RSS (MiB)", lambda v: f"{v:.0f}"),
     ("peak_minus_baseline_mb", "RSS over baseline (MiB)", lambda v: f"{v:.0f}"),
     ("resident_weight_bytes", "resident weights (bytes)", lambda v: f"{int(v):,}"),
     ("load_to_first_token_ms", "load to 1st token (ms)", lambda v: f"{v:.0f}"),
-    ("decode_speedup_vs_fused", "decode vs fused", lambda v: f"{v:.2f}x"),
+    ("decode_speedup_vs_fused_step_loop", "vs fused, step loops", lambda v: f"{v:.2f}x"),
+    ("decode_speedup_vs_fused", "vs fused, best loops", lambda v: f"{v:.2f}x"),
+]
+
+# the loops table: one row per variant with a best loop (runtimes and programs)
+LOOP_COLUMNS = [
+    ("best_loop", "best loop", str),
+    ("decode_tok_s_step_loop", "step loop tok/s", lambda v: f"{v:.0f}"),
+    ("decode_tok_s_best_loop", "best loop tok/s", lambda v: f"{v:.0f}"),
+    ("greedy_agreement_with_eager", "greedy ids = eager's", lambda v: f"{100 * v:.1f}%"),
+    ("greedy_first_divergence_from_eager", "first id != eager's", lambda v: f"{int(v)}"),
+    ("greedy_agreement_with_native", "greedy ids = native's", lambda v: f"{100 * v:.1f}%"),
+    ("greedy_top1_agreement", "top-1 = eager's (teacher-forced)", lambda v: f"{100 * v:.1f}%"),
+    ("instructions_per_token", "instructions/token", lambda v: f"{v:,.0f}"),
 ]
 
 HOW_TO_READ = """\
@@ -41,22 +56,49 @@ HOW_TO_READ = """\
 in-memory bytes of the weight tensors (packed codes, scales and absmax included) for the peers
 that are never saved (bitsandbytes NF4, int8 weight-only, torch.compile). Perplexity is per BPE
 token of our tokenizer on the held-out TinyStories split; bits per byte does not depend on the
-tokenizer. Decode speed is batch-1 greedy generation with the recurrent step, the median of
-repeats after warm-up, measured in one process; prefill is one batch-1 forward over 128 tokens.
+tokenizer. Prefill is one batch-1 forward over 128 tokens.
 Peak RSS is measured in a fresh process per variant (load, then decode a few tokens); the
 baseline is that process with torch imported, before loading. Resident weights are the bytes
 of weight tensors the loaded runtime holds (the native step keeps the packed codes; the others
 hold float or packed tensors as loaded); load to first token is loading plus one decode step, in
 this process (the fused path's includes its compile). The native row runs the mixed artifact on
-the C step (one thread, so its two decode columns agree; its greedy loop runs in C) and is scored
-here. The peer_onnxruntime row runs the same artifact on ONNX Runtime (FP32 weights in
-memory): its speed is the single-token step graph's, its quality is scored here through the
-full-sequence graph on the same windows (the two graphs' logits are compared and the difference
-recorded). Speed and size are reported separately and never multiplied into an "effective
-compression". Speed numbers come from a shared 2-core machine and move by 10-20% between runs;
+the C step and is scored here. The peer_onnxruntime row runs the same artifact on ONNX Runtime
+(FP32 weights in memory): its quality is scored here, through ONNX Runtime, on the full-sequence
+graph over the same windows (the step graph's logits are compared with it and the difference
+recorded); it equals the mixed row's because both compute the same FP32 math on the same weights.
+Speed and size are reported separately and never multiplied into an "effective compression".
+
+**Decode speed, like for like.** Every decode column is batch-1 greedy generation after the same
+prompt (`benchmark.prompt`, prefilled untimed), `decode_tokens` tokens, the median of repeats
+after warm-up, all in one process.
+- *step loop*: the same Python driver for every runtime (`logits, state = model.step(tok, state)`,
+  `tok = logits.argmax(-1)`), so it times each runtime's step plus the same per-token Python cost.
+- *best loop*: the runtime's fastest end-to-end loop, named in the loops table: the native
+  runtime's greedy loop in C (one call), ONNX Runtime's session called on numpy arrays, and for
+  eager, fused (the compiled AOTInductor step) and the peers the step loop itself (they have no
+  loop of their own: one measurement fills both columns). itl-run and wasm are programs: their
+  best loop is their own (artifact reader, tokenizer and greedy loop in C, or in wasm under
+  Node), read from the timing line they print; they have no Python step loop.
+- "vs fused" ratios divide step loop by step loop, or best loop by best loop, never one by the
+  other (`decode_speedup_vs_fused` and `decode_speedup_vs_fp32_eager` are best loop over best
+  loop, the `_step_loop` ones step loop over step loop). `decode_tok_s_1thread` /
+  `decode_tok_s_all_threads` in metrics/benchmark.json are the best loop's (the names earlier
+  runs used); the native C loop is single-threaded, so its two agree.
+- What still differs is the math, not the loop: the native step (and itl-run, and wasm) runs only
+  the top-k experts each token, on packed low-bit weights with int8 activations, single-threaded;
+  the fused path and ONNX Runtime hold FP32 weights (dequantized once) and run every expert,
+  dense-gated (zero weight outside the top-k); eager runs the top-k experts through PyTorch
+  modules that dequantize the stored codes.
+- *greedy ids = eager's*: the runtime's own greedy ids over `agreement_tokens` steps against the
+  eager model of the same artifact, position by position, both free-running: after the first
+  differing id (a near tie) the two stories part, so the first divergence says more than the
+  share. *top-1 = eager's (teacher-forced)*: the native step fed eager's tokens, per step.
+- *instructions/token*: the native C step's instructions per decoded token, counted by callgrind
+  on itl-run ((Ir(N2) - Ir(N1)) / (N2 - N1), so loading and the prompt cancel): a count, it repeats
+  between runs where wall-clock does not.
+Wall-clock numbers come from a shared 2-core machine and move by 10-20% between runs;
 differences smaller than that are noise.
 """
-
 
 def _relpath(target, start_dir) -> str:
     return Path(os.path.relpath(Path(target).resolve(), Path(start_dir).resolve())).as_posix()
@@ -75,6 +117,23 @@ def variant_table(results: dict[str, dict]) -> str:
     rule = "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"
     rows = [f"| {name} | " + " | ".join(_cell(m, k, f) for k, _, f in COLUMNS) + " |"
             for name, m in results.items()]
+    return "\n".join([head, rule, *rows])
+
+
+def loops_table(results: dict[str, dict]) -> str:
+    """Markdown table of the rows that have a best loop (runtimes and programs); a program that
+    did not run shows its reason."""
+    head = "| variant | " + " | ".join(h for _, h, _ in LOOP_COLUMNS) + " |"
+    rule = "| --- | --- | " + " | ".join("---:" for _ in LOOP_COLUMNS[1:]) + " |"
+    rows = []
+    for name, m in results.items():
+        if "best_loop" not in m:
+            continue
+        if m.get("available") is False:
+            why = f"not measured: {m.get('reason', '')}".replace("|", "\\|")
+            rows.append(f"| {name} | " + " | ".join([why] + [MISSING] * (len(LOOP_COLUMNS) - 1)) + " |")
+            continue
+        rows.append(f"| {name} | " + " | ".join(_cell(m, k, f) for k, _, f in LOOP_COLUMNS) + " |")
     return "\n".join([head, rule, *rows])
 
 
@@ -135,10 +194,10 @@ def plot_pareto(results: dict[str, dict], path, fp32: str = "fp32") -> None:
 
 
 def plot_speed(results: dict[str, dict], path) -> None:
-    """Grouped bars: batch-1 decode tok/s at 1 thread and at all threads, per variant."""
+    """Grouped bars: batch-1 decode tok/s at 1 thread, step loop and best loop, per variant."""
     plt = pyplot()
     names = list(results)
-    keys = [("decode_tok_s_1thread", "1 thread"), ("decode_tok_s_all_threads", "all threads")]
+    keys = [("decode_tok_s_step_loop", "step loop (same Python driver)"), ("decode_tok_s_best_loop", "best loop (own)")]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4.5))
     width = 0.4
     values = []
@@ -150,7 +209,7 @@ def plot_speed(results: dict[str, dict], path) -> None:
         ax.set_yscale("log")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("decode tokens / s (batch 1, greedy)")
-    ax.set_title("Decode speed (higher is better; bar missing = not measured)")
+    ax.set_title("Decode speed, 1 thread (higher is better; bar missing = not measured)")
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
@@ -160,7 +219,8 @@ def plot_speed(results: dict[str, dict], path) -> None:
 def render_report(results: dict[str, dict], pareto_rel: str, speed_rel: str,
                   hotspots: dict[str, list[dict]] | None = None, title: str = "Benchmark") -> str:
     """The markdown page; images are linked by the given relative paths."""
-    parts = [f"# {title}", "", variant_table(results), "", HOW_TO_READ,
+    parts = [f"# {title}", "", variant_table(results), "", "## Decode loops", "", loops_table(results), "",
+             HOW_TO_READ,
              f"![size versus validation perplexity and bits per byte of every artifact]({pareto_rel})", "",
              f"![decode speed]({speed_rel})", ""]
     for label, rows in (hotspots or {}).items():

@@ -9,7 +9,9 @@ names the file), so it is not recomputed; peers are scored here. A peer with FP3
 math (torch.compile) takes FP32's quality only if its logits match FP32's on a probe within
 `SAME_WEIGHTS_ATOL`; otherwise it is scored here like the other peers, and its row says why.
 Speed and peak memory are measured here for every variant, in this process (speed) and in a
-fresh process each (memory).
+fresh process each (memory). Speed is measured twice per row, like for like (`loops`): the same
+Python step loop for every runtime, and the runtime's own best loop; the programs (`programs`:
+itl-run, the wasm build) are rows of their own, timed by their own loop.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from iteralite.bench.loops import agreement, best_loop, greedy_ids, measure_loops, speedups
 from iteralite.bench.memory import peak_rss
 from iteralite.bench.memory import state_bytes
-from iteralite.bench.timing import measure_variant, profile_hotspots
+from iteralite.bench.programs import PROGRAMS, instructions_per_token, program_row
+from iteralite.bench.timing import profile_hotspots
 from iteralite.bench.variants import PEER_KINDS, load_variant, resolve, variant_kind
 from iteralite.io.params import check
 
@@ -40,13 +44,32 @@ class BenchmarkConfig:
     hotspots_top: int = 10
     peers: list[str] = field(default_factory=lambda: ["compiled", "bnb_nf4", "int8_weight_only"])
     peer_eval_tokens: int = 0  # tokens of each split scored for a peer (0 = the whole split, as the stages)
+    prompt: str = "Once upon a time"  # every decode loop starts after this prompt
+    agreement_tokens: int = 1000  # greedy steps compared with the eager model of the same artifact
+    programs: list[str] = field(default_factory=lambda: ["itl_run", "wasm"])  # rows run by programs.PROGRAMS
+    callgrind_tokens: list[int] = field(default_factory=lambda: [32, 160])  # N1, N2 of instructions_per_token
 
     def validate(self, section: str = "benchmark") -> None:
-        for key in ("decode_tokens", "repeats", "rss_tokens", "profile_tokens", "hotspots_top"):
+        for key in ("decode_tokens", "repeats", "rss_tokens", "profile_tokens", "hotspots_top", "agreement_tokens"):
             check(getattr(self, key) >= 1, section, key, "must be >= 1")
         check(self.peer_eval_tokens >= 0, section, "peer_eval_tokens", "must be >= 0 (0 = whole split)")
         unknown = sorted(set(self.peers) - set(PEER_KINDS))
         check(not unknown, section, "peers", f"has unknown peers {unknown}; allowed: {', '.join(PEER_KINDS)}")
+        unknown = sorted(set(self.programs) - set(PROGRAMS))
+        check(not unknown, section, "programs", f"has unknown programs {unknown}; allowed: {', '.join(PROGRAMS)}")
+        n = self.callgrind_tokens
+        check(len(n) == 2 and 1 <= n[0] < n[1], section, "callgrind_tokens",
+              f"must be [N1, N2] with 1 <= N1 < N2; got {n}")
+        check(bool(self.prompt), section, "prompt", "must not be empty")
+
+
+@dataclass
+class Prompt:
+    """The prompt every decode loop starts after: its text, its ids, and the binary tokenizer
+    the programs encode it with (None: programs and instruction counts are not run)."""
+    text: str = ""
+    ids: list[int] = field(default_factory=lambda: [0])
+    tokenizer_bin: str | None = None
 
 
 @dataclass
@@ -57,6 +80,7 @@ class Variant:
     quality: dict | None = None  # read from a stage's metrics (None: score it here)
     quality_from: str = ""
     reference: str = "mixed"  # a runtime row's artifact row (its scorer compares against it as "mixed")
+    program: str | None = None  # a programs.PROGRAMS row: run by that program, not loaded here
 
 
 def _read(path: str, *keys) -> dict:
@@ -72,9 +96,10 @@ def _stage_output(name: str, kind: str, ckpt: str, metrics: str, *keys) -> Varia
     return Variant(name, kind, ckpt, _read(metrics, *keys), metrics)
 
 
-def plan(ratios: list[float], int4_methods: list[str], peers: list[str], paths) -> list[Variant]:
+def plan(ratios: list[float], int4_methods: list[str], peers: list[str], paths, programs=()) -> list[Variant]:
     """Every variant in report order. `paths` names the pipeline's files (the attributes and
-    functions of `iteralite.pipeline.paths`: FP32_CKPT, TRAIN_METRICS, int4_ckpt(method), ...)."""
+    functions of `iteralite.pipeline.paths`: FP32_CKPT, TRAIN_METRICS, int4_ckpt(method), ...);
+    `programs` (programs.PROGRAMS names) run the headline artifact, listed after its native row."""
     v = [_stage_output("fp32", "artifact", paths.FP32_CKPT, paths.TRAIN_METRICS)]
     v += [_stage_output(f"int4_{m}", "artifact", paths.int4_ckpt(m), paths.INT4_METRICS, "methods", m)
           for m in int4_methods]
@@ -85,6 +110,7 @@ def plan(ratios: list[float], int4_methods: list[str], peers: list[str], paths) 
     v.append(_stage_output("mixed", "artifact", paths.MIXED_CKPT, paths.MIXED_METRICS))
     v.append(_stage_output("fused", "fused", paths.FUSED_CKPT, paths.FUSE_METRICS))
     v.append(Variant("native", "native", paths.MIXED_CKPT))  # the headline artifact on the C step
+    v += [Variant(p, "program", paths.MIXED_CKPT, program=p) for p in programs]  # ... by a program
     v.append(Variant("peer_onnxruntime", "onnxruntime", paths.MIXED_CKPT))  # ... on ONNX Runtime
     for target in getattr(paths, "EXTRA_TARGETS", ()):  # the other student targets: artifact and C step
         mixed = f"mixed_{target}"
@@ -97,14 +123,54 @@ def plan(ratios: list[float], int4_methods: list[str], peers: list[str], paths) 
     return v
 
 
-def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32_metrics: dict) -> tuple[dict, dict]:
+class _ReferenceIds:
+    """Greedy ids after the prompt of an artifact run by a reference kind ("artifact": the
+    eager model; "native": the C step's greedy loop), computed once per (kind, artifact)."""
+
+    def __init__(self, prompt: Prompt, n: int):
+        self.prompt, self.n, self._ids = prompt, n, {}
+
+    def __call__(self, path: str, kind: str = "artifact") -> list[int]:
+        if (kind, path) not in self._ids:
+            self._ids[kind, path] = greedy_ids(load_variant(kind, path), kind, self.prompt.ids, self.n)
+        return self._ids[kind, path]
+
+
+PROGRAM_REFERENCES = {"eager": "artifact", "native": "native"}  # a program's ids are compared with these
+
+
+def _program_row(v: Variant, cfg: BenchmarkConfig, prompt: Prompt, reference_ids: _ReferenceIds) -> dict:
+    if prompt.tokenizer_bin is None:
+        return {"kind": "program", "best_loop": PROGRAMS[v.program].label, "available": False,
+                "reason": "no binary tokenizer given to the benchmark"}
+    refs = {name: reference_ids(v.path, kind) for name, kind in PROGRAM_REFERENCES.items()}
+    return program_row(v.program, v.path, prompt.tokenizer_bin, prompt.text, cfg.decode_tokens, cfg.repeats,
+                       refs, agreement)
+
+
+def _instructions(kind: str, path: str, cfg: BenchmarkConfig, prompt: Prompt) -> dict:
+    program = best_loop(kind).counted_by
+    if program is None:
+        return {}
+    if prompt.tokenizer_bin is None:
+        return {"instructions_available": False, "instructions_reason": "no binary tokenizer given to the benchmark"}
+    return instructions_per_token(path, prompt.tokenizer_bin, prompt.text, *cfg.callgrind_tokens, program=program)
+
+
+def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32_metrics: dict,
+                  prompt: Prompt | None = None) -> tuple[dict, dict]:
     """-> ({variant: metrics}, {label: hotspot rows}). Speed of every variant is measured in this
-    process, one after another, with the same thread settings."""
+    process, one after another, with the same thread settings, after the same prompt."""
     results, hotspots = {}, {}
+    prompt = prompt or Prompt()
+    reference_ids = _ReferenceIds(prompt, cfg.agreement_tokens)
     fp32_logits = None
     # (1, 128): the prefill shape every compiled variant is warmed up for, so no new compile here
     probe = torch.randint(0, 100, (1, 128), generator=torch.Generator().manual_seed(0))
     for v in variants:
+        if v.program is not None:
+            results[v.name] = _program_row(v, cfg, prompt, reference_ids)
+            continue
         t0 = time.perf_counter()
         model = load_variant(v.kind, v.path)
         with torch.no_grad():
@@ -137,7 +203,10 @@ def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32
             row["bits_per_weight"] = round(storage_bits(model) / row["params"], 4)
             row["compression_vs_fp32"] = round(fp32_metrics["size_bytes"] / row["size_bytes"], 3)
         row["max_abs_logit_diff_vs_fp32"] = round(diff, 6)
-        row.update(measure_variant(v.name, model, cfg.decode_tokens, cfg.repeats))
+        row.update(measure_loops(v.name, v.kind, model, prompt.ids, cfg.decode_tokens, cfg.repeats))
+        if best_loop(v.kind).agree:
+            row.update(agreement(greedy_ids(model, v.kind, prompt.ids, cfg.agreement_tokens), reference_ids(v.path)))
+        row.update(_instructions(v.kind, v.path, cfg, prompt))
         row.update(peak_rss(v.kind, v.path, cfg.rss_tokens))
         if "peak_minus_baseline_mb" in row:  # the probe's MB are MiB (kB / 1024)
             row["rss_over_baseline_mib"] = row["peak_minus_baseline_mb"]
@@ -146,13 +215,7 @@ def run_benchmark(variants: list[Variant], cfg: BenchmarkConfig, evaluator, fp32
                 model, cfg.profile_tokens, cfg.hotspots_top)
         results[v.name] = row
         del model
-    base, fused = results["fp32"], results.get("fused")
-    for row in results.values():
-        if fused is not None:
-            row["decode_speedup_vs_fused"] = round(row["decode_tok_s_1thread"] / fused["decode_tok_s_1thread"], 2)
-        row["decode_speedup_vs_fp32_eager"] = round(row["decode_tok_s_1thread"] / base["decode_tok_s_1thread"], 2)
-        row["decode_speedup_vs_fp32_eager_all_threads"] = round(
-            row["decode_tok_s_all_threads"] / base["decode_tok_s_all_threads"], 2)
+    speedups(results)
     return results, hotspots
 
 

@@ -26,7 +26,8 @@ def parse_shape(text: str) -> dict:
     return dict(zip(("d_model", "n_layers", "embed_rank", "max_heads", "max_ff"), map(int, parts)))
 
 
-def probe(shapes: list[dict], steps: int, from_ratio: float = 0.4, progress: bool = False) -> list[dict]:
+def probe(shapes: list[dict], steps: int, from_ratio: float = 0.4, progress: bool = False,
+          lr: float = 0.002) -> list[dict]:
     """One row per shape: parameters, dev loss of the teacher, the cut model and the distilled student."""
     import torch
 
@@ -40,14 +41,14 @@ def probe(shapes: list[dict], steps: int, from_ratio: float = 0.4, progress: boo
     base = load_baseline(train_metrics=TRAIN_QUALITY)
     rows = []
     for shape in shapes:
-        cfg = StudentConfig(**shape, tokens=steps * 16 * 256, lr=0.002, min_lr=0.0002,
+        cfg = StudentConfig(**shape, tokens=steps * 16 * 256, lr=lr, min_lr=lr / 10,
                             warmup_steps=min(20, steps - 1))
         cfg.validate("probe")
         t0 = time.perf_counter()
         start = dequantize_model(load_model(paths.ratio_ckpt("finetune", from_ratio))[0])
         with torch.random.fork_rng(devices=[]):
             model, info = make_student(base.model, start, base.train_tokens, base.dev_tokens, cfg, progress)
-        rows.append({**shape, "params": model.num_params(), "steps": steps, "dev_loss_teacher": info["dev_loss_teacher"],
+        rows.append({**shape, "params": model.num_params(), "steps": steps, "lr": lr, "dev_loss_teacher": info["dev_loss_teacher"],
                      "dev_loss_cut": info["dev_loss_cut"], "dev_loss_student": info["dev_loss_student"],
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
@@ -59,13 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("shapes", nargs="+", help="d_model,n_layers,embed_rank,max_heads,max_ff")
     ap.add_argument("--steps", type=int, default=600, help="distillation steps per shape (16 x 256 tokens each)")
     ap.add_argument("--from-ratio", type=float, default=0.4)
+    ap.add_argument("--lr", type=float, default=0.002, help="peak learning rate (min_lr = lr / 10)")
     ap.add_argument("--out", help="write the rows here as JSON")
     a = ap.parse_args(argv)
     try:
         shapes = [parse_shape(s) for s in a.shapes]
         if a.steps < 2:
             raise IteraliteError("probe: --steps must be >= 2")
-        rows = probe(shapes, a.steps, a.from_ratio, progress=True)
+        if not 0 < a.lr < 1:
+            raise IteraliteError(f"probe: --lr must be in (0, 1), got {a.lr}")
+        rows = probe(shapes, a.steps, a.from_ratio, progress=True, lr=a.lr)
     except IteraliteError as e:
         print(str(e), file=sys.stderr)
         return 2

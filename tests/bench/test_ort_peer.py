@@ -101,3 +101,12 @@ def test_the_row_is_scored_through_onnxruntime(mixed_path, tok_dir, monkeypatch)
     moved = _score(mixed_path, evaluator)
     assert abs(moved["val_ppl"] / row["val_ppl"] - 1) > 0.01
     assert moved["max_abs_logit_diff_sequence_vs_step"] < ort_peer.STEP_MATCH_ATOL  # both graphs perturbed
+
+
+def test_the_session_loop_gives_the_step_loops_ids(fused_and_ort):
+    from iteralite.bench import loops
+
+    fused, ort, _ = fused_and_ort
+    best = loops.greedy_ids(ort, "onnxruntime", [4, 8], 12)
+    assert best == loops.greedy_ids(ort, "onnxruntime", [4, 8], 12, best=False)
+    assert best == loops.greedy_ids(fused, "fused", [4, 8], 12)

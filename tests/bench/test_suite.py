@@ -143,3 +143,73 @@ def test_a_same_weights_peer_whose_logits_differ_is_scored_not_given_fp32_qualit
     assert twin["max_abs_logit_diff_vs_fp32"] > suite.SAME_WEIGHTS_ATOL
     assert twin["val_ppl"] == 20.0 and len(evaluator.scored) == 1  # scored here, not FP32's 16.0
     assert twin["quality_from"].startswith("benchmark (logits differ from fp32's by")
+
+
+def test_runtime_and_program_rows_are_timed_like_for_like(model, tmp_path, monkeypatch):
+    """A native row gets both loops, agreement with the eager artifact and the instruction count;
+    a program row (the fake itl-run) its own loop and agreement with eager and with native; the
+    ratios divide like by like."""
+    import copy
+
+    from iteralite.bench import loops, programs
+    from iteralite.quant.config import mixed_config
+    from iteralite.quant.units import quantize_allocation, units
+    from iteralite.runtime.native.runtime import load_native
+
+    fp32_path, mixed_path = tmp_path / "fp32.safetensors", tmp_path / "mixed.safetensors"
+    save_checkpoint(fp32_path, model, kind="fp32", tokenizer_sha256="x")
+    alloc = {u: (4, 8)[i % 2] for i, u in enumerate(units(model))}
+    save_checkpoint(mixed_path, quantize_allocation(copy.deepcopy(model), alloc, 8), kind="mixed",
+                    tokenizer_sha256="x", quant=mixed_config(alloc, 8, model))
+    prompt = suite.Prompt("Once", [1, 2, 3], "tok.bin")
+    native_ids = loops.greedy_ids(load_native(mixed_path), "native", prompt.ids, 12)
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, native_ids)))
+    monkeypatch.setenv("FAKE_IDS", str(tmp_path / "ids.txt"))
+    monkeypatch.setitem(programs.PROGRAMS, "itl_run",
+                        programs.Program("fake loop", "itl-run", "tests.bench.test_programs:_fake_argv"))
+    monkeypatch.setattr(suite, "peak_rss", lambda kind, p, n: {"peak_rss_mb": 1.0})
+    counted = []
+    monkeypatch.setattr(suite, "instructions_per_token",
+                        lambda *a, **k: counted.append((a, k)) or {"instructions_per_token": 5.0})
+    quality = {"params": model.num_params(), "val_ppl": 16.0, "bits_per_weight": 6.0}
+    plan = [suite.Variant("fp32", "artifact", str(fp32_path), quality, "m"),
+            suite.Variant("mixed", "artifact", str(mixed_path), quality, "m"),
+            suite.Variant("native", "native", str(mixed_path)),
+            suite.Variant("itl_run", "program", str(mixed_path), program="itl_run")]
+    cfg = suite.BenchmarkConfig(decode_tokens=4, repeats=1, profile_tokens=2, hotspots_top=3, agreement_tokens=12,
+                                callgrind_tokens=[2, 5])
+    fp32_metrics = {"size_bytes": fp32_path.stat().st_size, "val_ppl": 16.0}
+    results, _ = suite.run_benchmark(plan, cfg, _Evaluator(), fp32_metrics, prompt)
+    nat, prog, fp32 = results["native"], results["itl_run"], results["fp32"]
+    assert nat["best_loop"] == loops.BEST_LOOPS["native"].label and nat["decode_tok_s_step_loop"] > 0
+    assert nat["greedy_agreement_steps"] == 12 and 0 <= nat["greedy_agreement_with_eager"] <= 1
+    assert nat["instructions_per_token"] == 5.0
+    [(args, kw)] = counted  # only the native row is counted, on its artifact, with N1 and N2
+    assert args == (str(mixed_path), "tok.bin", "Once", 2, 5) and kw == {"program": "itl_run"}
+    assert prog["available"] and prog["greedy_agreement_with_native"] == 1.0 and prog["generated_tokens"] == 12
+    assert "decode_tok_s_step_loop" not in prog and "decode_speedup_vs_fused_step_loop" not in prog
+    assert nat["decode_speedup_vs_fp32_eager"] == round(nat["decode_tok_s_best_loop"] / fp32["decode_tok_s_best_loop"], 2)
+    assert nat["decode_speedup_vs_fp32_eager_step_loop"] == round(
+        nat["decode_tok_s_step_loop"] / fp32["decode_tok_s_step_loop"], 2)
+    assert list(results) == ["fp32", "mixed", "native", "itl_run"]
+
+
+def test_plan_lists_the_programs_after_the_native_row(tmp_path):
+    p = _paths(tmp_path)
+    q = {"val_ppl": 16.0}
+    for f in (p.TRAIN_METRICS, p.QAT_METRICS, p.MIXED_METRICS, p.FUSE_METRICS, p.STUDENT_METRICS):
+        _write(tmp_path / f, q)
+    _write(tmp_path / p.INT4_METRICS, {"methods": {}})
+    names = [(v.name, v.program, v.path) for v in suite.plan([], [], [], p, ["itl_run", "wasm"])]
+    i = names.index(("native", None, p.MIXED_CKPT))
+    assert names[i + 1:i + 3] == [("itl_run", "itl_run", p.MIXED_CKPT), ("wasm", "wasm", p.MIXED_CKPT)]
+
+
+def test_config_checks_the_new_keys():
+    from iteralite.io.errors import IteraliteError
+
+    suite.BenchmarkConfig().validate()
+    for bad in (dict(programs=["nope"]), dict(callgrind_tokens=[5, 5]), dict(callgrind_tokens=[3]),
+                dict(agreement_tokens=0), dict(prompt="")):
+        with pytest.raises((IteraliteError, ValueError)):
+            suite.BenchmarkConfig(**bad).validate()

@@ -262,7 +262,7 @@ def native_weights(model) -> NativeWeights:
             layer.norm1.eps, layer.norm2.eps,
             {"norm1": _f32(layer.norm1.weight), "norm2": _f32(layer.norm2.weight),
              "conv_w": _f32(mx.conv1d.weight[:, 0, :]), "conv_b": _f32(mx.conv1d.bias),
-             "dt_b": _f32(mx.dt_proj.bias), "A": _f32(-torch.exp(mx.A_log)), "D": _f32(mx.D)},
+             "dt_b": _f32(mx.dt_proj.bias), "A": _f32(-torch.exp(mx.A_log.double())), "D": _f32(mx.D)},
             {k: _mat(getattr(mx, k), f"{pre}.mixer.{k}") for k in ("in_proj", "x_proj", "dt_proj", "out_proj")}
             | {"router": _mat(moe.router, f"{pre}.moe.router")}, w1, w2))
     return NativeWeights(model.cfg.vocab_size, model.cfg.d_model, model.norm_f.eps, _f32(model.norm_f.weight),
