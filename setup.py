@@ -18,7 +18,9 @@ from setuptools.command.build_ext import build_ext
 NATIVE = "iteralite/runtime/native"
 FLAGS = ["-O3", "-std=gnu11"]
 TEXT_FLAGS = FLAGS + ["-ffp-contract=off"]  # no FMA contraction: the sampler's arithmetic is the same everywhere
-RUN_SOURCES = ["itl_run.c", "itl_artifact.c", "itl_gen.c", "itl_step.c", "itl_rans.c"]
+# the artifact reader: the container, the JSON header, the model layout, the codecs, sha256
+READER_SOURCES = ["itl_artifact.c", "itl_json.c", "itl_layout.c", "itl_codecs.c", "itl_sha256.c"]
+RUN_SOURCES = ["itl_run.c", *READER_SOURCES, "itl_gen.c", "itl_step.c", "itl_rans.c"]
 
 
 class build_ext_and_itl_run(build_ext):
@@ -48,7 +50,7 @@ class build_ext_and_itl_run(build_ext):
 
 
 setup(ext_modules=[Extension("iteralite.runtime.native._itl_native",
-                             sources=[f"{NATIVE}/itl_step.c", f"{NATIVE}/itl_rans.c", f"{NATIVE}/itl_artifact.c"],
+                             sources=[f"{NATIVE}/{s}" for s in ["itl_step.c", "itl_rans.c", *READER_SOURCES]],
                              extra_compile_args=FLAGS, libraries=["m"], optional=True),
                    # the text side (tokenizer, sampler): its own library, so it never breaks the step's build
                    Extension("iteralite.runtime.native._itl_text",
