@@ -2,8 +2,12 @@
 gives exactly the ids of Hugging Face `tokenizers` (every validation story, odd text, random text,
 the Unicode classes of every code point against Oniguruma's), decode inverts encode, the binary
 file is checked as in Python, and the sampler is argmax when greedy, follows softmax(logits / T)
-otherwise, keeps the top-k / top-p sets, and is reproducible from its seed."""
+otherwise, keeps the top-k / top-p sets, is reproducible from its seed, and (fast path and all)
+gives exactly the ids of the defining algorithm, kept here as C source."""
+import ctypes
 import random
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -285,3 +289,273 @@ def test_bad_sampler_parameters():
             Sampler(**kw)
     with pytest.raises(TextInputError, match="1-D"):
         Sampler(0).sample(np.zeros((2, 2), dtype=np.float32))
+
+
+# ------------------------------------------------------------------ the fast sampler = the defining one
+
+# The sampler as first written (itl_text.c before its fast path), kept verbatim as the definition of
+# the draw: every finite id sorted by (logit descending, id ascending), cut to top_k, weighed with
+# det_exp, summed in that order, cut to top_p, drawn. The fast sampler must return the same ids.
+REF_SAMPLER_C = r"""#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct ref_sampler ref_sampler;
+
+struct ref_sampler {
+    uint64_t state, inc;
+    double temperature, top_p;
+    int32_t top_k, cap;
+    int32_t *idx, *tmp;
+    double *w;
+};
+
+static uint32_t pcg32(ref_sampler *s) {
+    uint64_t old = s->state;
+    s->state = old * 6364136223846793005ULL + s->inc;
+    uint32_t xs = (uint32_t)(((old >> 18) ^ old) >> 27), rot = (uint32_t)(old >> 59);
+    return (xs >> rot) | (xs << ((32u - rot) & 31u));
+}
+
+uint32_t ref_next_u32(ref_sampler *s) { return s ? pcg32(s) : 0; }
+
+/* Uniform in [0, 1) with 53 random bits. */
+static double uniform(ref_sampler *s) {
+    uint64_t a = pcg32(s) >> 5, b = pcg32(s) >> 6;
+    return (double)((a << 26) | b) * (1.0 / 9007199254740992.0);
+}
+
+static int finite_f(float v) { return v == v && v - v == 0.0f; }
+
+/* exp(x) for x <= 0 from additions and multiplications only (bit-identical on IEEE-754
+ * platforms): x = k ln2 + r, |r| <= ln2/2, exp(r) by its Taylor series to degree 13. */
+static double det_exp(double x) {
+    if (!(x > -745.0)) return 0.0;
+    if (x > 0.0) x = 0.0;
+    const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    double kd = x * 1.44269504088896338700 - 0.5; /* round to nearest, x <= 0 */
+    int k = (int)kd;                               /* truncates toward zero */
+    double r = (x - k * ln2_hi) - k * ln2_lo;
+    double p = 1.0 / 6227020800.0;                 /* 1/13! */
+    static const double inv_fact[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                                        1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+                                        1.0 / 6.0, 0.5, 1.0, 1.0};
+    for (int i = 0; i < 13; i++) p = p * r + inv_fact[i];
+    /* multiply by 2^k in steps that stay normal until the last */
+    while (k < -1000) {
+        p *= 9.33263618503218878990e-302; /* 2^-1000 */
+        k += 1000;
+    }
+    union { uint64_t u; double d; } two_k;
+    two_k.u = (uint64_t)(k + 1023) << 52;
+    return p * two_k.d;
+}
+
+ref_sampler *ref_sampler_new(uint64_t seed, double temperature, int32_t top_k, double top_p) {
+    if (temperature != temperature || top_p != top_p || !(top_p > 0.0)) return NULL;
+    ref_sampler *s = calloc(1, sizeof(ref_sampler));
+    if (!s) return NULL;
+    s->temperature = temperature;
+    s->top_k = top_k;
+    s->top_p = top_p;
+    s->inc = (0x5851F42D4C957F2DULL << 1) | 1u; /* one fixed stream; the seed picks the start */
+    s->state = 0;
+    pcg32(s);
+    s->state += seed;
+    pcg32(s);
+    return s;
+}
+
+void ref_sampler_free(ref_sampler *s) {
+    if (!s) return;
+    free(s->idx);
+    free(s->tmp);
+    free(s->w);
+    free(s);
+}
+
+/* idx[0..n) sorted by (logit descending, id ascending): a strict total order, so the result does
+ * not depend on the sort; a merge sort keeps it O(n log n). */
+static int before(const float *l, int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); }
+
+static void sort_ids(const float *l, int32_t *idx, int32_t *tmp, int32_t n) {
+    for (int32_t width = 1; width < n; width *= 2) {
+        for (int32_t lo = 0; lo < n; lo += 2 * width) {
+            int32_t mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
+            int32_t i = lo, j = mid, k = lo;
+            while (i < mid && j < hi) tmp[k++] = before(l, idx[j], idx[i]) ? idx[j++] : idx[i++];
+            while (i < mid) tmp[k++] = idx[i++];
+            while (j < hi) tmp[k++] = idx[j++];
+        }
+        memcpy(idx, tmp, sizeof(int32_t) * (size_t)n);
+    }
+}
+
+int32_t ref_sampler_sample(ref_sampler *s, const float *logits, int32_t n) {
+    if (!s || !logits || n <= 0) return (-9);
+    int32_t best = -1;
+    for (int32_t i = 0; i < n; i++)
+        if (finite_f(logits[i]) && (best < 0 || logits[i] > logits[best])) best = i;
+    if (best < 0) return (-10);
+    if (!(s->temperature > 0.0) || s->top_k == 1) return best;
+    if (n > s->cap) {
+        int32_t *idx = realloc(s->idx, sizeof(int32_t) * (size_t)n);
+        if (idx) s->idx = idx;
+        int32_t *tmp = realloc(s->tmp, sizeof(int32_t) * (size_t)n);
+        if (tmp) s->tmp = tmp;
+        double *w = realloc(s->w, sizeof(double) * (size_t)n);
+        if (w) s->w = w;
+        if (!idx || !tmp || !w) return (-1);
+        s->cap = n;
+    }
+    int32_t m = 0;
+    for (int32_t i = 0; i < n; i++)
+        if (finite_f(logits[i])) s->idx[m++] = i;
+    sort_ids(logits, s->idx, s->tmp, m);
+    if (s->top_k > 0 && s->top_k < m) m = s->top_k;
+    double top = (double)logits[s->idx[0]], total = 0.0;
+    for (int32_t i = 0; i < m; i++) {
+        s->w[i] = det_exp(((double)logits[s->idx[i]] - top) / s->temperature);
+        total += s->w[i];
+    }
+    if (s->top_p < 1.0) { /* the smallest prefix whose mass reaches top_p of the total */
+        double cum = 0.0, want = s->top_p * total;
+        for (int32_t i = 0; i < m; i++) {
+            cum += s->w[i];
+            if (cum >= want) {
+                m = i + 1;
+                total = cum;
+                break;
+            }
+        }
+    }
+    double u = uniform(s) * total, acc = 0.0;
+    for (int32_t i = 0; i < m; i++) {
+        acc += s->w[i];
+        if (u < acc) return s->idx[i];
+    }
+    return s->idx[m - 1];
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def ref_sampler(tmp_path_factory):
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler for the reference sampler")
+    d = tmp_path_factory.mktemp("ref_sampler")
+    (d / "ref.c").write_text(REF_SAMPLER_C)
+    so = d / "libref.so"
+    subprocess.run([cc, "-O2", "-std=gnu11", "-ffp-contract=off", "-shared", "-fPIC", str(d / "ref.c"), "-o", str(so)],
+                   check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.ref_sampler_new.restype = ctypes.c_void_p
+    lib.ref_sampler_new.argtypes = [ctypes.c_uint64, ctypes.c_double, ctypes.c_int32, ctypes.c_double]
+    lib.ref_sampler_sample.restype = ctypes.c_int32
+    lib.ref_sampler_sample.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
+    lib.ref_sampler_free.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def _ref_draws(lib, seed, t, k, p, rows) -> list[int]:
+    h = lib.ref_sampler_new(seed, t, k, p)
+    try:
+        return [lib.ref_sampler_sample(h, r.ctypes.data, r.size) for r in rows]
+    finally:
+        lib.ref_sampler_free(h)
+
+
+def _new_draws(seed, t, k, p, rows) -> list[int]:
+    s = Sampler(seed, temperature=t, top_k=k, top_p=p)
+    out = []
+    for r in rows:
+        try:
+            out.append(s.sample(r))
+        except TextInputError:
+            out.append(-10)  # no finite logit: the reference's ITL_TEXT_E_LOGITS
+    return out
+
+
+def _random_logits(rng, v: int, kind: int) -> np.ndarray:
+    scale = 10 ** rng.uniform(-2.5, 1.7)
+    x = rng.normal(size=v) * scale
+    if kind == 1:
+        x = np.round(x * rng.choice([1, 4, 16])) / 4  # many ties
+    elif kind == 2:
+        x = np.full(v, rng.normal() * scale)  # all equal
+    elif kind == 3:  # non-finite entries (sometimes all of them)
+        for bad in (np.nan, -np.inf, np.inf):
+            x[rng.random(v) < rng.uniform(0, 0.5)] = bad
+    elif kind == 4:
+        x = rng.uniform(-3.4e38, 3.4e38, size=v)  # the whole float range
+    elif kind == 5:
+        x = x * 1e-42  # subnormal floats
+    elif kind == 6:
+        x = rng.choice([-0.0, 0.0, -1.0, 1e-3], size=v)  # signed zeros tie
+    elif kind == 7:
+        x = rng.gumbel(size=v) * rng.uniform(1, 6)  # a language model's long tail
+    return x.astype(np.float32)
+
+
+def test_sampler_matches_the_defining_algorithm(ref_sampler):
+    """Thousands of random logits and parameters (V from 1 to 5000, ties, signed zeros, NaN and
+    infinities, the float range, subnormals): the same ids as the reference, call after call."""
+    rng = np.random.default_rng(2026)
+    temps = [1e-3, 0.05, 0.3, 0.8, 1.0, 1.7, 10.0, 100.0, 1e6, 1e35, 0.0, -1.0]
+    for case in range(3000):
+        v = int(rng.integers(1, 5001)) if case % 4 == 0 else int(rng.choice([1, 2, 3, 8, 40, 257, 1000, 2000]))
+        kind = case % 8
+        rows = [_random_logits(rng, v, kind) for _ in range(3)]
+        t = float(rng.choice(temps))
+        k = int(rng.choice([0, 0, 0, 1, 2, 5, 40, v - 1, v, v + 3, -2]))
+        p = float(rng.choice([1.0, 1.0, 0.9, 0.95, 0.5, 0.1, 1e-12, 0.999999, 1.5]))
+        seed = int(rng.integers(0, 2 ** 63)) * 2 + case % 2
+        want = _ref_draws(ref_sampler, seed, t, k, p, rows)
+        assert _new_draws(seed, t, k, p, rows) == want, (case, v, kind, t, k, p, seed)
+
+
+def test_sampler_matches_at_the_edges_of_top_p(ref_sampler):
+    """Equal logits with top_p = j / V put the cut exactly on a running sum (where bounds on the total
+    cannot decide it), and a few large weights among many tiny ones put it between close sums."""
+    rng = np.random.default_rng(7)
+    for v in (2, 3, 5, 10, 64, 100, 999):
+        rows = [np.full(v, 0.25, dtype=np.float32)]
+        for j in range(1, v + 1, max(1, v // 7)):
+            for seed in range(4):
+                for p in (j / v, np.nextafter(j / v, 0), np.nextafter(j / v, 1)):
+                    assert _new_draws(seed, 1.0, 0, p, rows) == _ref_draws(ref_sampler, seed, 1.0, 0, p, rows)
+    for a, b in ((1, 1), (3, 40), (10, 1990), (200, 800)):  # cuts within 1e-13..1e-8 of a running sum
+        rows = [np.array([0.0] * a + [-1.0] * b, dtype=np.float32)[rng.permutation(a + b)]]
+        for t in (1.0, 0.7):
+            w = np.exp(-1.0 / t)
+            cum = np.cumsum([1.0] * a + [w] * b)
+            for j in sorted({a - 1, a, a + b // 3, a + b - 2}):
+                for d in (-1e-8, -1e-10, -1e-13, 0.0, 1e-13, 1e-10, 1e-8):
+                    p = float(cum[j] / cum[-1] * (1 + d))
+                    if 0 < p:
+                        for seed in range(3):
+                            assert _new_draws(seed, t, 0, p, rows) == _ref_draws(ref_sampler, seed, t, 0, p, rows)
+    for case in range(300):
+        v = int(rng.integers(2, 3000))
+        x = np.full(v, -30.0) + rng.normal(size=v) * 0.01
+        x[rng.integers(0, v, size=rng.integers(1, 6))] = rng.normal(size=1) * 0.001
+        rows = [x.astype(np.float32)]
+        for p in (0.5, 0.9, 1.0):
+            for t in (0.5, 1.0, 3.0):
+                assert _new_draws(case, t, 0, p, rows) == _ref_draws(ref_sampler, case, t, 0, p, rows), (case, p, t)
+
+
+def test_sampler_matches_on_model_like_logits(ref_sampler):
+    """Long runs on logits shaped like a trained model's (V = 2000, a few clear favourites, a long
+    tail), with the parameters the runtimes use."""
+    rng = np.random.default_rng(11)
+    rows = []
+    for _ in range(150):
+        x = rng.normal(size=2000) * 2.5 - 8.0
+        top = rng.integers(0, 2000, size=rng.integers(1, 60))
+        x[top] = rng.normal(size=top.size) * 1.5 + rng.uniform(0, 6)
+        rows.append(x.astype(np.float32))
+    for t, k, p in ((0.8, 0, 0.9), (1.0, 40, 1.0), (1.0, 0, 1.0), (0.7, 20, 0.95), (1.3, 0, 0.8), (0.5, 0, 1.0)):
+        for seed in (0, 1, 123456789):
+            assert _new_draws(seed, t, k, p, rows) == _ref_draws(ref_sampler, seed, t, k, p, rows), (t, k, p, seed)
