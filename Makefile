@@ -74,7 +74,7 @@ loadtest: setup
 EMCC ?= emcc
 NATIVE := iteralite/runtime/native
 WASM_SRC := $(addprefix $(NATIVE)/,itl_wasm.c itl_artifact.c itl_json.c itl_layout.c itl_codecs.c itl_sha256.c \
-	itl_gen.c itl_step.c itl_text.c itl_rans.c)
+	itl_gen.c itl_step.c itl_text.c itl_sample.c itl_rans.c)
 WASM_FLAGS := -O3 -std=gnu11 -ffp-contract=off --no-entry -sSTANDALONE_WASM -sALLOW_MEMORY_GROWTH=1
 wasm: web/itl.wasm
 

@@ -1,6 +1,6 @@
 /* A generation session of the standalone runtime: the prompt encoded (itl_text.c's tokenizer),
  * prefilled through the native step (itl_step.c) one token at a time, then one sampled token per
- * call (itl_text.c's sampler), each with the text bytes it adds, cut only at whole UTF-8 characters.
+ * call (itl_sample.c's sampler), each with the text bytes it adds, cut only at whole UTF-8 characters.
  * C99, libc/libm only. */
 #ifndef ITL_GEN_H
 #define ITL_GEN_H

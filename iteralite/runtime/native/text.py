@@ -1,4 +1,4 @@
-"""ctypes wrapper of the C text runtime (`itl_text.c`, built as `_itl_text` next to this file):
+"""ctypes wrapper of the C text runtime (`itl_text.c`, `itl_sample.c`; built as `_itl_text` here):
 `CTokenizer` encodes and decodes with a binary tokenizer (`iteralite.data.tokbin`), `Sampler`
 draws ids from logits. It exists so the C code can be tested against `tokenizers` and numpy;
 the standalone runtime calls the same functions from C."""
