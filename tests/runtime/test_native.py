@@ -1,6 +1,7 @@
 """The native step (iteralite/runtime/native): its C code equals its PyTorch `_ref` twin for every
 precision on both code paths (AVX2 and scalar), the sparse top-k MoE equals the dense-gated
-reference, the resident layout round-trips the packed codes, and it fails clearly where it cannot run."""
+reference, the resident layout round-trips the packed codes, and it fails clearly where it cannot run.
+(The AVX-512 path and the chunked prefill have their own tests in test_native_isa.py.)"""
 import copy
 
 import numpy as np
@@ -15,7 +16,7 @@ from iteralite.runtime.native.ref import RefModel, act_int8_ref
 from iteralite.runtime.native.runtime import NativeIteraLite, NativeUnavailable
 from tests.conftest import tiny_config
 
-ISAS = ["scalar", "avx2"]
+ISAS = ["scalar", "avx2", "avx512"]
 
 
 def packed(alloc_cycle, cfg=None, group_size=8, seed=0):
@@ -80,8 +81,8 @@ def test_native_step_equals_its_ref_twin(isa, cycle):
     q = packed(cycle)
     w = layout.native_weights(q)
     model = NativeIteraLite(w, q.cfg, isa=isa)
-    if isa == "avx2" and model.isa != "avx2":
-        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    if model.isa != isa:
+        pytest.skip(f"this CPU has no {isa}")
     worst, dconv, dssm = _run(model, RefModel(w), [1, 5, 299, 0, 17, 17, 42, 7])
     assert worst < 1e-4 and dconv < 1e-4 and dssm < 1e-4
 
@@ -93,6 +94,8 @@ def test_wide_layers_take_the_simd_main_loops(isa):
     w = layout.native_weights(q)
     assert {m.group for m in w.all_mats()} >= {48, 64}
     model = NativeIteraLite(w, q.cfg, isa=isa)
+    if model.isa != isa:
+        pytest.skip(f"this CPU has no {isa}")
     worst, dconv, dssm = _run(model, RefModel(w), [3, 250, 9, 9, 100])
     assert worst < 1e-4 and dconv < 1e-4 and dssm < 1e-4
 
@@ -100,9 +103,9 @@ def test_wide_layers_take_the_simd_main_loops(isa):
 @pytest.mark.parametrize("group_size", [8, 16, 24, 32, 40, 48, 56, 64])
 @pytest.mark.parametrize("cycle", [[2], [4], ["ternary", 3]], ids=lambda c: "".join(map(str, c)))
 def test_every_specialised_group_kernel_equals_the_ref(group_size, cycle):
-    """The AVX2 8-row kernel is compiled once per (code width, group of 8..64); each one, on a
-    model whose matrices all take that group (inputs of 48/64/160 with groups dividing them, or
-    the nearest divisor), equals the ref twin."""
+    """The AVX2 path at every group of 8..64 and code width (the packed 16-row kernel for codes of
+    up to 4 bits), on a model whose matrices all take that group (inputs of 48/64/160 with groups
+    dividing them, or the nearest divisor), equals the ref twin."""
     cfg = tiny_config(**dict(WIDE, d_model=group_size * (64 // group_size), d_ff=group_size * 2))
     q = packed(cycle, cfg, group_size=group_size, seed=group_size)
     w = layout.native_weights(q)
@@ -114,16 +117,17 @@ def test_every_specialised_group_kernel_equals_the_ref(group_size, cycle):
     assert worst < 1e-4 and dconv < 1e-4 and dssm < 1e-4
 
 
-def test_avx2_and_scalar_paths_agree_and_the_environment_forces_scalar(monkeypatch):
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_simd_and_scalar_paths_agree_and_the_environment_forces_scalar(monkeypatch, isa):
     q = packed(list(PRECISIONS), tiny_config(**WIDE), group_size=64, seed=2)
     w = layout.native_weights(q)
     monkeypatch.setenv("ITERALITE_NATIVE_ISA", "scalar")
     forced = NativeIteraLite(w, q.cfg)
     assert forced.isa == "scalar"
     monkeypatch.delenv("ITERALITE_NATIVE_ISA")
-    fast = NativeIteraLite(w, q.cfg)
-    if fast.isa != "avx2":
-        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    fast = NativeIteraLite(w, q.cfg, isa=isa)
+    if fast.isa != isa:
+        pytest.skip(f"this CPU has no {isa}")
     idx = torch.tensor([[4, 8, 15, 16, 23, 42]])
     a, b = forced(idx)[0], fast(idx)[0]
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()

@@ -1,9 +1,10 @@
 """The C step under AddressSanitizer and UndefinedBehaviorSanitizer: every `*.c` of the native
 folder built with ASan+UBSan into a temporary library, loaded through ITERALITE_NATIVE_LIB in a
-subprocess with the ASan runtime preloaded, runs the step against its `_ref` twin, the bad
-tokens/counts/states (each the one clear error, not a sanitizer report), the C entry points
-called with bad arguments directly, copies, close, two threads, and a seeded fuzz of valid and
-invalid calls. Skipped only where gcc is missing."""
+subprocess with the ASan runtime preloaded, runs the step (every code path) against its `_ref`
+twin and the chunked prefill against stepping, the bad tokens/counts/states (each the one clear
+error, not a sanitizer report), the C entry points called with bad arguments directly, copies,
+close, two threads, and a seeded fuzz of valid and invalid calls. Skipped only where gcc is
+missing."""
 import glob
 import os
 import shutil
@@ -44,9 +45,19 @@ SCRIPT = textwrap.dedent(r"""
     for q in (packed(list(PRECISIONS)), packed(list(PRECISIONS), tiny_config(**WIDE), group_size=64, seed=1),
               factorised((4, 8)), factorised((16, 3))):
         w = layout.native_weights(q)
-        for isa in ("scalar", "avx2"):
-            worst, dconv, dssm = _run(NativeIteraLite(w, q.cfg, isa=isa), RefModel(w), [3, 250 % w.vocab, 9, 0, 100])
+        for isa in ("scalar", "avx2", "avx512"):
+            rt = NativeIteraLite(w, q.cfg, isa=isa)
+            worst, dconv, dssm = _run(rt, RefModel(w), [3, 250 % w.vocab, 9, 0, 100])
             assert worst < 1e-4 and dconv < 1e-4 and dssm < 1e-4, (isa, worst, dconv, dssm)
+            # the chunked prefill (itl_prefill) across a chunk boundary equals stepping
+            idx = torch.arange(37)[None] % w.vocab
+            got, _, st = rt(idx, return_state=True)
+            want, wst = [], rt.init_state(1)
+            for t in idx[0]:
+                logits, wst = rt.step(t[None], wst)
+                want.append(logits[0])
+            assert (got[0] - torch.stack(want)).abs().max() <= 1e-5 * got.abs().max(), isa
+            assert np.abs(st[0][1] - wst[0][1]).max() <= 1e-5 * max(1.0, np.abs(wst[0][1]).max()), isa
 
     rt = NativeIteraLite.from_model(packed(list(PRECISIONS)))
     V = rt.w.vocab
@@ -72,6 +83,11 @@ SCRIPT = textwrap.dedent(r"""
     assert lib.itl_step(None, 1, *args) == 2 and lib.itl_step(rt._ctx, 1, None, 0, None, 0, None, 0) == 1
     assert lib.itl_step(rt._ctx, 1, *args[:5], V - 1) == 5 and lib.itl_greedy(rt._ctx, 1, 4, *args, None) == 1
     assert lib.itl_check_model(None, None, 0) != 0 and lib.itl_create(None) is None
+    ids = np.arange(20, dtype=np.int32)
+    iptr = ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+    assert lib.itl_prefill(rt._ctx, iptr, 20, *args, 0) == 0  # the last logits only
+    assert lib.itl_prefill(rt._ctx, iptr, 20, *args, 1) == 5 and lib.itl_prefill(rt._ctx, iptr, -1, *args, 0) == 6
+    assert lib.itl_prefill(rt._ctx, None, 2, *args, 0) == 1 and lib.itl_prefill(None, iptr, 2, *args, 0) == 2
 
     # copies, close
     dup = copy.copy(rt)

@@ -1,20 +1,28 @@
-/* The native single-token decode step of IteraLite, straight from packed integer codes.
+/* The native decode step of IteraLite, straight from packed integer codes, and its chunked prefill.
 
    One call runs the whole step of every layer: RMSNorm, in_proj, the conv-state shift and taps,
    dt/B/C, the state update, the gate, out_proj, the router and only the top-k experts (sparse
    MoE), then the final norm and the tied head. A factorised embedding (rank r > 0: a (vocab, r)
    table) adds two matrices: x = embed_in . E[tok] after the lookup and logits = E . (head_proj . xn)
-   at the head; rank 0 is the dense (vocab, d) table, with embed_in / head_proj unread. Weights stay packed (see itl_mat); every matmul
-   first quantizes its input vector to int8 per block (block = the weight's group size), then
-   computes integer dot products per group and applies one float scale per group:
+   at the head; rank 0 is the dense (vocab, d) table, with embed_in / head_proj unread. Weights
+   stay packed (see itl_mat); every matmul first quantizes its input vector to int8 per block
+   (block = the weight's group size), then computes integer dot products per group and applies
+   one float scale per group:
 
        y[o] = sum_g  s_w[o,g] * s_x[g] * ( sum_{i in g} q[o,i] * x8[i]  -  z[o,g] * sum_{i in g} x8[i] )
 
    fp16 weight matrices use the same int8 activations, dequantized, in float.
 
-   Two code paths, chosen at run time: AVX2+FMA+F16C (`__attribute__((target))`, so the file
-   builds with portable flags) and plain scalar C. itl_set_isa forces one (the tests run both;
-   ITERALITE_NATIVE_ISA=scalar forces scalar from the environment).
+   The step runs on a chunk of T tokens (run_chunk): T = 1 for itl_step / itl_greedy, up to
+   ITL_CHUNK for itl_prefill, where each matrix is applied to the chunk's tokens together (the
+   conv and the state still go token by token), so a token's arithmetic is the same either way.
+
+   Three code paths, chosen at run time (`__attribute__((target))`, so the file builds with
+   portable flags): AVX-512 F/BW/VL + VNNI (vpdpbusd on the context's own copy of the integer
+   codes, laid out at itl_create for it: itl_pmat), AVX2+FMA+F16C (its nibble-coded matrices on
+   the same copy, by maddubs + madd; the rest on the resident rows), and plain scalar C. The best
+   the CPU has is the default; itl_set_isa forces one (the tests run all three);
+   ITERALITE_NATIVE_ISA=scalar or avx2 starts a context there.
 
    Loaded with ctypes (no Python C API); the structs mirror iteralite/runtime/native/layout.py.
 
@@ -37,6 +45,36 @@
 
 #include "itl_step.h"
 
+#define ITL_CHUNK 16 /* tokens a prefill chunk runs through each matrix at once */
+
+/* A matrix of integer codes re-laid for the AVX-512 VNNI kernel (built by itl_create, owned by the
+   context): rows in blocks of 16, each group's inputs padded with zero codes to a multiple of 8 and
+   cut in chunks of 8 inputs. One chunk of a block is 64 bytes, row r's 4 bytes at 4r: byte j holds
+   input j in its low nibble and input 4 + j in its high nibble (codes of up to 4 bits), or two 64-byte
+   halves of one code a byte (8-bit codes: inputs 0..3, then 4..7). Scales as float and zero-points
+   as int32, 16 rows a group; rows past `out` have zero codes, scales and zeros. */
+typedef struct {
+    int32_t out, in, group, ng, gp, nblk, wide; /* gp: group padded to a multiple of 8; wide: 8-bit */
+    size_t gbytes;  /* bytes of one group of one block: (gp / 8) * (wide ? 128 : 64) */
+    uint8_t *w;     /* (nblk, ng, gp / 8, 64 or 128) */
+    float *s;       /* (nblk, ng, 16) */
+    int32_t *z;     /* (nblk, ng, 16) */
+} itl_pmat;
+
+typedef struct {
+    itl_pmat in_proj, x_proj, dt_proj, out_proj, router;
+    itl_pmat *w1, *w2; /* e each */
+} itl_player;
+
+/* Quantized activation rows for the VNNI kernel: row t's int8 codes at x8 + t * ld (each group
+   padded to gp with zeros), its per-group scales and sums at s / sum + t * ldg. */
+typedef struct {
+    int8_t *x8;
+    float *s;
+    int32_t *sum;
+    int ld, ldg;
+} itl_qbuf;
+
 struct itl_ctx {
     uint32_t magic;  /* ITL_MAGIC while live, 0 once freed: catches a pointer that is not a context;
                         a freed one cannot be checked here (the caller must not pass it: Python's
@@ -44,13 +82,22 @@ struct itl_ctx {
     const itl_model *m;
     size_t conv_n, ssm_n; /* state sizes the model needs */
     int isa;
-    float *x, *xn, *xz, *xc, *dbc, *dt, *y, *up, *hid, *mo;
     int8_t *x8;     /* the quantized activation */
     int16_t *x16;   /* the same, widened to int16 (8-bit codes) */
     float *xs;      /* per block: its scale */
     int32_t *xsum;  /* per block: sum of its int8 values */
     float *xf;      /* dequantized activation (fp16 matrices) */
     uint8_t *row;   /* one row of unpacked codes */
+    /* a chunk of up to ITL_CHUNK tokens, one row of ld floats per token (ld >= every width but the
+       vocabulary); the experts' rows (hid, up, ups) one per token and routed slot */
+    int ld, kmax;
+    float *x, *xn, *xz, *xc, *dbc, *dt, *y, *mo, *hid, *up, *ups, *gate;
+    int32_t *sel, *rows;  /* (token, slot) -> expert; the rows an expert runs */
+    int has512;           /* the CPU runs the AVX-512 path (the packed matrices below are built
+                             wherever AVX2 is) */
+    itl_pmat emb, embed_in, head_proj;
+    itl_player *pl;
+    itl_qbuf qa, qb;      /* qa: the norm2 rows (router and w1 share them); qb: every other input */
 };
 
 /* ------------------------------------------------------------------------- fp16 */
@@ -346,104 +393,17 @@ static inline __m256i dot_group_avx2(const uint8_t *row, int bits, int start, in
     return _mm256_add_epi32(acc, _mm256_zextsi128_si256(acc4));
 }
 
-/* 2- and 4-bit codes of a group of at most 64 (g % 8 == 0), activation vectors loaded once for
-   all eight rows: the common shapes, with no per-chunk branching inside the row loop. */
-__attribute__((target("avx2,fma,f16c")))
-static inline __m128i unpack16_avx2(const uint8_t *src, int bits) {
-    const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03);
-    if (bits == 4) {
-        __m128i b = _mm_loadl_epi64((const __m128i *)src);
-        return _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
-    }
-    int32_t word;
-    memcpy(&word, src, 4);
-    __m128i b = _mm_cvtsi32_si128(word);
-    __m128i c0 = _mm_and_si128(b, m2), c1 = _mm_and_si128(_mm_srli_epi16(b, 2), m2);
-    __m128i c2 = _mm_and_si128(_mm_srli_epi16(b, 4), m2), c3 = _mm_and_si128(_mm_srli_epi16(b, 6), m2);
-    return _mm_unpacklo_epi16(_mm_unpacklo_epi8(c0, c1), _mm_unpacklo_epi8(c2, c3));
-}
-
-/* 8 codes held in the low bytes of a word -> 8 bytes (the upper 8 lanes are zero or don't-care). */
-__attribute__((target("avx2,fma,f16c")))
-static inline __m128i unpack16_word(uint32_t word, int bits) {
-    const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03);
-    __m128i b = _mm_cvtsi32_si128((int32_t)word);
-    if (bits == 4) return _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
-    __m128i c0 = _mm_and_si128(b, m2), c1 = _mm_and_si128(_mm_srli_epi16(b, 2), m2);
-    __m128i c2 = _mm_and_si128(_mm_srli_epi16(b, 4), m2), c3 = _mm_and_si128(_mm_srli_epi16(b, 6), m2);
-    return _mm_unpacklo_epi16(_mm_unpacklo_epi8(c0, c1), _mm_unpacklo_epi8(c2, c3));
-}
-
-__attribute__((target("avx2,fma,f16c")))
-static inline __m256i unpack32_avx2(const uint8_t *src, int bits) {
-    const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03);
-    if (bits == 4) {
-        __m128i b = _mm_loadu_si128((const __m128i *)src);
-        __m128i l = _mm_and_si128(b, m4), h = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-        return _mm256_set_m128i(_mm_unpackhi_epi8(l, h), _mm_unpacklo_epi8(l, h));
-    }
-    __m128i b = _mm_loadl_epi64((const __m128i *)src);
-    __m128i c0 = _mm_and_si128(b, m2), c1 = _mm_and_si128(_mm_srli_epi16(b, 2), m2);
-    __m128i c2 = _mm_and_si128(_mm_srli_epi16(b, 4), m2), c3 = _mm_and_si128(_mm_srli_epi16(b, 6), m2);
-    __m128i p01 = _mm_unpacklo_epi8(c0, c1), p23 = _mm_unpacklo_epi8(c2, c3);
-    return _mm256_set_m128i(_mm_unpackhi_epi16(p01, p23), _mm_unpacklo_epi16(p01, p23));
-}
-
-__attribute__((target("avx2,fma,f16c")))
-static inline __m256i dot_small_group(const uint8_t *row, int bits, int start, int n32, int n16, int n8,
-                                      const __m256i *x32, __m128i x16v, __m128i x8v) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m128i ones4 = _mm_set1_epi16(1);
-    __m256i acc = _mm256_setzero_si256();
-    __m128i acc4 = _mm_setzero_si128();
-    int i = 0;
-    for (int k = 0; k < n32; k++, i += 32)
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(
-            _mm256_maddubs_epi16(unpack32_avx2(row + (start + i) * bits / 8, bits), x32[k]), ones));
-    if (n16) {
-        acc4 = _mm_madd_epi16(_mm_maddubs_epi16(unpack16_avx2(row + (start + i) * bits / 8, bits), x16v), ones4);
-        i += 16;
-    }
-    if (n8) { /* 8 codes: 4 (4-bit) or 2 (2-bit) bytes, read as one word (a byte-wise copy into a
-                 stack buffer stalls the wide load that follows); the upper activation lanes are zero */
-        const uint8_t *src = row + (start + i) * bits / 8;
-        uint32_t word;
-        if (bits == 4) {
-            memcpy(&word, src, 4);
-        } else {
-            uint16_t half;
-            memcpy(&half, src, 2);
-            word = half;
-        }
-        acc4 = _mm_add_epi32(acc4, _mm_madd_epi16(_mm_maddubs_epi16(unpack16_word(word, bits), x8v), ones4));
-    }
-    return _mm256_add_epi32(acc, _mm256_zextsi128_si256(acc4));
-}
-
 /* Eight rows at once: their group dots reduced to one vector of 8 sums, then the zero-point,
-   scale and activation-scale arithmetic for all 8 in float lanes. `rows8_body` is inlined with
-   constant (bits, n32, n16, n8) for the common small groups, so each shape gets a straight-line
-   kernel with the eight rows' sums kept in registers. */
-__attribute__((target("avx2,fma,f16c"), always_inline))
-static inline void rows8_body(itl_ctx *c, const itl_mat *w, float *y, int o, const int fast, const int bits,
-                              const int n32, const int n16, const int n8) {
+   scale and activation-scale arithmetic for all 8 in float lanes. (The AVX2 path reaches these
+   resident-row kernels only for 8-bit codes: nibble-coded matrices run on the packed copy.) */
+__attribute__((target("avx2,fma,f16c")))
+static void rows8_avx2(itl_ctx *c, const itl_mat *w, float *y, int o) {
     int ng = w->in / w->group, g = w->group;
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < ng; b++) {
         __m256i d[8];
-        if (fast) {
-            const int8_t *xa = c->x8 + b * g;
-            __m256i x32[2];
-            for (int k = 0; k < n32; k++) x32[k] = _mm256_loadu_si256((const __m256i *)(xa + 32 * k));
-            __m128i x16v = n16 ? _mm_loadu_si128((const __m128i *)(xa + 32 * n32)) : _mm_setzero_si128();
-            __m128i x8v = n8 ? _mm_loadl_epi64((const __m128i *)(xa + 32 * n32 + 16 * n16)) : _mm_setzero_si128();
-            for (int r = 0; r < 8; r++)
-                d[r] = dot_small_group(w->codes + (size_t)(o + r) * w->rowbytes, bits, b * g, n32, n16, n8,
-                                       x32, x16v, x8v);
-        } else {
-            for (int r = 0; r < 8; r++)
-                d[r] = dot_group_avx2(w->codes + (size_t)(o + r) * w->rowbytes, w->bits, b * g, g, c->x8, c->x16);
-        }
+        for (int r = 0; r < 8; r++)
+            d[r] = dot_group_avx2(w->codes + (size_t)(o + r) * w->rowbytes, w->bits, b * g, g, c->x8, c->x16);
         __m256i t0 = _mm256_hadd_epi32(d[0], d[1]), t1 = _mm256_hadd_epi32(d[2], d[3]);
         __m256i t2 = _mm256_hadd_epi32(d[4], d[5]), t3 = _mm256_hadd_epi32(d[6], d[7]);
         __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
@@ -457,43 +417,12 @@ static inline void rows8_body(itl_ctx *c, const itl_mat *w, float *y, int o, con
     _mm256_storeu_ps(y + o, acc);
 }
 
-/* One specialised kernel per (bits, group) of the fast path: group = 8 * (4 * n32 + 2 * n16 + n8). */
-#define ITL_ROWS8_FN(B, G)                                                                              \
-    __attribute__((target("avx2,fma,f16c"))) static void rows8_b##B##_g##G(itl_ctx *c, const itl_mat *w, \
-                                                                            float *y, int o) {          \
-        rows8_body(c, w, y, o, 1, B, (G) / 32, ((G) % 32) / 16, ((G) % 16) / 8);                        \
-    }
-#define ITL_ROWS8_BITS(B) \
-    ITL_ROWS8_FN(B, 8) ITL_ROWS8_FN(B, 16) ITL_ROWS8_FN(B, 24) ITL_ROWS8_FN(B, 32) \
-    ITL_ROWS8_FN(B, 40) ITL_ROWS8_FN(B, 48) ITL_ROWS8_FN(B, 56) ITL_ROWS8_FN(B, 64)
-ITL_ROWS8_BITS(2)
-ITL_ROWS8_BITS(4)
-
-typedef void (*itl_rows8_fn)(itl_ctx *, const itl_mat *, float *, int);
-static const itl_rows8_fn ROWS8_FAST[2][8] = {
-    {rows8_b2_g8, rows8_b2_g16, rows8_b2_g24, rows8_b2_g32, rows8_b2_g40, rows8_b2_g48, rows8_b2_g56, rows8_b2_g64},
-    {rows8_b4_g8, rows8_b4_g16, rows8_b4_g24, rows8_b4_g32, rows8_b4_g40, rows8_b4_g48, rows8_b4_g56, rows8_b4_g64},
-};
-
-__attribute__((target("avx2,fma,f16c")))
-static void rows8_generic(itl_ctx *c, const itl_mat *w, float *y, int o) {
-    rows8_body(c, w, y, o, 0, w->bits, 0, 0, 0);
-}
-
-/* The 8-row kernel for a matrix (needs group % 8 == 0). */
-static itl_rows8_fn rows8_kernel(const itl_mat *w) {
-    if ((w->bits == 2 || w->bits == 4) && w->group <= 64) return ROWS8_FAST[w->bits == 4][w->group / 8 - 1];
-    return rows8_generic;
-}
-
 __attribute__((target("avx2,fma,f16c")))
 static void matvec_int_avx2(itl_ctx *c, const itl_mat *w, float *y) {
     int ng = w->in / w->group, g = w->group, small = w->bits <= 4;
     int o = 0;
-    if (g % 8 == 0) {
-        itl_rows8_fn kernel = rows8_kernel(w);
-        for (; o + 8 <= w->out; o += 8) kernel(c, w, y, o);
-    }
+    if (g % 8 == 0)
+        for (; o + 8 <= w->out; o += 8) rows8_avx2(c, w, y, o);
     for (; o < w->out; o++) {
         unpack_row_avx2(w->codes + (size_t)o * w->rowbytes, w->bits, w->in, c->row);
         float acc = 0.f;
@@ -557,12 +486,480 @@ static float state_row_scalar(float *s, const float *B, const float *C, float de
     return total;
 }
 
+/* ------------------------------------------------------------------------- AVX-512 VNNI path */
+
+/* Code `i` of row `o` of an integer matrix (its resident packed row). */
+static inline int code_at(const itl_mat *w, int o, int i) {
+    const uint8_t *row = w->codes + (size_t)o * w->rowbytes;
+    int per = 8 / w->bits;
+    return w->bits == 8 ? row[i] : (row[i / per] >> ((i % per) * w->bits)) & ((1 << w->bits) - 1);
+}
+
+/* n zeroed bytes on a 64-byte boundary (every vector load of the kernel is then one cache line). */
+static void *zalloc64(size_t n) {
+    n = (n + 63) / 64 * 64;
+    void *ptr = aligned_alloc(64, n ? n : 64);
+    if (ptr) memset(ptr, 0, n ? n : 64);
+    return ptr;
+}
+
+static void pmat_free(itl_pmat *p) {
+    free(p->w); free(p->s); free(p->z);
+    p->w = NULL; p->s = NULL; p->z = NULL;
+}
+
+/* The VNNI layout of `w` (see itl_pmat); 0, or -1 when out of memory. An fp16 matrix gets none
+   (p->w stays NULL: the step runs it on the AVX2 path). */
+static int pmat_build(itl_pmat *p, const itl_mat *w) {
+    memset(p, 0, sizeof *p);
+    if (w->kind != ITL_INT) return 0;
+    p->out = w->out; p->in = w->in; p->group = w->group;
+    p->ng = w->in / w->group;
+    p->gp = (w->group + 7) / 8 * 8;
+    p->nblk = (w->out + 15) / 16;
+    p->wide = w->bits == 8;
+    p->gbytes = (size_t)(p->gp / 8) * (p->wide ? 128 : 64);
+    size_t nsg = (size_t)p->nblk * p->ng * 16;
+    p->w = zalloc64((size_t)p->nblk * p->ng * p->gbytes);
+    p->s = zalloc64(nsg * sizeof(float));
+    p->z = zalloc64(nsg * sizeof(int32_t));
+    if (!p->w || !p->s || !p->z) { pmat_free(p); return -1; }
+    for (int k = 0; k < p->nblk; k++)
+        for (int b = 0; b < p->ng; b++) {
+            uint8_t *g = p->w + ((size_t)k * p->ng + b) * p->gbytes;
+            for (int r = 0; r < 16 && 16 * k + r < w->out; r++) {
+                int o = 16 * k + r;
+                size_t si = ((size_t)k * p->ng + b) * 16 + r;
+                p->s[si] = half_to_float(w->scales[(size_t)b * w->out + o]);
+                p->z[si] = w->zeros[(size_t)b * w->out + o];
+                for (int i = 0; i < w->group; i++) {
+                    int code = code_at(w, o, b * w->group + i), ch = i / 8, j = i % 8;
+                    uint8_t *chunk = g + (size_t)ch * (p->wide ? 128 : 64);
+                    if (p->wide) chunk[(j / 4) * 64 + 4 * r + j % 4] = (uint8_t)code;
+                    else chunk[4 * r + j % 4] |= (uint8_t)(code << (4 * (j / 4)));
+                }
+            }
+        }
+    return 0;
+}
+
+#if ITL_X86
+#define ITL_T512 "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"
+
+/* Row x (w->in floats) -> int8 per group into q's row t: the same IEEE division and
+   round-half-to-even as quantize_act, so the same int8 values; each group's padding zeroed. */
+__attribute__((target(ITL_T512)))
+static void quant_row_512(const itl_pmat *p, const float *x, const itl_qbuf *q, int t) {
+    const __m512 lim = _mm512_set1_ps(127.f), nlim = _mm512_set1_ps(-127.f);
+    int8_t *x8 = q->x8 + (size_t)t * q->ld;
+    for (int b = 0; b < p->ng; b++) {
+        const float *xb = x + b * p->group;
+        __m512 m = _mm512_setzero_ps();
+        for (int i = 0; i < p->group; i += 16) {
+            __mmask16 k = p->group - i >= 16 ? 0xFFFF : (__mmask16)((1u << (p->group - i)) - 1);
+            m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, xb + i)));
+        }
+        float s = _mm512_reduce_max_ps(m) / 127.f;
+        if (s < 1e-12f) s = 1e-12f;
+        __m512 vs = _mm512_set1_ps(s);
+        __m512i sum = _mm512_setzero_si512();
+        int8_t *qb = x8 + b * p->gp;
+        for (int i = 0; i < p->gp; i += 16) {
+            int left = p->group - i;
+            __mmask16 k = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+            __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(k, xb + i), vs);
+            v = _mm512_min_ps(_mm512_max_ps(v, nlim), lim);
+            __m512i qi = _mm512_cvtps_epi32(v); /* nearest, ties to even (the default rounding) */
+            sum = _mm512_add_epi32(sum, qi);
+            __mmask16 st = p->gp - i >= 16 ? 0xFFFF : (__mmask16)((1u << (p->gp - i)) - 1);
+            _mm_mask_storeu_epi8(qb + i, st, _mm512_cvtsepi32_epi8(qi));
+        }
+        q->s[(size_t)t * q->ldg + b] = s;
+        q->sum[(size_t)t * q->ldg + b] = _mm512_reduce_add_epi32(sum);
+    }
+}
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* NB consecutive 16-row blocks from `k` for NT activation rows of q (rows[t]); NB * NT <= 4. Per
+   group, the integer dots by vpdpbusd (u8 codes x s8 activations, summed in int32: no saturation;
+   a high nibble is used in place, as 16 x its code, and its sum divided by 16 at the group's end),
+   then acc += (s_w * s_x) * (dot - z * sum_x), group after group, as the other paths. Several blocks
+   or tokens at once keep independent dot chains in flight; several tokens also read a block's codes
+   once for all of them. */
+__attribute__((target(ITL_T512), always_inline))
+static inline void block_512(const itl_pmat *p, int k, const itl_qbuf *q, const int *rows, float *y, int ldy,
+                             const int NT, const int NB) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m4h = _mm512_set1_epi8((char)0xF0);
+    __m512 acc[4];
+    const int8_t *xr[4];
+    for (int t = 0; t < NT; t++) xr[t] = q->x8 + (size_t)rows[t] * q->ld;
+    for (int a = 0; a < NT * NB; a++) acc[a] = _mm512_setzero_ps();
+    const size_t bstride = (size_t)p->ng * p->gbytes;
+    const uint8_t *w0 = p->w + (size_t)k * bstride;
+    int nc = p->gp / 8;
+    for (int b = 0; b < p->ng; b++) {
+        __m512i dl[4], dh[4];
+        for (int a = 0; a < NT * NB; a++) dl[a] = dh[a] = _mm512_setzero_si512();
+        const uint8_t *wg = w0 + (size_t)b * p->gbytes;
+        for (int ch = 0; ch < nc; ch++) {
+            __m512i xl[4], xh[4];
+            for (int t = 0; t < NT; t++) {
+                const int8_t *xa = xr[t] + b * p->gp + 8 * ch;
+                xl[t] = _mm512_set1_epi32(load_i32(xa));
+                xh[t] = _mm512_set1_epi32(load_i32(xa + 4));
+            }
+            for (int j = 0; j < NB; j++) {
+                __m512i lo, hi;
+                if (p->wide) {
+                    const uint8_t *wc = wg + j * bstride + (size_t)ch * 128;
+                    lo = _mm512_loadu_si512(wc);
+                    hi = _mm512_loadu_si512(wc + 64);
+                } else {
+                    __m512i v = _mm512_loadu_si512(wg + j * bstride + (size_t)ch * 64);
+                    lo = _mm512_and_si512(v, m4);
+                    hi = _mm512_and_si512(v, m4h); /* 16 x the high code: no shift, dh / 16 below */
+                }
+                for (int t = 0; t < NT; t++) {
+                    dl[j * NT + t] = _mm512_dpbusd_epi32(dl[j * NT + t], lo, xl[t]);
+                    dh[j * NT + t] = _mm512_dpbusd_epi32(dh[j * NT + t], hi, xh[t]);
+                }
+            }
+        }
+        for (int j = 0; j < NB; j++) {
+            size_t si = ((size_t)(k + j) * p->ng + b) * 16;
+            __m512i z = _mm512_loadu_si512(p->z + si);
+            __m512 s = _mm512_loadu_ps(p->s + si);
+            for (int t = 0; t < NT; t++) {
+                size_t gi = (size_t)rows[t] * q->ldg + b;
+                int a = j * NT + t;
+                __m512i dha = p->wide ? dh[a] : _mm512_srai_epi32(dh[a], 4); /* exact: a multiple of 16 */
+                __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(dl[a], dha),
+                                               _mm512_mullo_epi32(z, _mm512_set1_epi32(q->sum[gi])));
+                acc[a] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(q->s[gi])), _mm512_cvtepi32_ps(dot), acc[a]);
+            }
+        }
+    }
+    for (int j = 0; j < NB; j++) {
+        int left = p->out - 16 * (k + j);
+        __mmask16 st = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+        for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + (size_t)t * ldy + 16 * (k + j), st, acc[j * NT + t]);
+    }
+}
+
+#define ITL_BLOCK_FN(NT, NB)                                                                                    \
+    __attribute__((target(ITL_T512))) static void block_512_##NT##x##NB(const itl_pmat *p, int k,              \
+                                                                         const itl_qbuf *q, const int *rows,    \
+                                                                         float *y, int ldy) {                   \
+        block_512(p, k, q, rows, y, ldy, NT, NB);                                                               \
+    }
+ITL_BLOCK_FN(1, 1) ITL_BLOCK_FN(2, 1) ITL_BLOCK_FN(3, 1) ITL_BLOCK_FN(4, 1)
+ITL_BLOCK_FN(1, 2) ITL_BLOCK_FN(1, 3) ITL_BLOCK_FN(1, 4)
+
+/* Y[t] = W x_t for the T quantized rows rows[t] of q (rows NULL: 0..T-1); Y rows ldy apart. One
+   token: up to four blocks at a time; more: block by block, four tokens at a time (a block's codes read
+   once for four tokens). */
+__attribute__((target(ITL_T512)))
+static void matmat_512(const itl_pmat *p, const itl_qbuf *q, const int *rows, int T, float *Y, int ldy) {
+    int ident[ITL_CHUNK];
+    if (!rows) {
+        for (int t = 0; t < T && t < ITL_CHUNK; t++) ident[t] = t;
+        rows = ident;
+    }
+    if (T == 1) {
+        int k = 0;
+        for (; k + 4 <= p->nblk; k += 4) block_512_1x4(p, k, q, rows, Y, ldy);
+        switch (p->nblk - k) {
+        case 3: block_512_1x3(p, k, q, rows, Y, ldy); break;
+        case 2: block_512_1x2(p, k, q, rows, Y, ldy); break;
+        case 1: block_512_1x1(p, k, q, rows, Y, ldy); break;
+        default: break;
+        }
+        return;
+    }
+    for (int k = 0; k < p->nblk; k++)
+        for (int t = 0; t < T; t += 4) {
+            float *yt = Y + (size_t)t * ldy;
+            switch (T - t >= 4 ? 4 : T - t) {
+            case 4: block_512_4x1(p, k, q, rows + t, yt, ldy); break;
+            case 3: block_512_3x1(p, k, q, rows + t, yt, ldy); break;
+            case 2: block_512_2x1(p, k, q, rows + t, yt, ldy); break;
+            default: block_512_1x1(p, k, q, rows + t, yt, ldy); break;
+            }
+        }
+}
+
+/* The same quantization into q's row t for the AVX2 path: 8 lanes at a time and the group's tail
+   in scalar code, with the same division and rounding (so the same int8 values). */
+__attribute__((target("avx2,fma,f16c")))
+static void quant_row_avx2(const itl_pmat *p, const float *x, const itl_qbuf *q, int t) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 lim = _mm256_set1_ps(127.f), nlim = _mm256_set1_ps(-127.f);
+    int8_t *x8 = q->x8 + (size_t)t * q->ld;
+    for (int b = 0; b < p->ng; b++) {
+        const float *xb = x + b * p->group;
+        int g8 = p->group / 8 * 8, i;
+        __m256 m = _mm256_setzero_ps();
+        for (i = 0; i < g8; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xb + i), absmask));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 0x55)));
+        for (; i < p->group; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float s = amax / 127.f;
+        if (s < 1e-12f) s = 1e-12f;
+        __m256 vs = _mm256_set1_ps(s);
+        __m256i vsum = _mm256_setzero_si256();
+        int8_t *qb = x8 + b * p->gp;
+        for (i = 0; i < g8; i += 8) {
+            __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xb + i), vs),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256i qi = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, nlim), lim));
+            vsum = _mm256_add_epi32(vsum, qi);
+            __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+            _mm_storel_epi64((__m128i *)(qb + i), _mm_packs_epi16(w16, w16));
+        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
+        int32_t sum = hsum_epi32(s4);
+        for (; i < p->group; i++) {
+            float v = nearbyintf(xb[i] / s);
+            v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+            qb[i] = (int8_t)v;
+            sum += (int32_t)v;
+        }
+        for (; i < p->gp; i++) qb[i] = 0;
+        q->s[(size_t)t * q->ldg + b] = s;
+        q->sum[(size_t)t * q->ldg + b] = sum;
+    }
+}
+
+/* u8 codes (<= 15) x s8 activations, 4 bytes a lane summed into int32: vpdpbusd's result, by
+   maddubs (pairs into int16: 2 * 15 * 127 cannot saturate) and madd with ones. */
+__attribute__((target("avx2,fma,f16c")))
+static inline __m256i dot4_avx2(__m256i acc, __m256i codes, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
+}
+
+/* One 16-row block `k` of a nibble-coded (codes <= 15) packed matrix for NT (1..4) activation rows
+   of q: the VNNI kernel's arithmetic, rows 0..7 and 8..15 as two 8-lane halves. */
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline void block_avx2(const itl_pmat *p, int k, const itl_qbuf *q, const int *rows, float *y, int ldy,
+                              const int NT) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[4][2];
+    const int8_t *xr[4];
+    for (int t = 0; t < NT; t++) {
+        xr[t] = q->x8 + (size_t)rows[t] * q->ld;
+        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    }
+    const uint8_t *wp = p->w + (size_t)k * p->ng * p->gbytes;
+    int nc = p->gp / 8;
+    for (int b = 0; b < p->ng; b++) {
+        __m256i d[4][2];
+        for (int t = 0; t < NT; t++) d[t][0] = d[t][1] = _mm256_setzero_si256();
+        for (int ch = 0; ch < nc; ch++, wp += 64) {
+            __m256i v0 = _mm256_load_si256((const __m256i *)wp), v1 = _mm256_load_si256((const __m256i *)(wp + 32));
+            __m256i l0 = _mm256_and_si256(v0, m4), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
+            __m256i l1 = _mm256_and_si256(v1, m4), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+            for (int t = 0; t < NT; t++) {
+                const int8_t *xa = xr[t] + b * p->gp + 8 * ch;
+                __m256i xl = _mm256_set1_epi32(load_i32(xa)), xh = _mm256_set1_epi32(load_i32(xa + 4));
+                d[t][0] = dot4_avx2(dot4_avx2(d[t][0], l0, xl), h0, xh);
+                d[t][1] = dot4_avx2(dot4_avx2(d[t][1], l1, xl), h1, xh);
+            }
+        }
+        size_t si = ((size_t)k * p->ng + b) * 16;
+        for (int half = 0; half < 2; half++) {
+            __m256i z = _mm256_load_si256((const __m256i *)(p->z + si + 8 * half));
+            __m256 sc = _mm256_load_ps(p->s + si + 8 * half);
+            for (int t = 0; t < NT; t++) {
+                size_t gi = (size_t)rows[t] * q->ldg + b;
+                __m256i dot = _mm256_sub_epi32(d[t][half], _mm256_mullo_epi32(z, _mm256_set1_epi32(q->sum[gi])));
+                acc[t][half] = _mm256_fmadd_ps(_mm256_mul_ps(sc, _mm256_set1_ps(q->s[gi])), _mm256_cvtepi32_ps(dot),
+                                               acc[t][half]);
+            }
+        }
+    }
+    int left = p->out - 16 * k;
+    for (int t = 0; t < NT; t++) {
+        float *yt = y + (size_t)t * ldy + 16 * k;
+        if (left >= 16) {
+            _mm256_storeu_ps(yt, acc[t][0]);
+            _mm256_storeu_ps(yt + 8, acc[t][1]);
+        } else {
+            float tmp[16];
+            _mm256_storeu_ps(tmp, acc[t][0]);
+            _mm256_storeu_ps(tmp + 8, acc[t][1]);
+            memcpy(yt, tmp, (size_t)left * sizeof(float));
+        }
+    }
+}
+
+#define ITL_BLOCK_AVX2_FN(NT)                                                                                   \
+    __attribute__((target("avx2,fma,f16c"))) static void block_avx2_##NT(const itl_pmat *p, int k,             \
+                                                                          const itl_qbuf *q, const int *rows,   \
+                                                                          float *y, int ldy) {                  \
+        block_avx2(p, k, q, rows, y, ldy, NT);                                                                  \
+    }
+ITL_BLOCK_AVX2_FN(1) ITL_BLOCK_AVX2_FN(2) ITL_BLOCK_AVX2_FN(3) ITL_BLOCK_AVX2_FN(4)
+
+/* matmat_512's loop (block by block, four tokens at a time) on the AVX2 kernel (nibble-coded
+   matrices only). */
+__attribute__((target("avx2,fma,f16c")))
+static void matmat_avx2(const itl_pmat *p, const itl_qbuf *q, int T, float *Y, int ldy) {
+    int rows[ITL_CHUNK];
+    for (int t = 0; t < T && t < ITL_CHUNK; t++) rows[t] = t;
+    for (int k = 0; k < p->nblk; k++)
+        for (int t = 0; t < T; t += 4) {
+            float *yt = Y + (size_t)t * ldy;
+            switch (T - t >= 4 ? 4 : T - t) {
+            case 4: block_avx2_4(p, k, q, rows + t, yt, ldy); break;
+            case 3: block_avx2_3(p, k, q, rows + t, yt, ldy); break;
+            case 2: block_avx2_2(p, k, q, rows + t, yt, ldy); break;
+            default: block_avx2_1(p, k, q, rows + t, yt, ldy); break;
+            }
+        }
+}
+
+/* exp for 16 lanes: the same range reduction and polynomial as exp8_avx2. */
+__attribute__((target(ITL_T512)))
+static inline __m512 exp16_512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 e = _mm512_set1_ps(1.9875691500e-4f);
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.3981999507e-3f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(8.3334519073e-3f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(4.1665795894e-2f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.6666665459e-1f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(5.0000001201e-1f));
+    e = _mm512_fmadd_ps(e, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(e, n);
+}
+
+__attribute__((target(ITL_T512)))
+static void silu_512(float *v, int n) {
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 x = _mm512_maskz_loadu_ps(k, v + i);
+        __m512 den = _mm512_add_ps(_mm512_set1_ps(1.f), exp16_512(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+        __m512 r = _mm512_rcp14_ps(den); /* 1 / den to 14 bits, then one Newton step */
+        r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, _mm512_set1_ps(2.f)));
+        _mm512_mask_storeu_ps(v + i, k, _mm512_mul_ps(x, r));
+    }
+}
+
+/* The sums of 16 vectors, one lane each (lane i = the sum of v[i]'s lanes), by a tree of shuffles:
+   pairs within 128-bit lanes, then the four 128-bit lanes. */
+__attribute__((target(ITL_T512)))
+static inline __m512 sum16_512(const __m512 *v) {
+    __m512 u[4];
+    for (int q = 0; q < 4; q++) {
+        const __m512 *a = v + 4 * q;
+        __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+        __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+        u[q] = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+    }
+    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+/* The state rows of one head (p channels, n states each): s = s * decay + (x dt) B, then
+   y = (s . C + x D) * gate, 16 states a vector; with n == 16, sixteen channels' dots reduced
+   together (sum16_512). */
+__attribute__((target(ITL_T512)))
+static void state_head_512(float *S, const float *B, const float *C, float decay, float dt, const float *xv,
+                           float D, const float *gate, float *y, int p, int n) {
+    __m512 vd = _mm512_set1_ps(decay);
+    int ch = 0;
+    if (n == 16) {
+        __m512 vb = _mm512_loadu_ps(B), vc = _mm512_loadu_ps(C);
+        for (; ch + 16 <= p; ch += 16) {
+            __m512 prod[16], xdt = _mm512_mul_ps(_mm512_loadu_ps(xv + ch), _mm512_set1_ps(dt));
+            for (int i = 0; i < 16; i++) {
+                float *s = S + (size_t)(ch + i) * 16;
+                __m512 xi = _mm512_permutexvar_ps(_mm512_set1_epi32(i), xdt);
+                __m512 sv = _mm512_fmadd_ps(_mm512_loadu_ps(s), vd, _mm512_mul_ps(xi, vb));
+                _mm512_storeu_ps(s, sv);
+                prod[i] = _mm512_mul_ps(sv, vc);
+            }
+            __m512 yv = _mm512_add_ps(sum16_512(prod), _mm512_mul_ps(_mm512_loadu_ps(xv + ch), _mm512_set1_ps(D)));
+            _mm512_storeu_ps(y + ch, _mm512_mul_ps(yv, _mm512_loadu_ps(gate + ch)));
+        }
+    }
+    for (; ch < p; ch++) {
+        float *s = S + (size_t)ch * n;
+        __m512 vx = _mm512_set1_ps(xv[ch] * dt), acc = _mm512_setzero_ps();
+        for (int j = 0; j < n; j += 16) {
+            __mmask16 k = n - j >= 16 ? 0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            __m512 sv = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, s + j), vd,
+                                        _mm512_mul_ps(vx, _mm512_maskz_loadu_ps(k, B + j)));
+            _mm512_mask_storeu_ps(s + j, k, sv);
+            acc = _mm512_fmadd_ps(sv, _mm512_maskz_loadu_ps(k, C + j), acc);
+        }
+        y[ch] = (_mm512_reduce_add_ps(acc) + xv[ch] * D) * gate[ch];
+    }
+}
+
+/* The causal conv of 4 taps over channels [0, di - di % 4), four channels a vector: each channel's
+   window shifted by one with the new input, then bias + taps summed in order (as the scalar loop,
+   no fused multiply-add). Returns the first channel left to the caller. */
+__attribute__((target(ITL_T512)))
+static int conv4_512(float *conv, const float *xs, const float *w, const float *bias, float *out, int di) {
+    const __m512i shift = _mm512_set_epi32(19, 15, 14, 13, 18, 11, 10, 9, 17, 7, 6, 5, 16, 3, 2, 1);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i first = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+    int ch = 0;
+    for (; ch + 4 <= di; ch += 4) {
+        float *cw = conv + (size_t)ch * 4;
+        __m512 win = _mm512_permutex2var_ps(_mm512_loadu_ps(cw), shift, _mm512_castps128_ps512(_mm_loadu_ps(xs + ch)));
+        _mm512_storeu_ps(cw, win);
+        __m512 p = _mm512_mul_ps(win, _mm512_loadu_ps(w + (size_t)ch * 4));
+        __m512 acc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(bias + ch)));
+        acc = _mm512_add_ps(acc, _mm512_permute_ps(p, 0x00));
+        acc = _mm512_add_ps(acc, _mm512_permute_ps(p, 0x55));
+        acc = _mm512_add_ps(acc, _mm512_permute_ps(p, 0xAA));
+        acc = _mm512_add_ps(acc, _mm512_permute_ps(p, 0xFF));
+        _mm_storeu_ps(out + ch, _mm512_castps512_ps128(_mm512_permutexvar_ps(first, acc)));
+    }
+    return ch;
+}
+
+/* The first index of the largest of v[0..n) (as the scalar loop: ties to the lower index); -1 when
+   a NaN is present (the caller's scalar loop then decides). */
+__attribute__((target(ITL_T512)))
+static int argmax_512(const float *v, int n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, v + i);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        m = _mm512_max_ps(m, x);
+    }
+    if (nan) return -1;
+    __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __mmask16 hit = _mm512_mask_cmp_ps_mask(k, _mm512_maskz_loadu_ps(k, v + i), best, _CMP_EQ_OQ);
+        if (hit) return i + __builtin_ctz(hit);
+    }
+    return 0;
+}
+#endif
+
 /* ------------------------------------------------------------------------- the step */
 
-/* y = W x with x quantized to int8 per block. */
+/* y = W x with x quantized to int8 per block (the scalar and AVX2 paths, one row). */
 static void matvec(itl_ctx *c, const itl_mat *w, const float *x, float *y) {
 #if ITL_X86
-    if (c->isa == ITL_AVX2 && w->group % 8 == 0)
+    if (c->isa >= ITL_AVX2 && w->group % 8 == 0)
         quantize_act_avx2(c, x, w->in, w->group);
     else
 #endif
@@ -570,18 +967,65 @@ static void matvec(itl_ctx *c, const itl_mat *w, const float *x, float *y) {
     if (w->kind == ITL_F16) {
         for (int i = 0; i < w->in; i++) c->xf[i] = (float)c->x16[i] * c->xs[i / w->group];
 #if ITL_X86
-        if (c->isa == ITL_AVX2) { matvec_f16_avx2(c, w, y); return; }
+        if (c->isa >= ITL_AVX2) { matvec_f16_avx2(c, w, y); return; }
 #endif
         matvec_f16_scalar(c, w, y);
         return;
     }
 #if ITL_X86
-    if (c->isa == ITL_AVX2) { matvec_int_avx2(c, w, y); return; }
+    if (c->isa >= ITL_AVX2) { matvec_int_avx2(c, w, y); return; }
 #endif
     matvec_int_scalar(c, w, y);
 }
 
-static void rms(const float *x, const float *w, float eps, int d, float *out) {
+/* Y[t] = W X[rows[t]] for t < T (rows NULL: 0..T-1; X rows ldx floats apart, Y rows ldy). The
+   AVX-512 path quantizes the rows into `q` and runs the VNNI kernel over all of them; the AVX2 path
+   does the same with its own kernel for a nibble-coded matrix (8-bit codes would saturate its
+   maddubs); otherwise one row at a time. */
+static void matmat(itl_ctx *c, const itl_mat *w, const itl_pmat *p, itl_qbuf *q, const float *X, int ldx,
+                   const int *rows, int T, float *Y, int ldy) {
+#if ITL_X86
+    if (c->isa == ITL_AVX512 && p->w) {
+        for (int t = 0; t < T; t++) quant_row_512(p, X + (size_t)(rows ? rows[t] : t) * ldx, q, t);
+        matmat_512(p, q, NULL, T, Y, ldy);
+        return;
+    }
+    if (c->isa == ITL_AVX2 && p->w && !p->wide) {
+        for (int t = 0; t < T; t++) quant_row_avx2(p, X + (size_t)(rows ? rows[t] : t) * ldx, q, t);
+        matmat_avx2(p, q, T, Y, ldy);
+        return;
+    }
+#else
+    (void)p; (void)q;
+#endif
+    for (int t = 0; t < T; t++) matvec(c, w, X + (size_t)(rows ? rows[t] : t) * ldx, Y + (size_t)t * ldy);
+}
+
+#if ITL_X86
+__attribute__((target(ITL_T512)))
+static void rms_512(const float *x, const float *w, float eps, int d, float *out) {
+    __m512 ss = _mm512_setzero_ps();
+    for (int i = 0; i < d; i += 16) {
+        __mmask16 k = d - i >= 16 ? 0xFFFF : (__mmask16)((1u << (d - i)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+        ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(ss) / (float)d + eps));
+    for (int i = 0; i < d; i += 16) {
+        __mmask16 k = d - i >= 16 ? 0xFFFF : (__mmask16)((1u << (d - i)) - 1);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), inv);
+        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(k, w + i)));
+    }
+}
+#endif
+
+/* out = x / rms(x) * w (d floats) */
+static void rms(const itl_ctx *c, const float *x, const float *w, float eps, int d, float *out) {
+#if ITL_X86
+    if (c->isa == ITL_AVX512) { rms_512(x, w, eps, d, out); return; }
+#else
+    (void)c;
+#endif
     float ss = 0.f;
     for (int i = 0; i < d; i++) ss += x[i] * x[i];
     float inv = 1.f / sqrtf(ss / (float)d + eps);
@@ -627,7 +1071,10 @@ static void silu_avx2(float *v, int n) {
 /* v[i] = silu(v[i]) */
 static void silu_inplace(itl_ctx *c, float *v, int n) {
 #if ITL_X86
+    if (c->isa == ITL_AVX512) { silu_512(v, n); return; }
     if (c->isa == ITL_AVX2) { silu_avx2(v, n); return; }
+#else
+    (void)c;
 #endif
     for (int i = 0; i < n; i++) v[i] = silu(v[i]);
 }
@@ -641,90 +1088,167 @@ static void embed_row(itl_ctx *c, int tok, float *x) {
         return;
     }
     unpack_row_scalar(w->codes + (size_t)tok * w->rowbytes, w->bits, w->in, c->row);
-    for (int i = 0; i < w->in; i++) {
-        size_t gi = (size_t)(i / w->group) * w->out + tok;
-        x[i] = ((float)c->row[i] - (float)w->zeros[gi]) * half_to_float(w->scales[gi]);
+    for (int b = 0; b < w->in / w->group; b++) { /* one scale and zero-point a group */
+        size_t gi = (size_t)b * w->out + tok;
+        float s = half_to_float(w->scales[gi]), z = (float)w->zeros[gi];
+        for (int i = b * w->group; i < (b + 1) * w->group; i++) x[i] = ((float)c->row[i] - z) * s;
     }
 }
 
-/* The residual stream of token `tok` (d floats): its row, through embed_in when factorised (the
-   row is staged in xn, which the first layer overwrites only after this). */
-static void embed(itl_ctx *c, int tok, float *x) {
-    if (c->m->rank > 0) {
-        embed_row(c, tok, c->xn);
-        matvec(c, &c->m->embed_in, c->xn, x);
-    } else {
-        embed_row(c, tok, x);
-    }
-}
-
-static void mixer(itl_ctx *c, const itl_layer *L, float *conv, float *S) {
+/* The residual streams of the T tokens (d floats each, rows c->ld apart in c->x): their rows,
+   through embed_in when factorised (the rows staged in xn). */
+static void embed(itl_ctx *c, const int32_t *toks, int T) {
     const itl_model *m = c->m;
-    int di = L->d_inner, dc = L->d_conv;
-    rms(c->x, L->norm1, L->eps1, m->d, c->xn);
-    matvec(c, &L->in_proj, c->xn, c->xz); /* xs = xz[:di], z = xz[di:] */
-    for (int ch = 0; ch < di; ch++) {
-        float *cw = conv + (size_t)ch * dc, acc = L->conv_b[ch];
-        memmove(cw, cw + 1, (size_t)(dc - 1) * sizeof(float));
-        cw[dc - 1] = c->xz[ch];
-        for (int t = 0; t < dc; t++) acc += cw[t] * L->conv_w[ch * dc + t];
-        c->xc[ch] = acc;
-    }
-    silu_inplace(c, c->xc, di);
-    silu_inplace(c, c->xz + di, di); /* the gate */
-    matvec(c, &L->x_proj, c->xc, c->dbc); /* dt rank r, then B (n), C (n) */
-    matvec(c, &L->dt_proj, c->dbc, c->dt);
-    const float *B = c->dbc + L->r, *C = c->dbc + L->r + L->n;
-    for (int h = 0; h < L->h; h++) {
-        float dt = softplus(c->dt[h] + L->dt_b[h]), decay = expf(dt * L->A[h]);
-        for (int p = 0; p < L->p; p++) {
-            int ch = h * L->p + p;
-            float xv = c->xc[ch], xdt = xv * dt, acc;
-            float *s = S + (size_t)ch * L->n;
+    float *dst = m->rank > 0 ? c->xn : c->x;
+    for (int t = 0; t < T; t++) embed_row(c, toks[t], dst + (size_t)t * c->ld);
+    if (m->rank > 0) matmat(c, &m->embed_in, &c->embed_in, &c->qb, c->xn, c->ld, NULL, T, c->x, c->ld);
+}
+
+/* The mixer of layer l over T tokens, one after another through the conv and the state. */
+static void mixer(itl_ctx *c, int l, float *conv, float *S, int T) {
+    const itl_model *m = c->m;
+    const itl_layer *L = &m->layers[l];
+    const itl_player *P = &c->pl[l];
+    int di = L->d_inner, dc = L->d_conv, ld = c->ld;
+    for (int t = 0; t < T; t++) rms(c, c->x + (size_t)t * ld, L->norm1, L->eps1, m->d, c->xn + (size_t)t * ld);
+    matmat(c, &L->in_proj, &P->in_proj, &c->qb, c->xn, ld, NULL, T, c->xz, ld); /* xs = xz[:di], z = xz[di:] */
+    for (int t = 0; t < T; t++) {
+        const float *xz = c->xz + (size_t)t * ld;
+        float *xc = c->xc + (size_t)t * ld;
+        int ch = 0;
 #if ITL_X86
-            if (c->isa == ITL_AVX2)
-                acc = state_row_avx2(s, B, C, decay, xdt, L->n);
-            else
+        if (c->isa == ITL_AVX512 && dc == 4) ch = conv4_512(conv, xz, L->conv_w, L->conv_b, xc, di);
 #endif
-                acc = state_row_scalar(s, B, C, decay, xdt, L->n);
-            c->y[ch] = (acc + xv * L->D[h]) * c->xz[di + ch];
+        for (; ch < di; ch++) { /* shift in the new input, then the taps (each value read once) */
+            float *cw = conv + (size_t)ch * dc, acc = L->conv_b[ch];
+            const float *wc = L->conv_w + (size_t)ch * dc;
+            for (int u = 0; u + 1 < dc; u++) {
+                float v = cw[u + 1];
+                cw[u] = v;
+                acc += v * wc[u];
+            }
+            cw[dc - 1] = xz[ch];
+            xc[ch] = acc + xz[ch] * wc[dc - 1];
+        }
+        silu_inplace(c, xc, di);
+        silu_inplace(c, c->xz + (size_t)t * ld + di, di); /* the gate */
+    }
+    matmat(c, &L->x_proj, &P->x_proj, &c->qb, c->xc, ld, NULL, T, c->dbc, ld); /* dt rank r, then B (n), C (n) */
+    matmat(c, &L->dt_proj, &P->dt_proj, &c->qb, c->dbc, ld, NULL, T, c->dt, ld);
+    for (int t = 0; t < T; t++) {
+        const float *dbc = c->dbc + (size_t)t * ld, *B = dbc + L->r, *C = dbc + L->r + L->n;
+        const float *xc = c->xc + (size_t)t * ld, *gate = c->xz + (size_t)t * ld + di;
+        float *y = c->y + (size_t)t * ld;
+        for (int h = 0; h < L->h; h++) {
+            float dt = softplus(c->dt[(size_t)t * ld + h] + L->dt_b[h]), decay = expf(dt * L->A[h]);
+            const float *xh = xc + h * L->p;
+            float *yh = y + h * L->p, *Sh = S + (size_t)h * L->p * L->n;
+#if ITL_X86
+            if (c->isa == ITL_AVX512) {
+                state_head_512(Sh, B, C, decay, dt, xh, L->D[h], gate + h * L->p, yh, L->p, L->n);
+                continue;
+            }
+#endif
+            for (int p = 0; p < L->p; p++) {
+                float xdt = xh[p] * dt, acc;
+#if ITL_X86
+                if (c->isa == ITL_AVX2)
+                    acc = state_row_avx2(Sh + (size_t)p * L->n, B, C, decay, xdt, L->n);
+                else
+#endif
+                    acc = state_row_scalar(Sh + (size_t)p * L->n, B, C, decay, xdt, L->n);
+                yh[p] = (acc + xh[p] * L->D[h]) * gate[h * L->p + p];
+            }
         }
     }
-    matvec(c, &L->out_proj, c->y, c->mo);
-    for (int i = 0; i < m->d; i++) c->x[i] += c->mo[i];
+    matmat(c, &L->out_proj, &P->out_proj, &c->qb, c->y, ld, NULL, T, c->mo, ld);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < m->d; i++) c->x[(size_t)t * ld + i] += c->mo[(size_t)t * ld + i];
 }
 
-static void moe(itl_ctx *c, const itl_layer *L) {
+/* The sparse MoE of layer l over T tokens: the router, each token's top-k experts, then each
+   expert once over the tokens routed to it; a token's expert outputs summed in its top-k order. */
+static void moe(itl_ctx *c, int l, int T) {
     const itl_model *m = c->m;
-    int d = m->d, e = L->e, k = L->k;
-    float probs[ITL_MAX_EXPERTS], mx = -INFINITY, tot = 0.f, gsum = 0.f;
-    int top[ITL_MAX_EXPERTS];
-    rms(c->x, L->norm2, L->eps2, d, c->xn);
-    matvec(c, &L->router, c->xn, c->up);
-    for (int j = 0; j < e; j++) mx = fmaxf(mx, c->up[j]);
-    for (int j = 0; j < e; j++) tot += (probs[j] = expf(c->up[j] - mx));
-    for (int j = 0; j < e; j++) probs[j] /= tot;
-    for (int t = 0; t < k; t++) { /* top-k, the largest first; ties go to the lower index */
-        int best = -1;
-        for (int j = 0; j < e; j++) {
-            int used = 0;
-            for (int u = 0; u < t; u++) used |= top[u] == j;
-            if (!used && (best < 0 || probs[j] > probs[best])) best = j;
+    const itl_layer *L = &m->layers[l];
+    const itl_player *P = &c->pl[l];
+    int d = m->d, e = L->e, k = L->k, ld = c->ld;
+    for (int t = 0; t < T; t++) rms(c, c->x + (size_t)t * ld, L->norm2, L->eps2, d, c->xn + (size_t)t * ld);
+    matmat(c, &L->router, &P->router, &c->qa, c->xn, ld, NULL, T, c->up, ld);
+    for (int t = 0; t < T; t++) {
+        const float *logit = c->up + (size_t)t * ld;
+        float probs[ITL_MAX_EXPERTS], mx = -INFINITY, tot = 0.f, gsum = 0.f;
+        int top[ITL_MAX_EXPERTS];
+        for (int j = 0; j < e; j++) mx = fmaxf(mx, logit[j]);
+        for (int j = 0; j < e; j++) tot += (probs[j] = expf(logit[j] - mx));
+        for (int j = 0; j < e; j++) probs[j] /= tot;
+        for (int u = 0; u < k; u++) { /* top-k, the largest first; ties go to the lower index */
+            int best = -1;
+            for (int j = 0; j < e; j++) {
+                int used = 0;
+                for (int v = 0; v < u; v++) used |= top[v] == j;
+                if (!used && (best < 0 || probs[j] > probs[best])) best = j;
+            }
+            top[u] = best;
+            gsum += probs[best];
         }
-        top[t] = best;
-        gsum += probs[best];
+        for (int u = 0; u < k; u++) {
+            c->sel[t * k + u] = top[u];
+            c->gate[t * k + u] = probs[top[u]] / gsum;
+        }
     }
-    float *acc = c->mo;
-    memset(acc, 0, (size_t)d * sizeof(float));
-    for (int t = 0; t < k; t++) {
-        const itl_mat *w1 = &L->w1[top[t]], *w2 = &L->w2[top[t]];
-        matvec(c, w1, c->xn, c->hid);
-        silu_inplace(c, c->hid, w1->out);
-        matvec(c, w2, c->hid, c->up);
-        float g = probs[top[t]] / gsum;
-        for (int i = 0; i < d; i++) acc[i] += g * c->up[i];
+    for (int x = 0; x < e; x++) {
+        int n = 0;
+        for (int s = 0; s < T * k; s++)
+            if (c->sel[s] == x) c->rows[n++] = s;
+        if (!n) continue;
+        const itl_mat *w1 = &L->w1[x], *w2 = &L->w2[x];
+        const itl_pmat *p1 = &P->w1[x], *p2 = &P->w2[x];
+        int toks[ITL_CHUNK * ITL_MAX_EXPERTS];
+        for (int i = 0; i < n; i++) toks[i] = c->rows[i] / k;
+#if ITL_X86
+        if (c->isa == ITL_AVX512 && p1->w && P->router.w && p1->group == P->router.group)
+            matmat_512(p1, &c->qa, toks, n, c->hid, ld); /* the router's quantized rows */
+        else
+#endif
+            matmat(c, w1, p1, &c->qb, c->xn, ld, toks, n, c->hid, ld);
+        for (int i = 0; i < n; i++) silu_inplace(c, c->hid + (size_t)i * ld, w1->out);
+        matmat(c, w2, p2, &c->qb, c->hid, ld, NULL, n, c->up, ld);
+        for (int i = 0; i < n; i++) memcpy(c->ups + (size_t)c->rows[i] * ld, c->up + (size_t)i * ld, (size_t)d * 4);
     }
-    for (int i = 0; i < d; i++) c->x[i] += acc[i];
+    for (int t = 0; t < T; t++) {
+        float *x = c->x + (size_t)t * ld, *acc = c->mo;
+        memset(acc, 0, (size_t)d * sizeof(float));
+        for (int u = 0; u < k; u++) {
+            const float *up = c->ups + (size_t)(t * k + u) * ld;
+            float g = c->gate[t * k + u];
+            for (int i = 0; i < d; i++) acc[i] += g * up[i];
+        }
+        for (int i = 0; i < d; i++) x[i] += acc[i];
+    }
+}
+
+/* T tokens (T <= ITL_CHUNK) through every layer; logits of every token (all: rows vocab apart) or of
+   the last one only. */
+static void run_chunk(itl_ctx *c, const int32_t *toks, int T, float *conv, float *ssm, float *logits, int all) {
+    const itl_model *m = c->m;
+    int ld = c->ld;
+    embed(c, toks, T);
+    for (int l = 0; l < m->n_layers; l++) {
+        const itl_layer *L = &m->layers[l];
+        mixer(c, l, conv, ssm, T);
+        moe(c, l, T);
+        conv += (size_t)L->d_inner * L->d_conv;
+        ssm += (size_t)L->h * L->p * L->n;
+    }
+    int first = all ? 0 : T - 1, nh = T - first;
+    for (int t = 0; t < nh; t++) rms(c, c->x + (size_t)(first + t) * ld, m->norm_f, m->eps_f, m->d, c->xn + (size_t)t * ld);
+    if (m->rank > 0) {
+        matmat(c, &m->head_proj, &c->head_proj, &c->qb, c->xn, ld, NULL, nh, c->y, ld);
+        matmat(c, &m->emb, &c->emb, &c->qb, c->y, ld, NULL, nh, logits, m->vocab);
+    } else {
+        matmat(c, &m->emb, &c->emb, &c->qb, c->xn, ld, NULL, nh, logits, m->vocab);
+    }
 }
 
 /* ------------------------------------------------------------------------- API */
@@ -733,6 +1257,17 @@ int itl_avx2_supported(void) {
 #if ITL_X86
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* AVX-512 F/BW/VL with VNNI (and the AVX2 path's features, which its fp16 matrices use). */
+int itl_avx512_supported(void) {
+#if ITL_X86
+    __builtin_cpu_init();
+    return itl_avx2_supported() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #else
     return 0;
 #endif
@@ -815,10 +1350,13 @@ int itl_check_model(const itl_model *m, char *why, int why_len) {
 #undef ITL_BAD
 }
 
-/* 0 scalar, 1 AVX2 (only where supported); returns the path now in use (-ITL_ERR_CTX for a bad context). */
+/* 0 scalar, 1 AVX2, 2 AVX-512 VNNI; a path the CPU lacks falls back to the best one below it.
+   Returns the path now in use (-ITL_ERR_CTX for a bad context). */
 int itl_set_isa(itl_ctx *c, int isa) {
     if (!ctx_ok(c)) return -ITL_ERR_CTX;
-    c->isa = (isa == ITL_AVX2 && itl_avx2_supported()) ? ITL_AVX2 : ITL_SCALAR;
+    if (isa == ITL_AVX512 && !c->has512) isa = ITL_AVX2;
+    if (isa == ITL_AVX2 && !itl_avx2_supported()) isa = ITL_SCALAR;
+    c->isa = isa == ITL_AVX512 || isa == ITL_AVX2 ? isa : ITL_SCALAR;
     return c->isa;
 }
 
@@ -833,70 +1371,151 @@ int itl_state_sizes(const itl_ctx *c, int64_t *conv_n, int64_t *ssm_n) {
     return ITL_OK;
 }
 
+/* Every packed matrix of the context, by index (NULL past the last). */
+static itl_pmat *pmat_at(itl_ctx *c, int i) {
+    if (i < 3) return i == 0 ? &c->emb : i == 1 ? &c->embed_in : &c->head_proj;
+    i -= 3;
+    for (int l = 0; l < c->m->n_layers; l++) {
+        itl_player *P = &c->pl[l];
+        int e = c->m->layers[l].e;
+        if (i < 5) return i == 0 ? &P->in_proj : i == 1 ? &P->x_proj : i == 2 ? &P->dt_proj : i == 3 ? &P->out_proj
+                                                                                                : &P->router;
+        i -= 5;
+        if (i < 2 * e) return i < e ? (P->w1 ? &P->w1[i] : NULL) : (P->w2 ? &P->w2[i - e] : NULL);
+        i -= 2 * e;
+    }
+    return NULL;
+}
+
 void itl_free(itl_ctx *c) {
     if (!c || c->magic != ITL_MAGIC) return;
     c->magic = 0;
-    void *bufs[] = {c->x, c->xn, c->xz, c->xc, c->dbc, c->dt, c->y, c->up, c->hid, c->mo, c->x8, c->x16, c->xs,
-                    c->xsum, c->xf, c->row};
+    if (c->pl) {
+        itl_pmat *p;
+        for (int i = 0; (p = pmat_at(c, i)) != NULL || i < 3; i++)
+            if (p) pmat_free(p);
+        for (int l = 0; l < c->m->n_layers; l++) { free(c->pl[l].w1); free(c->pl[l].w2); }
+        free(c->pl);
+    }
+    void *bufs[] = {c->x, c->xn, c->xz, c->xc, c->dbc, c->dt, c->y, c->up, c->hid, c->mo, c->ups, c->gate, c->sel,
+                    c->rows, c->x8, c->x16, c->xs, c->xsum, c->xf, c->row, c->qa.x8, c->qa.s, c->qa.sum, c->qb.x8,
+                    c->qb.s, c->qb.sum};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(c);
 }
 
-/* A context over `m` (which must outlive it and stay unchanged), with its scratch buffers; NULL
-   when out of memory or when itl_check_model refuses `m` (call it for the reason). */
+static int imax(int a, int b) { return a > b ? a : b; }
+
+/* The per-matrix slots, with (pack) the VNNI copies of every integer matrix, and the quantized-row
+   buffers; 0 or -1. */
+static int build_packed(itl_ctx *c, int pack) {
+    const itl_model *m = c->m;
+    c->pl = calloc((size_t)(m->n_layers > 0 ? m->n_layers : 1), sizeof *c->pl);
+    if (!c->pl) return -1;
+    for (int l = 0; l < m->n_layers; l++) {
+        c->pl[l].w1 = calloc((size_t)m->layers[l].e, sizeof(itl_pmat));
+        c->pl[l].w2 = calloc((size_t)m->layers[l].e, sizeof(itl_pmat));
+        if (!c->pl[l].w1 || !c->pl[l].w2) return -1;
+    }
+    int qld = 64, qldg = 1;
+    itl_pmat *p;
+    for (int i = 0; (p = pmat_at(c, i)) != NULL; i++) {
+        const itl_mat *w = NULL;
+        if (i < 3) {
+            w = i == 0 ? &m->emb : i == 1 ? &m->embed_in : &m->head_proj;
+            if (i > 0 && m->rank == 0) continue;
+        } else {
+            int j = i - 3;
+            for (int l = 0; l < m->n_layers && !w; l++) {
+                const itl_layer *L = &m->layers[l];
+                if (j < 5) w = j == 0 ? &L->in_proj : j == 1 ? &L->x_proj : j == 2 ? &L->dt_proj : j == 3 ? &L->out_proj
+                                                                                                      : &L->router;
+                else if (j < 5 + 2 * L->e) w = j < 5 + L->e ? &L->w1[j - 5] : &L->w2[j - 5 - L->e];
+                else j -= 5 + 2 * L->e;
+            }
+        }
+        if (pack && pmat_build(p, w)) return -1;
+        if (p->w) {
+            qld = imax(qld, (p->ng * p->gp + 63) / 64 * 64);
+            qldg = imax(qldg, p->ng);
+        }
+    }
+    itl_qbuf *qs[2] = {&c->qa, &c->qb};
+    for (int i = 0; i < 2; i++) {
+        qs[i]->ld = qld;
+        qs[i]->ldg = qldg;
+        qs[i]->x8 = zalloc64((size_t)ITL_CHUNK * qld);
+        qs[i]->s = calloc((size_t)ITL_CHUNK * qldg, sizeof(float));
+        qs[i]->sum = calloc((size_t)ITL_CHUNK * qldg, sizeof(int32_t));
+        if (!qs[i]->x8 || !qs[i]->s || !qs[i]->sum) return -1;
+    }
+    return 0;
+}
+
+/* A context over `m` (which must outlive it and stay unchanged), with its scratch buffers (and, on
+   a CPU with AVX2, its own packed copy of the integer matrices: itl_pmat); NULL when out of memory or
+   when itl_check_model refuses `m` (call it for the reason). ITERALITE_NATIVE_ISA=scalar / avx2
+   starts it on that path instead of the best one. */
 itl_ctx *itl_create(const itl_model *m) {
     if (itl_check_model(m, NULL, 0) != ITL_OK) return NULL;
     itl_ctx *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->magic = ITL_MAGIC;
     c->m = m;
+    int ld = imax(m->d, m->rank), kmax = 1;
     for (int l = 0; l < m->n_layers; l++) {
         const itl_layer *L = &m->layers[l];
         c->conv_n += (size_t)L->d_inner * L->d_conv;
         c->ssm_n += (size_t)L->h * L->p * L->n;
+        ld = imax(ld, imax(2 * L->d_inner, imax(L->r + 2 * L->n, imax(L->h, imax(L->e, L->f)))));
+        kmax = imax(kmax, L->k);
     }
+    c->ld = ld = (ld + 15) / 16 * 16;
+    c->kmax = kmax;
+    size_t rowf = (size_t)ITL_CHUNK * ld * sizeof(float);
     size_t big = (size_t)(m->max_in > m->vocab ? m->max_in : m->vocab) + 64;
-    c->x = malloc(big * 4); c->xn = malloc(big * 4); c->xz = malloc(big * 4); c->xc = malloc(big * 4);
-    c->dbc = malloc(big * 4); c->dt = malloc(big * 4); c->y = malloc(big * 4); c->up = malloc(big * 4);
-    c->hid = malloc(big * 4); c->mo = malloc(big * 4); c->x8 = malloc(big); c->x16 = malloc(big * 2); c->xs = malloc(big * 4);
+    c->x = malloc(rowf); c->xn = malloc(rowf); c->xz = malloc(rowf); c->xc = malloc(rowf);
+    c->dbc = malloc(rowf); c->dt = malloc(rowf); c->y = malloc(rowf); c->up = malloc(rowf);
+    c->hid = malloc(rowf); c->mo = malloc(rowf); c->ups = malloc(rowf * (size_t)kmax);
+    c->gate = malloc((size_t)ITL_CHUNK * kmax * sizeof(float));
+    c->sel = malloc((size_t)ITL_CHUNK * kmax * sizeof(int32_t));
+    c->rows = malloc((size_t)ITL_CHUNK * kmax * sizeof(int32_t));
+    c->x8 = malloc(big); c->x16 = malloc(big * 2); c->xs = malloc(big * 4);
     c->xsum = malloc(big * 4); c->xf = malloc(big * 4); c->row = malloc(big);
-    if (!c->x || !c->xn || !c->xz || !c->xc || !c->dbc || !c->dt || !c->y || !c->up || !c->hid || !c->mo || !c->x8 ||
-        !c->x16 || !c->xs || !c->xsum || !c->xf || !c->row) {
+    if (!c->x || !c->xn || !c->xz || !c->xc || !c->dbc || !c->dt || !c->y || !c->up || !c->hid || !c->mo || !c->ups ||
+        !c->gate || !c->sel || !c->rows || !c->x8 || !c->x16 || !c->xs || !c->xsum || !c->xf || !c->row) {
         itl_free(c);
         return NULL;
     }
+    int pack = itl_avx2_supported(); /* the packed copy serves the AVX-512 and the AVX2 kernels */
+    if (build_packed(c, pack)) {
+        itl_free(c);
+        return NULL;
+    }
+    c->has512 = pack && itl_avx512_supported();
     const char *env = getenv("ITERALITE_NATIVE_ISA");
-    itl_set_isa(c, env && strcmp(env, "scalar") == 0 ? ITL_SCALAR : ITL_AVX2);
+    int isa = ITL_AVX512;
+    if (env && strcmp(env, "scalar") == 0) isa = ITL_SCALAR;
+    else if (env && strcmp(env, "avx2") == 0) isa = ITL_AVX2;
+    itl_set_isa(c, isa);
     return c;
+}
+
+static int check_state(const itl_ctx *c, const float *conv, int64_t conv_n, const float *ssm, int64_t ssm_n,
+                       const float *logits) {
+    if (!ctx_ok(c)) return ITL_ERR_CTX;
+    if (!conv || !ssm || !logits) return ITL_ERR_NULL;
+    if (conv_n < (int64_t)c->conv_n || ssm_n < (int64_t)c->ssm_n) return ITL_ERR_STATE;
+    return ITL_OK;
 }
 
 static int check_call(const itl_ctx *c, int token, const float *conv, int64_t conv_n, const float *ssm,
                       int64_t ssm_n, const float *logits, int64_t logits_n) {
-    if (!ctx_ok(c)) return ITL_ERR_CTX;
-    if (!conv || !ssm || !logits) return ITL_ERR_NULL;
+    int err = check_state(c, conv, conv_n, ssm, ssm_n, logits);
+    if (err) return err;
     if (token < 0 || token >= c->m->vocab) return ITL_ERR_TOKEN;
-    if (conv_n < (int64_t)c->conv_n || ssm_n < (int64_t)c->ssm_n) return ITL_ERR_STATE;
     if (logits_n < c->m->vocab) return ITL_ERR_LOGITS;
     return ITL_OK;
-}
-
-static void step(itl_ctx *c, int token, float *conv, float *ssm, float *logits) {
-    const itl_model *m = c->m;
-    embed(c, token, c->x);
-    for (int l = 0; l < m->n_layers; l++) {
-        const itl_layer *L = &m->layers[l];
-        mixer(c, L, conv, ssm);
-        moe(c, L);
-        conv += (size_t)L->d_inner * L->d_conv;
-        ssm += (size_t)L->h * L->p * L->n;
-    }
-    rms(c->x, m->norm_f, m->eps_f, m->d, c->xn);
-    if (m->rank > 0) {
-        matvec(c, &m->head_proj, c->xn, c->y);
-        matvec(c, &m->emb, c->y, logits);
-    } else {
-        matvec(c, &m->emb, c->xn, logits);
-    }
 }
 
 /* One token: conv (conv_n floats, at least the sum over layers of d_inner * d_conv), ssm (ssm_n,
@@ -906,7 +1525,8 @@ int itl_step(itl_ctx *c, int token, float *conv, int64_t conv_n, float *ssm, int
              int64_t logits_n) {
     int err = check_call(c, token, conv, conv_n, ssm, ssm_n, logits, logits_n);
     if (err) return err;
-    step(c, token, conv, ssm, logits);
+    int32_t tok = token;
+    run_chunk(c, &tok, 1, conv, ssm, logits, 1);
     return ITL_OK;
 }
 
@@ -918,12 +1538,38 @@ int itl_greedy(itl_ctx *c, int token, int n, float *conv, int64_t conv_n, float 
     if (err) return err;
     if (n < 0) return ITL_ERR_COUNT;
     if (n > 0 && !out) return ITL_ERR_NULL;
+    int vocab = c->m->vocab;
     for (int t = 0; t < n; t++) {
-        step(c, token, conv, ssm, logits);
-        int best = 0;
-        for (int v = 1; v < c->m->vocab; v++)
-            if (logits[v] > logits[best]) best = v;
+        int32_t tok = token;
+        run_chunk(c, &tok, 1, conv, ssm, logits, 1);
+        int best = -1;
+#if ITL_X86
+        if (c->isa == ITL_AVX512) best = argmax_512(logits, vocab);
+#endif
+        if (best < 0) {
+            best = 0;
+            for (int v = 1; v < vocab; v++)
+                if (logits[v] > logits[best]) best = v;
+        }
         out[t] = token = best;
+    }
+    return ITL_OK;
+}
+
+/* See itl_step.h. Every token is checked before any is run (nothing is written on an error). */
+int itl_prefill(itl_ctx *c, const int32_t *tokens, int n, float *conv, int64_t conv_n, float *ssm, int64_t ssm_n,
+                float *logits, int64_t logits_n, int all) {
+    int err = check_state(c, conv, conv_n, ssm, ssm_n, logits);
+    if (err) return err;
+    if (n < 0) return ITL_ERR_COUNT;
+    if (n > 0 && !tokens) return ITL_ERR_NULL;
+    int vocab = c->m->vocab;
+    if (logits_n < (int64_t)vocab * (all ? (n > 0 ? n : 1) : 1)) return ITL_ERR_LOGITS;
+    for (int t = 0; t < n; t++)
+        if (tokens[t] < 0 || tokens[t] >= vocab) return ITL_ERR_TOKEN;
+    for (int t = 0; t < n; t += ITL_CHUNK) {
+        int T = n - t < ITL_CHUNK ? n - t : ITL_CHUNK;
+        run_chunk(c, tokens + t, T, conv, ssm, all ? logits + (size_t)t * vocab : logits, all);
     }
     return ITL_OK;
 }

@@ -6,7 +6,7 @@
 
 enum { ITL_INT = 0, ITL_F16 = 1 };
 #define ITL_MAX_EXPERTS 64 /* experts per layer; layout.py refuses more (MAX_EXPERTS) */
-enum { ITL_SCALAR = 0, ITL_AVX2 = 1 };
+enum { ITL_SCALAR = 0, ITL_AVX2 = 1, ITL_AVX512 = 2 }; /* ITL_AVX512: AVX-512 F/BW/VL + VNNI */
 enum { ITL_OK = 0, ITL_ERR_NULL = 1, ITL_ERR_CTX = 2, ITL_ERR_TOKEN = 3, ITL_ERR_STATE = 4, ITL_ERR_LOGITS = 5,
        ITL_ERR_COUNT = 6, ITL_ERR_MODEL = 7 };
 #define ITL_MAGIC 0x49544C31u /* "ITL1": a live context */
@@ -46,6 +46,7 @@ typedef struct {
 typedef struct itl_ctx itl_ctx;
 
 int itl_avx2_supported(void);
+int itl_avx512_supported(void);
 const char *itl_strerror(int code);
 int itl_check_model(const itl_model *m, char *why, int why_len);
 itl_ctx *itl_create(const itl_model *m);
@@ -57,5 +58,10 @@ int itl_step(itl_ctx *c, int token, float *conv, int64_t conv_n, float *ssm, int
              int64_t logits_n);
 int itl_greedy(itl_ctx *c, int token, int n, float *conv, int64_t conv_n, float *ssm, int64_t ssm_n, float *logits,
                int64_t logits_n, int32_t *out);
+/* n prompt tokens in chunks (each matrix applied to a chunk of tokens at a time): the state as after
+   n itl_step calls; logits: the last token's (all == 0, logits_n >= vocab) or every token's
+   (all != 0, (n, vocab) row-major, logits_n >= n * vocab). */
+int itl_prefill(itl_ctx *c, const int32_t *tokens, int n, float *conv, int64_t conv_n, float *ssm, int64_t ssm_n,
+                float *logits, int64_t logits_n, int all);
 
 #endif

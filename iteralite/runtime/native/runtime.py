@@ -4,9 +4,13 @@ loaded with ctypes. No compile step at load, no float copy of the weights.
 
 Same contract as `IteraLite` / `FusedIteraLite` for generation and benchmarking: `init_state`,
 `step(token (b,), state) -> (logits (b, V), state)`, `forward(idx, state=None, return_state=False)`,
-plus `greedy(token, n, state)`, the whole greedy loop in C. Prefill runs the C step token by
-token (the prompt is short next to the generation; a chunked native prefill is future work).
-Batch rows are independent states stepped one after another (the step is batch-1 code).
+plus `greedy(token, n, state)`, the whole greedy loop in C. `forward` (the prefill) runs the
+prompt in chunks through `itl_prefill` (each matrix applied to a chunk of tokens at once; on the
+AVX-512 path a block of codes is read once for four tokens), equal to stepping token by token.
+Batch rows are independent states run one after another.
+
+Code paths (`isa`): "avx512" (AVX-512 VNNI integer dot products on a copy of the codes the C
+context lays out once), "avx2" and "scalar"; the best the CPU has is the default.
 
 The boundary is checked once per call, on both sides: tokens (integers in the vocabulary, one per
 state row), states (the float32, C-contiguous, writable numpy arrays of `init_state`, of this
@@ -32,7 +36,7 @@ import torch
 from iteralite.io.errors import IteraliteError
 from iteralite.runtime.native.layout import NativeWeights, native_weights
 
-ISAS = {"scalar": 0, "avx2": 1}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _LIB = None
 
@@ -98,9 +102,12 @@ def _declare(lib) -> None:
     lib.itl_state_sizes.argtypes = [p, ctypes.POINTER(n), ctypes.POINTER(n)]
     lib.itl_state_sizes.restype = i
     lib.itl_avx2_supported.argtypes, lib.itl_avx2_supported.restype = [], i
+    lib.itl_avx512_supported.argtypes, lib.itl_avx512_supported.restype = [], i
     lib.itl_step.argtypes, lib.itl_step.restype = [p, i, f, n, f, n, f, n], i
     lib.itl_greedy.argtypes = [p, i, i, f, n, f, n, f, n, ctypes.POINTER(ctypes.c_int32)]
     lib.itl_greedy.restype = i
+    lib.itl_prefill.argtypes = [p, ctypes.POINTER(ctypes.c_int32), i, f, n, f, n, f, n, i]
+    lib.itl_prefill.restype = i
 
 
 def available() -> bool:
@@ -186,8 +193,8 @@ class NativeState(list):
 
 
 class NativeIteraLite(InferenceOnly):
-    """A packed IteraLite on the native step. `isa`: "avx2" (default where the CPU has it) or
-    "scalar"; the environment variable ITERALITE_NATIVE_ISA=scalar forces scalar too."""
+    """A packed IteraLite on the native step. `isa`: "avx512", "avx2" or "scalar" (default: the
+    best the CPU has); the environment variable ITERALITE_NATIVE_ISA=scalar (or avx2) starts there."""
 
     def __init__(self, weights: NativeWeights, cfg, isa: str | None = None):
         self.lib = load_library()
@@ -264,13 +271,13 @@ class NativeIteraLite(InferenceOnly):
 
     @property
     def isa(self) -> str:
-        """The code path in use: "avx2" or "scalar"."""
+        """The code path in use: "avx512", "avx2" or "scalar"."""
         with self._lock:
             return self._NAMES[self.lib.itl_get_isa(self._live())]
 
     def set_isa(self, name: str) -> str:
-        """Ask for a code path ("avx2" falls back to "scalar" on a CPU without AVX2/FMA/F16C);
-        returns the one in use."""
+        """Ask for a code path (one the CPU lacks falls back to the best below it: "avx512" needs
+        AVX-512 F/BW/VL + VNNI, "avx2" AVX2/FMA/F16C); returns the one in use."""
         if name not in ISAS:
             raise ValueError(f"isa must be one of {', '.join(ISAS)}; got {name!r}")
         with self._lock:
@@ -339,9 +346,15 @@ class NativeIteraLite(InferenceOnly):
         toks = _token_ids(idx, self.w.vocab)
         state = self.init_state(b) if state is None else state
         self._check_state(state, b)
+        ids = np.asarray(toks, dtype=np.int32).reshape(b, l)
+        out = np.empty((b, l, self.w.vocab), dtype=np.float32)
         with self._lock:
-            rows = [[self._step1(t, st) for t in toks[i * l:(i + 1) * l]] for i, st in enumerate(state)]
-        logits = torch.from_numpy(np.asarray(rows, dtype=np.float32).reshape(b, l, self.w.vocab))
+            for i, st in enumerate(state if l else ()):
+                code = self.lib.itl_prefill(self._live(), ids[i].ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), l,
+                                            _fptr(st[0]), st[0].size, _fptr(st[1]), st[1].size, _fptr(out[i]),
+                                            out[i].size, 1)
+                _check_code(self.lib, code, "prefill")
+        logits = torch.from_numpy(out)
         aux = logits.new_zeros(())
         return (logits, aux, state) if return_state else (logits, aux)
 
