@@ -1,5 +1,7 @@
 // itl-run's command line on the WebAssembly build (web/itl.wasm, `make wasm`), under Node:
 //   node web/itl-node.mjs ARTIFACT TOKENIZER_BIN [-p PROMPT] [-n N] [-t TEMP] [-k TOPK] [--top-p P] [-s SEED] [--ids]
+//                         [--exact]
+// (--exact: float activations in the step, as itl-run --exact.)
 // Same defaults, checks, stdout and stderr as itl-run (iteralite/runtime/native/itl_run.c), with the
 // prefix itl-wasm: stdout the prompt, then the story as it is generated (or, with --ids, the generated
 // ids on one line); stderr, last line `itl-wasm: <n> tokens in <ms> ms, <x> tok/s (prompt <p> tokens,
@@ -8,7 +10,7 @@ import { readFileSync, statSync } from "node:fs";
 import { Itl, ItlError } from "./itl.js";
 
 const USAGE = `usage: itl-node.mjs ARTIFACT TOKENIZER_BIN [-p PROMPT] [-n N] [-t TEMP] [-k TOPK] [--top-p P] [-s SEED]
-                    [--ids]
+                    [--ids] [--exact]
   -p PROMPT   the prompt (default "Once upon a time")
   -n N        tokens to generate (default 200)
   -t TEMP     temperature: 0 = greedy, else in [0.001, 100] (default 0.8)
@@ -16,6 +18,8 @@ const USAGE = `usage: itl-node.mjs ARTIFACT TOKENIZER_BIN [-p PROMPT] [-n N] [-t
   --top-p P   keep the most likely tokens up to mass P in (0, 1], 1 = all (default 0.9)
   -s SEED     the sampler's seed, 0..2**64-1 (default 1)
   --ids       print the generated token ids instead of the text
+  --exact     float activations (the eager model's arithmetic up to float rounding; slower)
+              instead of int8 activations per block
 `;
 const MAX_TOKENS = 100000000;
 const TAKES = new Set(["-p", "-n", "-t", "-k", "--top-p", "-s"]);
@@ -31,12 +35,14 @@ const isInt = (v) => /^[-+]?[0-9]+$/.test(v);
 const isNum = (v) => v.trim() !== "" && !Number.isNaN(Number(v)) && !/^[-+]?0x/i.test(v.trim());
 
 function parse(argv) {
-    const o = { prompt: "Once upon a time", n: 200, temperature: 0.8, topK: 0, topP: 0.9, seed: 1n, ids: false };
+    const o = { prompt: "Once upon a time", n: 200, temperature: 0.8, topK: 0, topP: 0.9, seed: 1n, ids: false,
+                exact: false };
     const pos = [];
     for (let i = 0; i < argv.length; i++) {
         const a = argv[i];
         if (a === "-h" || a === "--help") { process.stdout.write(USAGE); process.exit(0); }
         if (a === "--ids") { o.ids = true; continue; }
+        if (a === "--exact") { o.exact = true; continue; }
         if (TAKES.has(a)) {
             if (i + 1 >= argv.length) throw new Usage(`${a} needs a value (itl-node.mjs --help)`);
             const v = argv[++i];
@@ -117,6 +123,7 @@ stage(`${o.tokenizer}: `, () => itl.loadTokenizer(tokenizer));
 const artifact = read(o.artifact, "artifact");
 stage(`${o.artifact}: `, () => itl.loadArtifact(artifact));
 stage(`${o.artifact}: `, () => itl.session());
+if (o.exact) itl.setExact(true);
 
 const t0 = performance.now();
 const promptTokens = stage("", () => itl.start(o.prompt, o));

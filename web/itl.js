@@ -83,6 +83,9 @@ export class Itl {
     loadTokenizer(bytes) { this.check(this.withBytes(bytes, (p, n) => this.x.itl_wasm_load_tokenizer(p, n))); }
     get vocab() { return this.x.itl_wasm_vocab(); }
     get eot() { return this.x.itl_wasm_eot(); } // the end-of-text id, -1 when none
+    // Exact mode: float activations in the step (the eager model's arithmetic up to float rounding)
+    // instead of int8 activations; kept for later sessions, used from the next start.
+    setExact(on) { return this.x.itl_wasm_set_exact(on ? 1 : 0) === 1; }
     // Check that the loaded artifact and tokenizer fit together (start does it too).
     session() { this.check(this.x.itl_wasm_session()); }
 

@@ -48,6 +48,8 @@ STEP_LOOP = "the step loop"
 BEST_LOOPS: dict[str, BestLoop] = {
     "native": BestLoop("C greedy loop (itl_greedy: one call generates every token)",
                        "iteralite.bench.loops:native_greedy", agree=True, counted_by="itl_run"),
+    "native_exact": BestLoop("C greedy loop, float activations (itl_greedy in the exact mode)",
+                             "iteralite.bench.loops:native_greedy", agree=True, counted_by="itl_run_exact"),
     "onnxruntime": BestLoop("ONNX Runtime session.run per token on numpy arrays (no torch in the loop)",
                             "iteralite.bench.loops:ort_greedy", agree=True),
     "fused": BestLoop(f"{STEP_LOOP}: the compiled fused step (AOTInductor) per token", agree=True),

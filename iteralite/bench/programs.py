@@ -41,10 +41,14 @@ class ProgramFailed(IteraliteError):
 @dataclass(frozen=True)
 class Program:
     """label: what the program's loop is (the row's `best_loop`); prefix: its stderr prefix;
-    argv: "module:attr" of fn() -> the command before its arguments (ProgramMissing if not built)."""
+    argv: "module:attr" of fn() -> the command before its arguments (ProgramMissing if not built);
+    flags: added to every run (`--exact`: float activations); native: the variant kind whose C
+    greedy ids the program must reproduce ("native" or "native_exact")."""
     label: str
     prefix: str
     argv: str
+    flags: tuple[str, ...] = ()
+    native: str = "native"
 
 
 def itl_run_argv() -> list[str]:
@@ -68,11 +72,16 @@ def wasm_argv() -> list[str]:
     return [node, str(runner)]
 
 
+EXACT = ("--exact",)
 PROGRAMS: dict[str, Program] = {
     "itl_run": Program("itl-run, the C program (artifact reader, tokenizer, greedy loop in C)", "itl-run",
                        "iteralite.bench.programs:itl_run_argv"),
+    "itl_run_exact": Program("itl-run --exact (float activations: the eager model's arithmetic)", "itl-run",
+                             "iteralite.bench.programs:itl_run_argv", EXACT, "native_exact"),
     "wasm": Program("the wasm build under Node (node web/itl-node.mjs)", "itl-wasm",
                     "iteralite.bench.programs:wasm_argv"),
+    "wasm_exact": Program("the wasm build under Node, --exact (float activations)", "itl-wasm",
+                          "iteralite.bench.programs:wasm_argv", EXACT, "native_exact"),
 }
 
 
@@ -92,7 +101,7 @@ def _line_re(prefix: str) -> re.Pattern:
 
 def generate(program: Program, argv: list[str], artifact, tokenizer_bin, prompt: str, n: int) -> Generation:
     """One greedy run of the program: its ids and its own timing line."""
-    args = [*argv, str(artifact), str(tokenizer_bin), "-p", prompt, "-n", str(n), "-t", "0", "--ids"]
+    args = [*argv, str(artifact), str(tokenizer_bin), "-p", prompt, "-n", str(n), "-t", "0", "--ids", *program.flags]
     try:
         proc = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -127,7 +136,8 @@ def program_row(name: str, artifact, tokenizer_bin, prompt: str, n_tokens: int, 
         print(f"[benchmark] {name}: not measured: {e}", flush=True)
         return {**row, "available": False, "reason": str(e)}
     rate = statistics.median(r.tok_s for r in runs)
-    row.update({"available": True, "command": " ".join(Path(a).name for a in argv), "decode_tok_s_best_loop": rate,
+    command = " ".join([*(Path(a).name for a in argv), *program.flags])
+    row.update({"available": True, "command": command, "decode_tok_s_best_loop": rate,
                 "decode_tok_s_1thread": rate, "decode_tokens": n_tokens, "prompt_tokens": runs[0].prompt_tokens,
                 "prefill_ms_prompt": statistics.median(r.prefill_ms for r in runs),
                 "size_bytes": Path(artifact).stat().st_size, "size_kind": "file", "generated_tokens": len(long.ids)})
@@ -158,8 +168,8 @@ def instructions_per_token(artifact, tokenizer_bin, prompt: str, n1: int, n2: in
         if shutil.which("valgrind") is None:
             raise ProgramMissing("valgrind is not installed")
         argv = resolve(spec.argv)()
-        ir = {n: callgrind_ir(argv, [str(artifact), str(tokenizer_bin), "-p", prompt, "-n", str(n), "-t", "0", "--ids"])
-              for n in (n1, n2)}
+        ir = {n: callgrind_ir(argv, [str(artifact), str(tokenizer_bin), "-p", prompt, "-n", str(n), "-t", "0", "--ids",
+                                     *spec.flags]) for n in (n1, n2)}
         version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
     except (ProgramMissing, ProgramFailed, OSError, subprocess.TimeoutExpired) as e:
         return {"instructions_available": False, "instructions_reason": str(e)}

@@ -46,7 +46,7 @@ class BenchmarkConfig:
     peer_eval_tokens: int = 0  # tokens of each split scored for a peer (0 = the whole split, as the stages)
     prompt: str = "Once upon a time"  # every decode loop starts after this prompt
     agreement_tokens: int = 1000  # greedy steps compared with the eager model of the same artifact
-    programs: list[str] = field(default_factory=lambda: ["itl_run", "wasm"])  # rows run by programs.PROGRAMS
+    programs: list[str] = field(default_factory=lambda: ["itl_run", "itl_run_exact", "wasm", "wasm_exact"])
     callgrind_tokens: list[int] = field(default_factory=lambda: [32, 160])  # N1, N2 of instructions_per_token
 
     def validate(self, section: str = "benchmark") -> None:
@@ -110,6 +110,7 @@ def plan(ratios: list[float], int4_methods: list[str], peers: list[str], paths, 
     v.append(_stage_output("mixed", "artifact", paths.MIXED_CKPT, paths.MIXED_METRICS))
     v.append(_stage_output("fused", "fused", paths.FUSED_CKPT, paths.FUSE_METRICS))
     v.append(Variant("native", "native", paths.MIXED_CKPT))  # the headline artifact on the C step
+    v.append(Variant("native_exact", "native_exact", paths.MIXED_CKPT))  # ... with float activations
     v += [Variant(p, "program", paths.MIXED_CKPT, program=p) for p in programs]  # ... by a program
     v.append(Variant("peer_onnxruntime", "onnxruntime", paths.MIXED_CKPT))  # ... on ONNX Runtime
     for target in getattr(paths, "EXTRA_TARGETS", ()):  # the other student targets: artifact and C step
@@ -136,14 +137,15 @@ class _ReferenceIds:
         return self._ids[kind, path]
 
 
-PROGRAM_REFERENCES = {"eager": "artifact", "native": "native"}  # a program's ids are compared with these
+PROGRAM_REFERENCES = ("eager", "native")  # a program's ids are compared with these runs' ids
 
 
 def _program_row(v: Variant, cfg: BenchmarkConfig, prompt: Prompt, reference_ids: _ReferenceIds) -> dict:
     if prompt.tokenizer_bin is None:
         return {"kind": "program", "best_loop": PROGRAMS[v.program].label, "available": False,
                 "reason": "no binary tokenizer given to the benchmark"}
-    refs = {name: reference_ids(v.path, kind) for name, kind in PROGRAM_REFERENCES.items()}
+    kinds = {"eager": "artifact", "native": PROGRAMS[v.program].native}  # the C step in the program's mode
+    refs = {name: reference_ids(v.path, kinds[name]) for name in PROGRAM_REFERENCES}
     return program_row(v.program, v.path, prompt.tokenizer_bin, prompt.text, cfg.decode_tokens, cfg.repeats,
                        refs, agreement)
 

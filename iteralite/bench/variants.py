@@ -2,7 +2,7 @@
 
 A kind is how a model is obtained from a checkpoint path: "artifact" loads any checkpoint as
 saved, "fused" rebuilds and compiles the fused runtime model, "native" runs a packed artifact
-on the C step (iteralite.runtime.native), and each peer (bitsandbytes NF4,
+on the C step (iteralite.runtime.native; "native_exact": with float activations), and each peer (bitsandbytes NF4,
 int8 weight-only, torch.compile) is built from the FP32 checkpoint. Every loader is named as a
 "module:attribute" string and imported only when a variant of that kind is loaded, so importing
 this module (or the timing and memory modules that use it) imports neither the peers (nor
@@ -47,11 +47,21 @@ def load_artifact(path) -> nn.Module:
     return load_model(path)[0]
 
 
+def load_native_exact(path):
+    """A packed checkpoint on the C step with float activations (`act="f32"`)."""
+    from iteralite.runtime.native.runtime import load_native
+
+    return load_native(path, act="f32")
+
+
 VARIANTS: dict[str, VariantKind] = {
     "artifact": VariantKind("iteralite.bench.variants:load_artifact"),
     "fused": VariantKind("iteralite.runtime.deploy:load_fused"),
     "native": VariantKind("iteralite.runtime.native.runtime:load_native",
                           scorer="iteralite.bench.native:score_native"),
+    # the C step with float activations (no int8 quantization of the inputs): the eager arithmetic
+    "native_exact": VariantKind("iteralite.bench.variants:load_native_exact",
+                                scorer="iteralite.bench.native:score_native"),
     "onnxruntime": VariantKind("iteralite.bench.ort_peer:load_onnxruntime",
                                scorer="iteralite.bench.ort_peer:score_onnxruntime"),
     "bnb_nf4": VariantKind("iteralite.bench.peers:bnb_nf4", from_fp32=True),

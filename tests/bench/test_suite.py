@@ -48,6 +48,7 @@ def test_plan_takes_every_path_from_the_paths_object(tmp_path):
         ("mixed", "artifact", p.MIXED_CKPT, p.MIXED_METRICS),
         ("fused", "fused", p.FUSED_CKPT, p.FUSE_METRICS),
         ("native", "native", p.MIXED_CKPT, ""),
+        ("native_exact", "native_exact", p.MIXED_CKPT, ""),
         ("peer_onnxruntime", "onnxruntime", p.MIXED_CKPT, ""),
         ("peer_int8_weight_only", "int8_weight_only", p.FP32_CKPT, ""),
         ("peer_compiled", "compiled", p.FP32_CKPT, ""),
@@ -202,7 +203,22 @@ def test_plan_lists_the_programs_after_the_native_row(tmp_path):
     _write(tmp_path / p.INT4_METRICS, {"methods": {}})
     names = [(v.name, v.program, v.path) for v in suite.plan([], [], [], p, ["itl_run", "wasm"])]
     i = names.index(("native", None, p.MIXED_CKPT))
-    assert names[i + 1:i + 3] == [("itl_run", "itl_run", p.MIXED_CKPT), ("wasm", "wasm", p.MIXED_CKPT)]
+    assert names[i + 1] == ("native_exact", None, p.MIXED_CKPT)  # the C step with float activations
+    assert names[i + 2:i + 4] == [("itl_run", "itl_run", p.MIXED_CKPT), ("wasm", "wasm", p.MIXED_CKPT)]
+
+
+def test_an_exact_program_is_compared_with_the_exact_native_run(monkeypatch):
+    """`--exact` programs must reproduce the C step with float activations, the others the int8 one."""
+    seen = {}
+    monkeypatch.setattr(suite, "program_row", lambda name, path, tb, text, n, r, refs, agree: refs)
+    for name in ("itl_run", "itl_run_exact", "wasm_exact"):
+        v = suite.Variant(name, "program", "a.safetensors", program=name)
+        refs = suite._program_row(v, suite.BenchmarkConfig(), suite.Prompt("hi", [1], "t.bin"),
+                                  lambda path, kind="artifact": kind)
+        seen[name] = refs
+    assert seen["itl_run"] == {"eager": "artifact", "native": "native"}
+    assert seen["itl_run_exact"] == seen["wasm_exact"] == {"eager": "artifact", "native": "native_exact"}
+    assert suite.PROGRAMS["itl_run_exact"].flags == ("--exact",) and not suite.PROGRAMS["itl_run"].flags
 
 
 def test_config_checks_the_new_keys():

@@ -1,8 +1,10 @@
 """The standalone command-line runtime `itl-run` (itl_run.c + itl_gen.c + itl_artifact.c): its
 greedy ids equal the Python native runtime's (NativeIteraLite.greedy) and are the eager packed
-model's greedy choices (up to near-ties the int8 activation rounding decides) for several prompts on tiny artifacts with a dense and a factorised embedding; sampling is seeded
-and repeatable; the text it prints is the prompt and the ids' bytes; bad arguments and bad files
-exit 2 (1 for I/O) with one line."""
+model's greedy choices (up to near-ties the int8 activation rounding decides) for several prompts on
+tiny artifacts with a dense and a factorised embedding; with --exact (float activations) its ids are
+NativeIteraLite(act="f32")'s and exactly the eager model's; sampling is seeded and repeatable; the
+text it prints is the prompt and the ids' bytes; bad arguments and bad files exit 2 (1 for I/O) with
+one line."""
 from __future__ import annotations
 
 import copy
@@ -171,4 +173,42 @@ def test_the_python_helper_raises_the_error_line(arts, tok, tmp_path, monkeypatc
 
 def test_help_exits_0():
     p = cli("--help")
-    assert p.returncode == 0 and b"usage: itl-run ARTIFACT TOKENIZER_BIN" in p.stdout
+    assert p.returncode == 0 and b"usage: itl-run ARTIFACT TOKENIZER_BIN" in p.stdout and b"--exact" in p.stdout
+
+
+@pytest.mark.parametrize("kind", ["dense", "factorised"])
+def test_exact_greedy_ids_are_the_f32_native_runtimes_and_the_eager_models(arts, tok, kind):
+    """--exact (float activations): the ids of NativeIteraLite(act="f32") after its prefill, and the
+    eager packed model's free-running greedy ids (no int8 near-ties to allow for)."""
+    path = arts[kind]
+    q = load_model(path)[0].eval()
+    nat = NativeIteraLite.from_model(q, act="f32")
+    for prompt in PROMPTS:
+        ids = tok[1].encode(prompt).ids
+        p = cli(path, tok[0], "-p", prompt, "-n", N, "-t", 0, "--ids", "--exact")
+        assert p.returncode == 0, p.stderr
+        got = [int(x) for x in p.stdout.split()]
+        state = nat.init_state(1)
+        if len(ids) > 1:
+            _, _, state = nat.forward(torch.tensor([ids[:-1]]), state, return_state=True)
+        assert got == nat.greedy(ids[-1], N, state), prompt
+        with torch.no_grad():
+            est = q.init_state(1)
+            for t in ids[:-1]:
+                _, est = q.step(torch.tensor([t]), est)
+            tok_, eager = torch.tensor([ids[-1]]), []
+            for _ in range(N):
+                logits, est = q.step(tok_, est)
+                tok_ = logits.argmax(-1)
+                eager.append(int(tok_))
+        assert got == eager, prompt
+        assert len(set(got)) >= 5, got
+
+
+def test_itlrun_helper_passes_exact():
+    from iteralite.runtime.native import itlrun
+
+    if itlrun.binary_path() is None:
+        pytest.skip("itl-run is not built here")
+    argv = itlrun.command("a.safetensors", "t.bin", exact=True)
+    assert argv[-1] == "--exact" and "--exact" not in itlrun.command("a.safetensors", "t.bin")

@@ -1,6 +1,7 @@
 """The WebAssembly build under Node (web/itl-node.mjs): on tiny artifacts of both embedding kinds its
 greedy ids are the Python native runtime's (NativeIteraLite.greedy, every code path) and the eager
 model's; its seeded sampled ids are those of the native runtime with the C sampler, and itl-run's;
+with --exact (float activations) its ids are NativeIteraLite(act="f32")'s and itl-run --exact's;
 its output follows itl-run's contract (stdout the prompt then the story, or --ids; the timing line
 last on stderr; one error line and exit 2 on bad input, 1 on a file it cannot read)."""
 from __future__ import annotations
@@ -26,13 +27,14 @@ def prompt_ids(tok_dir, prompt: str = PROMPT) -> list[int]:
     return load_tokenizer(tok_dir / "tokenizer.json").encode(prompt, add_special_tokens=False).ids
 
 
-def native_ids(path, ids: list[int], n: int, isa: str, temperature: float = 0.0, **sampling) -> list[int]:
+def native_ids(path, ids: list[int], n: int, isa: str, temperature: float = 0.0, act: str = "int8",
+               **sampling) -> list[int]:
     """The Python native runtime: greedy in C after prefilling the prompt, or the C sampler's draws."""
     from iteralite.io.checkpoint import load_model
     from iteralite.runtime.native.runtime import NativeIteraLite
     from iteralite.train.generate import generate_ids
 
-    nat = NativeIteraLite.from_model(load_model(path)[0], isa=isa)
+    nat = NativeIteraLite.from_model(load_model(path)[0], isa=isa, act=act)
     if temperature:
         return list(generate_ids(nat, ids, n, temperature=temperature, sampler="c", **sampling))
     state = nat.init_state(1)
@@ -63,6 +65,30 @@ def test_greedy_ids_are_the_native_runtimes_and_the_eager_models(node, tiny_arti
             logits, state = model.step(torch.tensor([t]), state)
             logits = logits[0]
     assert worst <= 0.02 and exact >= 0.9 * N, (worst, exact)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_ids_are_the_f32_native_runtimes_and_itl_runs(node, tiny_artifacts, tok_bin, tok_dir, kind):
+    """--exact (float activations): greedy ids equal NativeIteraLite(act="f32")'s on every code path and
+    itl-run --exact's; seeded sampling too."""
+    from iteralite.runtime.native import itlrun
+
+    path, ids = tiny_artifacts[kind], prompt_ids(tok_dir)
+    got = node_ids(node, path, tok_bin, "-p", PROMPT, "-n", N, "-t", "0", "--exact")
+    assert len(got) == N and len(set(got)) >= 10
+    for isa in ISAS:
+        assert got == native_ids(path, ids, N, isa, act="f32"), isa
+    exe = itlrun.binary_path()
+    if exe is None:
+        pytest.fail("itl-run is not built: the README's setup builds it")
+    for flags in [("-t", "0"), SAMPLED]:
+        args = [path, tok_bin, "-p", PROMPT, "-n", N, *flags, "--exact"]
+        proc = subprocess.run([exe, *map(str, args), "--ids"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert [int(x) for x in proc.stdout.split()] == node_ids(node, *args), flags
+    assert node_ids(node, path, tok_bin, "-p", PROMPT, "-n", N, *SAMPLED, "--exact") == native_ids(
+        path, ids, N, "scalar", temperature=0.8, act="f32", top_k=40, top_p=0.9, seed=7)
+    assert b"--exact" in run_node(node, "--help").stdout
 
 
 @pytest.mark.parametrize("kind", KINDS)

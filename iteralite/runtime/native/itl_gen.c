@@ -1,8 +1,9 @@
-/* Generation session (itl_gen.h): prompt -> ids -> prefill by itl_step, then sample / step. The
+/* Generation session (itl_gen.h): prompt -> ids -> one chunked itl_prefill, then sample / step. The
  * token sampled last is stepped at the start of the next call, so the final call does no wasted
  * step. Text pieces hold back the bytes of a UTF-8 sequence until it is complete (or proves
  * invalid: invalid bytes pass through as they are). */
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,12 @@ nomem:
     return NULL;
 }
 
+int itl_gen_set_act(itl_gen *g, int mode) {
+    if (!g || !g->ctx) return ITL_GEN_E_ARG;
+    int rc = itl_set_act(g->ctx, mode);
+    return rc < 0 ? gen_fail(g, ITL_GEN_E_ARG, "%s", itl_strerror(-rc)) : rc;
+}
+
 void itl_gen_free(itl_gen *g) {
     if (!g) return;
     if (g->ctx) itl_free(g->ctx);
@@ -109,10 +116,11 @@ int itl_gen_start(itl_gen *g, const char *prompt, size_t len, double temperature
     }
     memset(g->conv, 0, (size_t)g->conv_n * sizeof *g->conv);
     memset(g->ssm, 0, (size_t)g->ssm_n * sizeof *g->ssm);
-    int rc = 0;
-    for (int64_t i = 0; i < n && !rc; i++) rc = step(g, ids[i]);
+    int rc = n > INT32_MAX ? ITL_ERR_COUNT
+                           : itl_prefill(g->ctx, ids, (int)n, g->conv, g->conv_n, g->ssm, g->ssm_n, g->logits,
+                                         g->m->vocab, 0); /* the last token's logits */
     free(ids);
-    if (rc) return rc;
+    if (rc) return gen_fail(g, ITL_GEN_E_STEP, "the native step refused the prompt: %s", itl_strerror(rc));
     g->n_prompt = (int32_t)n;
     g->greedy = !(temperature > 0.0) || top_k == 1;
     g->pending = -1;

@@ -1,5 +1,5 @@
 /* A generation session of the standalone runtime: the prompt encoded (itl_text.c's tokenizer),
- * prefilled through the native step (itl_step.c) one token at a time, then one sampled token per
+ * prefilled through the native step (itl_step.c) in chunks (itl_prefill), then one sampled token per
  * call (itl_sample.c's sampler), each with the text bytes it adds, cut only at whole UTF-8 characters.
  * C99, libc/libm only. */
 #ifndef ITL_GEN_H
@@ -28,6 +28,9 @@ typedef struct itl_gen itl_gen;
 /* A session over model m and tokenizer tok (both must outlive it); NULL with a line in err. */
 itl_gen *itl_gen_new(const itl_model *m, const itl_tok *tok, char *err, size_t err_len);
 void itl_gen_free(itl_gen *g);
+/* The native step's activation mode: ITL_ACT_INT8 (default) or ITL_ACT_F32 (exact float activations);
+   the mode in use or ITL_GEN_E_ARG (an unknown mode; itl_gen_error says why). */
+int itl_gen_set_act(itl_gen *g, int mode);
 /* encode prompt (UTF-8), reset state, prefill; sampling as itl_sampler_new (temperature 0 = greedy). 0 or error */
 int itl_gen_start(itl_gen *g, const char *prompt, size_t len, double temperature, int top_k, double top_p, uint64_t seed);
 /* generate one token: its id (>= 0) or a negative error; *piece and *piece_len: the bytes it adds to the text

@@ -2,8 +2,10 @@
  * (itl_artifact.c) and a binary tokenizer (iteralite/data/tokbin.py's format), prefills the prompt
  * and generates with the native step (itl_gen.c).
  *
- *   itl-run ARTIFACT TOKENIZER_BIN [-p PROMPT] [-n N] [-t TEMP] [-k TOPK] [--top-p P] [-s SEED] [--ids]
+ *   itl-run ARTIFACT TOKENIZER_BIN [-p PROMPT] [-n N] [-t TEMP] [-k TOPK] [--top-p P] [-s SEED] [--ids] [--exact]
  *
+ * --exact: float activations in every matmul (the native step's ITL_ACT_F32: the eager model's
+ * arithmetic up to float rounding) instead of int8 activations per block (the default, faster).
  * stdout: the prompt, then the story as generated (flushed per token); with --ids the generated
  * token ids on one line, space-separated (written at the end). stderr, last line:
  *   itl-run: <n> tokens in <ms> ms, <x> tok/s (prompt <p> tokens, <ms> ms)
@@ -27,6 +29,7 @@
 
 static const char *USAGE =
     "usage: itl-run ARTIFACT TOKENIZER_BIN [-p PROMPT] [-n N] [-t TEMP] [-k TOPK] [--top-p P] [-s SEED] [--ids]\n"
+    "               [--exact]\n"
     "  -p PROMPT   the prompt (default \"Once upon a time\")\n"
     "  -n N        tokens to generate (default 200)\n"
     "  -t TEMP     temperature: 0 = greedy, else in [0.001, 100] (default 0.8)\n"
@@ -34,8 +37,11 @@ static const char *USAGE =
     "  --top-p P   keep the most likely tokens up to mass P in (0, 1], 1 = all (default 0.9)\n"
     "  -s SEED     the sampler's seed, 0..2**64-1 (default 1)\n"
     "  --ids       print the generated token ids instead of the text\n"
+    "  --exact     float activations (the eager model's arithmetic up to float rounding; slower)\n"
+    "              instead of int8 activations per block\n"
     "It generates exactly N tokens (an <|endoftext|> starts the next story). The environment variable\n"
-    "ITERALITE_NATIVE_ISA=scalar (or avx2) makes the native step start at that code path.\n";
+    "ITERALITE_NATIVE_ISA=scalar (or avx2) makes the native step start at that code path;\n"
+    "ITERALITE_NATIVE_ACT=f32 is --exact.\n";
 
 #if defined(__GNUC__)
 static int die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -98,7 +104,7 @@ int main(int argc, char **argv) {
     long n = 200, top_k = 0;
     double temp = 0.8, top_p = 0.9;
     unsigned long long seed = 1;
-    int ids_only = 0, npos = 0;
+    int ids_only = 0, exact = 0, npos = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -106,6 +112,7 @@ int main(int argc, char **argv) {
             return 0;
         }
         if (!strcmp(a, "--ids")) { ids_only = 1; continue; }
+        if (!strcmp(a, "--exact")) { exact = 1; continue; }
         int takes = !strcmp(a, "-p") || !strcmp(a, "-n") || !strcmp(a, "-t") || !strcmp(a, "-k") ||
                     !strcmp(a, "--top-p") || !strcmp(a, "-s");
         if (takes) {
@@ -163,6 +170,7 @@ int main(int argc, char **argv) {
         itl_tok_free(tok);
         return die(2, "%s: %s", pos[0], err);
     }
+    if (exact) itl_gen_set_act(g, ITL_ACT_F32);
     int status = 0;
     double t0 = now_ms();
     rc = itl_gen_start(g, prompt, strlen(prompt), temp, (int)top_k, top_p, (uint64_t)seed);

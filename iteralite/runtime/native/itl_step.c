@@ -24,6 +24,13 @@
    the CPU has is the default; itl_set_isa forces one (the tests run all three);
    ITERALITE_NATIVE_ISA=scalar or avx2 starts a context there.
 
+   Exact mode (itl_set_act(c, ITL_ACT_F32), or ITERALITE_NATIVE_ACT=f32 at itl_create): no
+   activation quantization; every matmul is the dequantized weights times the float input,
+   y[o] = sum_g s[o,g] * sum_{i in g} (q[o,i] - z[o,g]) * x[i], equal to the eager model's matmul up
+   to float rounding. Its AVX-512 / AVX2 kernels read a copy of the integer codes made when the mode
+   is first chosen (code - zero-point, an int8 a weight, int16 for 8-bit codes: itl_pmat.e8 / e16);
+   the scalar path reads the resident rows. The int8 mode (ITL_ACT_INT8) is the default.
+
    Loaded with ctypes (no Python C API); the structs mirror iteralite/runtime/native/layout.py.
 
    Every exported function checks its own inputs (null pointers, the model's sizes and pointers at
@@ -59,6 +66,11 @@ typedef struct {
     uint8_t *w;     /* (nblk, ng, gp / 8, 64 or 128) */
     float *s;       /* (nblk, ng, 16) */
     int32_t *z;     /* (nblk, ng, 16) */
+    /* The exact mode's copy (ITL_ACT_F32; NULL until it is first chosen): code - zero-point for 16 rows
+       an input, (nblk, ng, group, 16), as int8 (codes of up to 4 bits) or int16 (e16: 8-bit codes, or a
+       zero-point above 112). */
+    int8_t *e8;
+    int16_t *e16;
 } itl_pmat;
 
 typedef struct {
@@ -82,6 +94,7 @@ struct itl_ctx {
     const itl_model *m;
     size_t conv_n, ssm_n; /* state sizes the model needs */
     int isa;
+    int act;        /* ITL_ACT_INT8 (int8 activations per block) or ITL_ACT_F32 (float, exact) */
     int8_t *x8;     /* the quantized activation */
     int16_t *x16;   /* the same, widened to int16 (8-bit codes) */
     float *xs;      /* per block: its scale */
@@ -184,10 +197,82 @@ static void quantize_act_avx2(itl_ctx *c, const float *x, int in, int block) {
 
 /* ------------------------------------------------------------------------- scalar path */
 
+/* Codes of a row (2, 4 or 8 bits, LSB-first) one a byte: shifts and masks, no division. */
 static void unpack_row_scalar(const uint8_t *src, int bits, int in, uint8_t *dst) {
     if (bits == 8) { memcpy(dst, src, (size_t)in); return; }
-    int per = 8 / bits, mask = (1 << bits) - 1;
-    for (int i = 0; i < in; i++) dst[i] = (src[i / per] >> ((i % per) * bits)) & mask;
+    if (bits == 4) {
+        for (int i = 0; i < in; i++) dst[i] = (uint8_t)((src[i >> 1] >> ((i & 1) * 4)) & 0x0F);
+        return;
+    }
+    for (int i = 0; i < in; i++) dst[i] = (uint8_t)((src[i >> 2] >> ((i & 3) * 2)) & 0x03);
+}
+
+/* Exact activations (ITL_ACT_F32), scalar: y = W x in float over the dequantized weights,
+   y[o] = sum_g s[o,g] * sum_{i in g} (q[o,i] - z[o,g]) * x[i]; fp16 rows times x. */
+static void matvec_f32_scalar(itl_ctx *c, const itl_mat *w, const float *x, float *y) {
+    if (w->kind == ITL_F16) {
+        for (int o = 0; o < w->out; o++) {
+            const uint16_t *row = w->w16 + (size_t)o * w->in;
+            float a[4] = {0.f, 0.f, 0.f, 0.f};
+            int i = 0;
+            for (; i + 4 <= w->in; i += 4)
+                for (int u = 0; u < 4; u++) a[u] += half_to_float(row[i + u]) * x[i + u];
+            for (; i < w->in; i++) a[0] += half_to_float(row[i]) * x[i];
+            y[o] = (a[0] + a[1]) + (a[2] + a[3]);
+        }
+        return;
+    }
+    /* four partial sums a group (independent adds; the order is float rounding either way); codes of up
+       to 4 bits through a table of (code - zero-point) as float */
+    int ng = w->in / w->group, g = w->group, small = w->bits <= 4;
+    /* straight from the packed bytes when every group starts on a byte (no unpacked row) */
+    int direct = (w->bits == 4 && g % 2 == 0) || (w->bits == 2 && g % 4 == 0);
+    float lut[16];
+    for (int o = 0; o < w->out; o++) {
+        const uint8_t *src = w->codes + (size_t)o * w->rowbytes;
+        if (!direct) unpack_row_scalar(src, w->bits, w->in, c->row);
+        float acc = 0.f;
+        for (int b = 0; b < ng; b++) {
+            const uint8_t *q = c->row + b * g;
+            const float *xb = x + b * g;
+            int z = w->zeros[(size_t)b * w->out + o];
+            float a[4] = {0.f, 0.f, 0.f, 0.f};
+            int i = 0;
+            if (direct) {
+                for (int v = 0; v < 16; v++) lut[v] = (float)(v - z);
+                if (w->bits == 4) {
+                    const uint8_t *pb = src + (b * g >> 1);
+                    for (; i + 4 <= g; i += 4) {
+                        uint8_t b0 = pb[i >> 1], b1 = pb[(i >> 1) + 1];
+                        a[0] += lut[b0 & 15] * xb[i];
+                        a[1] += lut[b0 >> 4] * xb[i + 1];
+                        a[2] += lut[b1 & 15] * xb[i + 2];
+                        a[3] += lut[b1 >> 4] * xb[i + 3];
+                    }
+                    for (; i < g; i++) a[0] += lut[(pb[i >> 1] >> ((i & 1) * 4)) & 15] * xb[i];
+                } else {
+                    const uint8_t *pb = src + (b * g >> 2);
+                    for (; i < g; i += 4) {
+                        uint8_t b0 = pb[i >> 2];
+                        a[0] += lut[b0 & 3] * xb[i];
+                        a[1] += lut[(b0 >> 2) & 3] * xb[i + 1];
+                        a[2] += lut[(b0 >> 4) & 3] * xb[i + 2];
+                        a[3] += lut[b0 >> 6] * xb[i + 3];
+                    }
+                }
+            } else if (small) {
+                for (int v = 0; v < 16; v++) lut[v] = (float)(v - z);
+                for (; i + 4 <= g; i += 4)
+                    for (int u = 0; u < 4; u++) a[u] += lut[q[i + u] & 15] * xb[i + u];
+            } else {
+                for (; i + 4 <= g; i += 4)
+                    for (int u = 0; u < 4; u++) a[u] += (float)((int)q[i + u] - z) * xb[i + u];
+            }
+            for (; i < g; i++) a[0] += (float)((int)q[i] - z) * xb[i];
+            acc += half_to_float(w->scales[(size_t)b * w->out + o]) * ((a[0] + a[1]) + (a[2] + a[3]));
+        }
+        y[o] = acc;
+    }
 }
 
 static void matvec_int_scalar(itl_ctx *c, const itl_mat *w, float *y) {
@@ -504,8 +589,8 @@ static void *zalloc64(size_t n) {
 }
 
 static void pmat_free(itl_pmat *p) {
-    free(p->w); free(p->s); free(p->z);
-    p->w = NULL; p->s = NULL; p->z = NULL;
+    free(p->w); free(p->s); free(p->z); free(p->e8); free(p->e16);
+    p->w = NULL; p->s = NULL; p->z = NULL; p->e8 = NULL; p->e16 = NULL;
 }
 
 /* The VNNI layout of `w` (see itl_pmat); 0, or -1 when out of memory. An fp16 matrix gets none
@@ -540,6 +625,30 @@ static int pmat_build(itl_pmat *p, const itl_mat *w) {
                 }
             }
         }
+    return 0;
+}
+
+/* The exact mode's copy of `w` (see itl_pmat: e8 / e16) beside its packed copy p; 0, or -1 when out
+   of memory (the exact mode then runs the matrix on the scalar path). None for an fp16 matrix. */
+static int pmat_build_exact(itl_pmat *p, const itl_mat *w) {
+    if (!p->w || p->e8 || p->e16) return 0;
+    size_t n = (size_t)p->nblk * p->ng * p->group * 16;
+    int wide = p->wide; /* int16 also when a zero-point puts code - zero outside int8 */
+    for (size_t i = 0; i < (size_t)p->ng * w->out && !wide; i++) wide = w->zeros[i] > 112;
+    if (wide) p->e16 = zalloc64(n * sizeof(int16_t));
+    else p->e8 = zalloc64(n);
+    if (!p->e8 && !p->e16) return -1;
+    for (int k = 0; k < p->nblk; k++)
+        for (int b = 0; b < p->ng; b++)
+            for (int r = 0; r < 16 && 16 * k + r < w->out; r++) {
+                int o = 16 * k + r, z = w->zeros[(size_t)b * w->out + o];
+                size_t at = (((size_t)k * p->ng + b) * p->group) * 16 + r;
+                for (int i = 0; i < w->group; i++) {
+                    int v = code_at(w, o, b * w->group + i) - z;
+                    if (p->e16) p->e16[at + 16 * (size_t)i] = (int16_t)v;
+                    else p->e8[at + 16 * (size_t)i] = (int8_t)v; /* codes < 16, zeros <= 112 */
+                }
+            }
     return 0;
 }
 
@@ -952,6 +1061,147 @@ static int argmax_512(const float *v, int n) {
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------- exact activations */
+
+/* ITL_ACT_F32 on the exact copy of an integer matrix (itl_pmat.e8 / e16, built when the mode is
+   first chosen): for 16 rows a block, each input's 16 (code - zero-point) values, widened to int32,
+   converted and multiplied by the broadcast input with an FMA; per group the rows' scales then.
+   One token: four partial sums per group (the FMA latency hidden); more: up to four tokens share
+   each widened column. */
+__attribute__((target(ITL_T512)))
+static inline __m512 ecol_512(const itl_pmat *p, size_t i) {
+    return p->e16 ? _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)(p->e16 + 16 * i))))
+                  : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p->e8 + 16 * i))));
+}
+
+__attribute__((target(ITL_T512)))
+static void matmat_f32_512(const itl_pmat *p, const float *X, int ldx, const int *rows, int T, float *Y, int ldy) {
+    int g = p->group;
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        int nt = T - t0 < 4 ? T - t0 : 4;
+        const float *xr[4];
+        for (int u = 0; u < 4; u++) {
+            int t = t0 + (u < nt ? u : 0);
+            xr[u] = X + (size_t)(rows ? rows[t] : t) * ldx;
+        }
+        for (int k = 0; k < p->nblk; k++) {
+            __m512 acc[4];
+            for (int u = 0; u < 4; u++) acc[u] = _mm512_setzero_ps();
+            for (int b = 0; b < p->ng; b++) {
+                size_t c0 = ((size_t)k * p->ng + b) * g; /* the group's first column */
+                const float *x0 = xr[0] + b * g;
+                __m512 ga[4];
+                if (nt == 1) {
+                    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                    int i = 0;
+                    for (; i + 4 <= g; i += 4) {
+                        a0 = _mm512_fmadd_ps(ecol_512(p, c0 + i), _mm512_set1_ps(x0[i]), a0);
+                        a1 = _mm512_fmadd_ps(ecol_512(p, c0 + i + 1), _mm512_set1_ps(x0[i + 1]), a1);
+                        a2 = _mm512_fmadd_ps(ecol_512(p, c0 + i + 2), _mm512_set1_ps(x0[i + 2]), a2);
+                        a3 = _mm512_fmadd_ps(ecol_512(p, c0 + i + 3), _mm512_set1_ps(x0[i + 3]), a3);
+                    }
+                    for (; i < g; i++) a0 = _mm512_fmadd_ps(ecol_512(p, c0 + i), _mm512_set1_ps(x0[i]), a0);
+                    ga[0] = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+                } else {
+                    for (int u = 0; u < 4; u++) ga[u] = _mm512_setzero_ps();
+                    for (int i = 0; i < g; i++) {
+                        __m512 wv = ecol_512(p, c0 + i);
+                        for (int u = 0; u < nt; u++)
+                            ga[u] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xr[u][b * g + i]), ga[u]);
+                    }
+                }
+                __m512 sv = _mm512_loadu_ps(p->s + ((size_t)k * p->ng + b) * 16);
+                for (int u = 0; u < nt; u++) acc[u] = _mm512_fmadd_ps(sv, ga[u], acc[u]);
+            }
+            int left = p->out - 16 * k;
+            __mmask16 st = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+            for (int u = 0; u < nt; u++) _mm512_mask_storeu_ps(Y + (size_t)(t0 + u) * ldy + 16 * k, st, acc[u]);
+        }
+    }
+}
+
+/* The same on AVX2: a block's 16 rows as two halves of 8 lanes. */
+__attribute__((target("avx2,fma,f16c")))
+static inline __m256 ecol_avx2(const itl_pmat *p, size_t i, int h) {
+    return p->e16 ? _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(p->e16 + 16 * i + 8 * h))))
+                  : _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p->e8 + 16 * i + 8 * h))));
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void matmat_f32_avx2(const itl_pmat *p, const float *X, int ldx, const int *rows, int T, float *Y, int ldy) {
+    int g = p->group;
+    float tmp[8];
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        int nt = T - t0 < 4 ? T - t0 : 4;
+        const float *xr[4];
+        for (int u = 0; u < 4; u++) {
+            int t = t0 + (u < nt ? u : 0);
+            xr[u] = X + (size_t)(rows ? rows[t] : t) * ldx;
+        }
+        for (int k = 0; k < p->nblk; k++)
+            for (int h = 0; h < 2; h++) {
+                int r0 = 16 * k + 8 * h;
+                if (r0 >= p->out) break;
+                __m256 acc[4];
+                for (int u = 0; u < 4; u++) acc[u] = _mm256_setzero_ps();
+                for (int b = 0; b < p->ng; b++) {
+                    size_t c0 = ((size_t)k * p->ng + b) * g;
+                    const float *x0 = xr[0] + b * g;
+                    __m256 ga[4];
+                    if (nt == 1) {
+                        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                        int i = 0;
+                        for (; i + 4 <= g; i += 4) {
+                            a0 = _mm256_fmadd_ps(ecol_avx2(p, c0 + i, h), _mm256_set1_ps(x0[i]), a0);
+                            a1 = _mm256_fmadd_ps(ecol_avx2(p, c0 + i + 1, h), _mm256_set1_ps(x0[i + 1]), a1);
+                            a2 = _mm256_fmadd_ps(ecol_avx2(p, c0 + i + 2, h), _mm256_set1_ps(x0[i + 2]), a2);
+                            a3 = _mm256_fmadd_ps(ecol_avx2(p, c0 + i + 3, h), _mm256_set1_ps(x0[i + 3]), a3);
+                        }
+                        for (; i < g; i++) a0 = _mm256_fmadd_ps(ecol_avx2(p, c0 + i, h), _mm256_set1_ps(x0[i]), a0);
+                        ga[0] = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+                    } else {
+                        for (int u = 0; u < 4; u++) ga[u] = _mm256_setzero_ps();
+                        for (int i = 0; i < g; i++) {
+                            __m256 wv = ecol_avx2(p, c0 + i, h);
+                            for (int u = 0; u < nt; u++)
+                                ga[u] = _mm256_fmadd_ps(wv, _mm256_set1_ps(xr[u][b * g + i]), ga[u]);
+                        }
+                    }
+                    __m256 sv = _mm256_loadu_ps(p->s + ((size_t)k * p->ng + b) * 16 + 8 * h);
+                    for (int u = 0; u < nt; u++) acc[u] = _mm256_fmadd_ps(sv, ga[u], acc[u]);
+                }
+                int left = p->out - r0 < 8 ? p->out - r0 : 8;
+                for (int u = 0; u < nt; u++) {
+                    float *yo = Y + (size_t)(t0 + u) * ldy + r0;
+                    if (left == 8) {
+                        _mm256_storeu_ps(yo, acc[u]);
+                    } else {
+                        _mm256_storeu_ps(tmp, acc[u]);
+                        memcpy(yo, tmp, (size_t)left * sizeof(float));
+                    }
+                }
+            }
+    }
+}
+
+/* An fp16 matrix times a float row (F16C conversion, FMA); the tail in scalar code. */
+__attribute__((target("avx2,fma,f16c")))
+static void matvec_f16_f32_avx2(const itl_mat *w, const float *x, float *y) {
+    for (int o = 0; o < w->out; o++) {
+        const uint16_t *row = w->w16 + (size_t)o * w->in;
+        __m256 a = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= w->in; i += 8)
+            a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + i))), _mm256_loadu_ps(x + i), a);
+        __m128 t = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+        t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 0x55));
+        float acc = _mm_cvtss_f32(t);
+        for (; i < w->in; i++) acc += half_to_float(row[i]) * x[i];
+        y[o] = acc;
+    }
+}
 #endif
 
 /* ------------------------------------------------------------------------- the step */
@@ -984,6 +1234,20 @@ static void matvec(itl_ctx *c, const itl_mat *w, const float *x, float *y) {
    maddubs); otherwise one row at a time. */
 static void matmat(itl_ctx *c, const itl_mat *w, const itl_pmat *p, itl_qbuf *q, const float *X, int ldx,
                    const int *rows, int T, float *Y, int ldy) {
+    if (c->act == ITL_ACT_F32) { /* exact: float activations */
+#if ITL_X86
+        if (c->isa == ITL_AVX512 && (p->e8 || p->e16)) { matmat_f32_512(p, X, ldx, rows, T, Y, ldy); return; }
+        if (c->isa == ITL_AVX2 && (p->e8 || p->e16)) { matmat_f32_avx2(p, X, ldx, rows, T, Y, ldy); return; }
+        if (c->isa >= ITL_AVX2 && w->kind == ITL_F16) {
+            for (int t = 0; t < T; t++)
+                matvec_f16_f32_avx2(w, X + (size_t)(rows ? rows[t] : t) * ldx, Y + (size_t)t * ldy);
+            return;
+        }
+#endif
+        for (int t = 0; t < T; t++)
+            matvec_f32_scalar(c, w, X + (size_t)(rows ? rows[t] : t) * ldx, Y + (size_t)t * ldy);
+        return;
+    }
 #if ITL_X86
     if (c->isa == ITL_AVX512 && p->w) {
         for (int t = 0; t < T; t++) quant_row_512(p, X + (size_t)(rows ? rows[t] : t) * ldx, q, t);
@@ -1207,7 +1471,7 @@ static void moe(itl_ctx *c, int l, int T) {
         int toks[ITL_CHUNK * ITL_MAX_EXPERTS];
         for (int i = 0; i < n; i++) toks[i] = c->rows[i] / k;
 #if ITL_X86
-        if (c->isa == ITL_AVX512 && p1->w && P->router.w && p1->group == P->router.group)
+        if (c->isa == ITL_AVX512 && c->act == ITL_ACT_INT8 && p1->w && P->router.w && p1->group == P->router.group)
             matmat_512(p1, &c->qa, toks, n, c->hid, ld); /* the router's quantized rows */
         else
 #endif
@@ -1286,6 +1550,7 @@ const char *itl_strerror(int code) {
     case ITL_ERR_LOGITS: return "the logits buffer is smaller than the vocabulary";
     case ITL_ERR_COUNT: return "the token count is negative";
     case ITL_ERR_MODEL: return "the model structs are inconsistent";
+    case ITL_ERR_MODE: return "unknown activation mode (ITL_ACT_INT8 or ITL_ACT_F32)";
     default: return "unknown error code";
     }
 }
@@ -1362,6 +1627,20 @@ int itl_set_isa(itl_ctx *c, int isa) {
 
 int itl_get_isa(const itl_ctx *c) { return ctx_ok(c) ? c->isa : -ITL_ERR_CTX; }
 
+/* ITL_ACT_INT8 (default) or ITL_ACT_F32; returns the mode now in use, -ITL_ERR_MODE for another
+   value (the mode unchanged), -ITL_ERR_CTX for a bad context. */
+static void build_exact(itl_ctx *c);
+
+int itl_set_act(itl_ctx *c, int mode) {
+    if (!ctx_ok(c)) return -ITL_ERR_CTX;
+    if (mode != ITL_ACT_INT8 && mode != ITL_ACT_F32) return -ITL_ERR_MODE;
+    if (mode == ITL_ACT_F32) build_exact(c);
+    c->act = mode;
+    return c->act;
+}
+
+int itl_get_act(const itl_ctx *c) { return ctx_ok(c) ? c->act : -ITL_ERR_CTX; }
+
 /* The state sizes (floats) a context's model needs; ITL_ERR_CTX / ITL_ERR_NULL. */
 int itl_state_sizes(const itl_ctx *c, int64_t *conv_n, int64_t *ssm_n) {
     if (!ctx_ok(c)) return ITL_ERR_CTX;
@@ -1406,6 +1685,31 @@ void itl_free(itl_ctx *c) {
 
 static int imax(int a, int b) { return a > b ? a : b; }
 
+/* The model's matrix behind pmat_at(c, i) (NULL: a factorised slot of a dense model). */
+static const itl_mat *mat_at(const itl_ctx *c, int i) {
+    const itl_model *m = c->m;
+    if (i < 3) return i == 0 ? &m->emb : m->rank == 0 ? NULL : i == 1 ? &m->embed_in : &m->head_proj;
+    int j = i - 3;
+    for (int l = 0; l < m->n_layers; l++) {
+        const itl_layer *L = &m->layers[l];
+        if (j < 5) return j == 0 ? &L->in_proj : j == 1 ? &L->x_proj : j == 2 ? &L->dt_proj : j == 3 ? &L->out_proj
+                                                                                             : &L->router;
+        if (j < 5 + 2 * L->e) return j < 5 + L->e ? &L->w1[j - 5] : &L->w2[j - 5 - L->e];
+        j -= 5 + 2 * L->e;
+    }
+    return NULL;
+}
+
+/* The exact mode's copies of every packed matrix (once; a matrix whose copy cannot be allocated
+   runs on the scalar path). */
+static void build_exact(itl_ctx *c) {
+    itl_pmat *p;
+    for (int i = 0; (p = pmat_at(c, i)) != NULL; i++) {
+        const itl_mat *w = mat_at(c, i);
+        if (w) pmat_build_exact(p, w);
+    }
+}
+
 /* The per-matrix slots, with (pack) the VNNI copies of every integer matrix, and the quantized-row
    buffers; 0 or -1. */
 static int build_packed(itl_ctx *c, int pack) {
@@ -1420,20 +1724,8 @@ static int build_packed(itl_ctx *c, int pack) {
     int qld = 64, qldg = 1;
     itl_pmat *p;
     for (int i = 0; (p = pmat_at(c, i)) != NULL; i++) {
-        const itl_mat *w = NULL;
-        if (i < 3) {
-            w = i == 0 ? &m->emb : i == 1 ? &m->embed_in : &m->head_proj;
-            if (i > 0 && m->rank == 0) continue;
-        } else {
-            int j = i - 3;
-            for (int l = 0; l < m->n_layers && !w; l++) {
-                const itl_layer *L = &m->layers[l];
-                if (j < 5) w = j == 0 ? &L->in_proj : j == 1 ? &L->x_proj : j == 2 ? &L->dt_proj : j == 3 ? &L->out_proj
-                                                                                                      : &L->router;
-                else if (j < 5 + 2 * L->e) w = j < 5 + L->e ? &L->w1[j - 5] : &L->w2[j - 5 - L->e];
-                else j -= 5 + 2 * L->e;
-            }
-        }
+        const itl_mat *w = mat_at(c, i);
+        if (!w) continue;
         if (pack && pmat_build(p, w)) return -1;
         if (p->w) {
             qld = imax(qld, (p->ng * p->gp + 63) / 64 * 64);
@@ -1498,6 +1790,8 @@ itl_ctx *itl_create(const itl_model *m) {
     if (env && strcmp(env, "scalar") == 0) isa = ITL_SCALAR;
     else if (env && strcmp(env, "avx2") == 0) isa = ITL_AVX2;
     itl_set_isa(c, isa);
+    const char *act = getenv("ITERALITE_NATIVE_ACT");
+    itl_set_act(c, act && strcmp(act, "f32") == 0 ? ITL_ACT_F32 : ITL_ACT_INT8);
     return c;
 }
 

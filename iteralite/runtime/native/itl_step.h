@@ -9,6 +9,8 @@ enum { ITL_INT = 0, ITL_F16 = 1 };
 enum { ITL_SCALAR = 0, ITL_AVX2 = 1, ITL_AVX512 = 2 }; /* ITL_AVX512: AVX-512 F/BW/VL + VNNI */
 enum { ITL_OK = 0, ITL_ERR_NULL = 1, ITL_ERR_CTX = 2, ITL_ERR_TOKEN = 3, ITL_ERR_STATE = 4, ITL_ERR_LOGITS = 5,
        ITL_ERR_COUNT = 6, ITL_ERR_MODEL = 7 };
+enum { ITL_ERR_MODE = 8 };                  /* itl_set_act: an unknown activation mode */
+enum { ITL_ACT_INT8 = 0, ITL_ACT_F32 = 1 }; /* activations: int8 per block (default) or float (exact) */
 #define ITL_MAGIC 0x49544C31u /* "ITL1": a live context */
 
 typedef struct {
@@ -53,6 +55,9 @@ itl_ctx *itl_create(const itl_model *m);
 void itl_free(itl_ctx *c);
 int itl_set_isa(itl_ctx *c, int isa);
 int itl_get_isa(const itl_ctx *c);
+/* Activation mode ITL_ACT_INT8 / ITL_ACT_F32: the mode in use, or -ITL_ERR_MODE / -ITL_ERR_CTX. */
+int itl_set_act(itl_ctx *c, int mode);
+int itl_get_act(const itl_ctx *c);
 int itl_state_sizes(const itl_ctx *c, int64_t *conv_n, int64_t *ssm_n);
 int itl_step(itl_ctx *c, int token, float *conv, int64_t conv_n, float *ssm, int64_t ssm_n, float *logits,
              int64_t logits_n);

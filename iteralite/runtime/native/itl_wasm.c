@@ -22,6 +22,7 @@ static itl_gen *gen;
 static const char *piece;
 static size_t piece_len;
 static int started;
+static int act_mode = ITL_ACT_INT8; /* the step's activations for every session (itl_wasm_set_exact) */
 
 static int fail(int code, const char *what) {
     snprintf(err, sizeof err, "%s", what);
@@ -84,7 +85,17 @@ EXPORT int itl_wasm_session(void) {
         snprintf(err, sizeof err, "%s", why[0] ? why : "cannot start a generation session");
         return -1;
     }
+    itl_gen_set_act(gen, act_mode);
     return 0;
+}
+
+/* on != 0: float activations (the step's ITL_ACT_F32, the eager model's arithmetic up to float
+   rounding); 0: int8 activations (the default). For this session and the later ones; the next start
+   uses it. Returns the mode now set (1 or 0). */
+EXPORT int itl_wasm_set_exact(int32_t on) {
+    act_mode = on ? ITL_ACT_F32 : ITL_ACT_INT8;
+    if (gen) itl_gen_set_act(gen, act_mode);
+    return act_mode == ITL_ACT_F32;
 }
 
 /* Encode and prefill prompt[0..len) (UTF-8) and set the sampler: temperature 0 is greedy, top_k <= 0

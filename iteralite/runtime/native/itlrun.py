@@ -38,23 +38,23 @@ def parse_stats(stderr: str) -> dict:
 
 
 def command(artifact, tokenizer, prompt: str = "Once upon a time", n: int = 200, *, temperature: float = 0.8,
-            top_k: int = 0, top_p: float = 0.9, seed: int = 1, ids: bool = True) -> list[str]:
-    """The argv of one itl-run call."""
+            top_k: int = 0, top_p: float = 0.9, seed: int = 1, ids: bool = True, exact: bool = False) -> list[str]:
+    """The argv of one itl-run call (exact: `--exact`, float activations)."""
     path = binary_path()
     if path is None:
         raise ItlRunError(f"itl-run is not built here (no {NAME} in {_HERE}); run the README's setup "
                           "(`make setup`, needs a C compiler)")
     argv = [path, str(artifact), str(tokenizer), "-p", prompt, "-n", str(n), "-t", repr(float(temperature)),
             "-k", str(top_k), "--top-p", repr(float(top_p)), "-s", str(seed)]
-    return argv + (["--ids"] if ids else [])
+    return argv + (["--ids"] if ids else []) + (["--exact"] if exact else [])
 
 
 def run(artifact, tokenizer, prompt: str = "Once upon a time", n: int = 200, *, temperature: float = 0.8,
-        top_k: int = 0, top_p: float = 0.9, seed: int = 1, ids: bool = True,
+        top_k: int = 0, top_p: float = 0.9, seed: int = 1, ids: bool = True, exact: bool = False,
         timeout: float | None = None) -> tuple[list[int] | str, float]:
     """(the generated ids, or with ids=False the printed text: prompt + story, and tok/s)."""
     argv = command(artifact, tokenizer, prompt, n, temperature=temperature, top_k=top_k, top_p=top_p,
-                   seed=seed, ids=ids)
+                   seed=seed, ids=ids, exact=exact)
     p = subprocess.run(argv, capture_output=True, timeout=timeout)
     err = p.stderr.decode("utf-8", "replace")
     if p.returncode != 0:

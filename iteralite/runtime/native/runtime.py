@@ -11,6 +11,9 @@ Batch rows are independent states run one after another.
 
 Code paths (`isa`): "avx512" (AVX-512 VNNI integer dot products on a copy of the codes the C
 context lays out once), "avx2" and "scalar"; the best the CPU has is the default.
+Activations (`act`): "int8" (each matmul's input quantized to int8 per block; the default) or
+"f32" (exact: float inputs times the dequantized weights, the eager model's arithmetic up to float
+rounding; ITERALITE_NATIVE_ACT=f32 starts a context there).
 
 The boundary is checked once per call, on both sides: tokens (integers in the vocabulary, one per
 state row), states (the float32, C-contiguous, writable numpy arrays of `init_state`, of this
@@ -37,6 +40,7 @@ from iteralite.io.errors import IteraliteError
 from iteralite.runtime.native.layout import NativeWeights, native_weights
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+ACTS = {"int8": 0, "f32": 1}  # activation modes: int8 per block (default) or float (exact, as the eager model)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _LIB = None
 
@@ -99,6 +103,8 @@ def _declare(lib) -> None:
     lib.itl_free.argtypes, lib.itl_free.restype = [p], None
     lib.itl_set_isa.argtypes, lib.itl_set_isa.restype = [p, i], i
     lib.itl_get_isa.argtypes, lib.itl_get_isa.restype = [p], i
+    lib.itl_set_act.argtypes, lib.itl_set_act.restype = [p, i], i
+    lib.itl_get_act.argtypes, lib.itl_get_act.restype = [p], i
     lib.itl_state_sizes.argtypes = [p, ctypes.POINTER(n), ctypes.POINTER(n)]
     lib.itl_state_sizes.restype = i
     lib.itl_avx2_supported.argtypes, lib.itl_avx2_supported.restype = [], i
@@ -114,10 +120,11 @@ def available() -> bool:
     return library_path() is not None
 
 
-def load_native(path) -> "NativeIteraLite":
-    """A packed checkpoint -> NativeIteraLite (the benchmark's and the CLI's loader)."""
+def load_native(path, act: str | None = None) -> "NativeIteraLite":
+    """A packed checkpoint -> NativeIteraLite (the benchmark's and the CLI's loader); `act` as
+    NativeIteraLite's ("f32": exact activations)."""
     from iteralite.io.checkpoint import load_model
-    return NativeIteraLite.from_model(load_model(path)[0])
+    return NativeIteraLite.from_model(load_model(path)[0], act=act)
 
 
 def _fptr(a: np.ndarray):
@@ -194,9 +201,12 @@ class NativeState(list):
 
 class NativeIteraLite(InferenceOnly):
     """A packed IteraLite on the native step. `isa`: "avx512", "avx2" or "scalar" (default: the
-    best the CPU has); the environment variable ITERALITE_NATIVE_ISA=scalar (or avx2) starts there."""
+    best the CPU has); the environment variable ITERALITE_NATIVE_ISA=scalar (or avx2) starts there.
+    `act`: "int8" or "f32" (default: ITERALITE_NATIVE_ACT, else "int8")."""
 
-    def __init__(self, weights: NativeWeights, cfg, isa: str | None = None):
+    def __init__(self, weights: NativeWeights, cfg, isa: str | None = None, act: str | None = None):
+        if act is not None and act not in ACTS:
+            raise ValueError(f"act must be one of {', '.join(ACTS)}; got {act!r}")
         self.lib = load_library()
         self.w, self.cfg = weights, cfg
         self._lock = threading.RLock()
@@ -220,12 +230,15 @@ class NativeIteraLite(InferenceOnly):
         self._logits = np.zeros(weights.vocab, dtype=np.float32)
         if isa is not None:
             self.set_isa(isa)
+        if act is not None:
+            self.set_act(act)
 
     _NAMES = {v: k for k, v in ISAS.items()}
+    _ACT_NAMES = {v: k for k, v in ACTS.items()}
 
     @classmethod
-    def from_model(cls, model, isa: str | None = None) -> "NativeIteraLite":
-        return cls(native_weights(model), model.cfg, isa)
+    def from_model(cls, model, isa: str | None = None, act: str | None = None) -> "NativeIteraLite":
+        return cls(native_weights(model), model.cfg, isa, act)
 
     # ----------------------------------------------------------------- lifetime and copies
 
@@ -257,11 +270,11 @@ class NativeIteraLite(InferenceOnly):
 
     def __copy__(self):
         """A runtime over the same weights with its own C context (never a shared one)."""
-        return type(self)(self.w, self.cfg, self.isa)
+        return type(self)(self.w, self.cfg, self.isa, self.act)
 
     def __deepcopy__(self, memo):
         """A runtime over a deep copy of the weights, with its own C context."""
-        return type(self)(copy.deepcopy(self.w, memo), copy.deepcopy(self.cfg, memo), self.isa)
+        return type(self)(copy.deepcopy(self.w, memo), copy.deepcopy(self.cfg, memo), self.isa, self.act)
 
     def __reduce_ex__(self, protocol):
         raise TypeError(f"a {type(self).__name__} cannot be pickled (it holds a C context); save the packed "
@@ -282,6 +295,19 @@ class NativeIteraLite(InferenceOnly):
             raise ValueError(f"isa must be one of {', '.join(ISAS)}; got {name!r}")
         with self._lock:
             return self._NAMES[self.lib.itl_set_isa(self._live(), ISAS[name])]
+
+    @property
+    def act(self) -> str:
+        """The activation mode in use: "int8" or "f32"."""
+        with self._lock:
+            return self._ACT_NAMES[self.lib.itl_get_act(self._live())]
+
+    def set_act(self, name: str) -> str:
+        """Choose the activation mode ("int8" or "f32"); returns the one in use."""
+        if name not in ACTS:
+            raise ValueError(f"act must be one of {', '.join(ACTS)}; got {name!r}")
+        with self._lock:
+            return self._ACT_NAMES[self.lib.itl_set_act(self._live(), ACTS[name])]
 
     @property
     def resident_weight_bytes(self) -> int:
