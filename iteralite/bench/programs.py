@@ -15,6 +15,7 @@ cancel out; a count, so it repeats from run to run where wall-clock does not.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import statistics
@@ -147,11 +148,17 @@ def program_row(name: str, artifact, tokenizer_bin, prompt: str, n_tokens: int, 
     return row
 
 
+# valgrind (3.19) has no AVX-512: under it the C step would fall back to AVX2 by itself; the count
+# names the code path it ran, forced here so it does not depend on that fallback
+CALLGRIND_ISA = "avx2"
+
+
 def callgrind_ir(argv: list[str], extra: list[str]) -> int:
-    """Instructions executed (callgrind's Ir total) by one run of argv + extra."""
+    """Instructions executed (callgrind's Ir total) by one run of argv + extra, on the AVX2 path."""
     with tempfile.TemporaryDirectory() as tmp:
         args = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out", *argv, *extra]
-        proc = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=TIMEOUT_S)
+        env = {**os.environ, "ITERALITE_NATIVE_ISA": CALLGRIND_ISA}
+        proc = subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=TIMEOUT_S, env=env)
     m = re.search(r"Collected : (\d+)", proc.stderr)
     if proc.returncode != 0 or not m:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no message)"]
@@ -175,4 +182,5 @@ def instructions_per_token(artifact, tokenizer_bin, prompt: str, n1: int, n2: in
         return {"instructions_available": False, "instructions_reason": str(e)}
     return {"instructions_per_token": round((ir[n2] - ir[n1]) / (n2 - n1), 1), "instructions_available": True,
             "instructions_tokens": [n1, n2], "instructions_tool": f"{version} --tool=callgrind (Ir)",
+            "instructions_isa": CALLGRIND_ISA,
             "instructions_program": spec.prefix}

@@ -95,7 +95,8 @@ after warm-up, all in one process.
   share. *top-1 = eager's (teacher-forced)*: the native step fed eager's tokens, per step.
 - *instructions/token*: the native C step's instructions per decoded token, counted by callgrind
   on itl-run ((Ir(N2) - Ir(N1)) / (N2 - N1), so loading and the prompt cancel): a count, it repeats
-  between runs where wall-clock does not.
+  between runs where wall-clock does not. It counts the AVX2 path (valgrind has no AVX-512), so it
+  is not the instruction count of the timed AVX-512 loop.
 Wall-clock numbers come from a shared 2-core machine and move by 10-20% between runs;
 differences smaller than that are noise.
 """

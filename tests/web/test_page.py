@@ -1,12 +1,11 @@
 """The web page (web/index.html) in headless Chromium, served from a loopback HTTP server: with a tiny
 artifact of each embedding kind it writes the Node runner's greedy story (same ids, same text) and its
-seeded sampled ids, Stop ends a long story, and a missing artifact is one error line. By hand,
-ITL_WEB_HEADLINE=1 runs the page on the pipeline's headline artifact from the repo root (the same
-greedy story as Node) and saves docs/web_page.png. Nothing is loaded from the network."""
+seeded sampled ids, Stop ends a long story, and a missing artifact is one error line. The headline
+artifact's page and its screenshot: `python -m tests.web.screenshot` (after `make repro`). Nothing
+is loaded from the network."""
 from __future__ import annotations
 
 import functools
-import os
 import re
 import shutil
 import threading
@@ -138,20 +137,3 @@ def test_a_missing_artifact_is_one_error_line(browser, site):
     assert browser.wait(DONE, timeout=20) == "error"
     stats = browser.eval("document.getElementById('stats').textContent")
     assert re.fullmatch(r"error: cannot fetch the artifact http://127\.0\.0\.1:\d+/none\.safetensors: HTTP 404", stats)
-
-
-@pytest.mark.skipif(not os.environ.get("ITL_WEB_HEADLINE"),
-                    reason="by hand: ITL_WEB_HEADLINE=1 (needs the pipeline's checkpoints/mixed.safetensors)")
-def test_headline_artifact_from_the_repo_root(browser, node):
-    """The page's defaults (the headline artifact and tokenizer, served from the repo root): its greedy
-    story is Node's; then a sampled story to its end, saved as docs/web_page.png."""
-    server, url = serve(REPO)
-    try:
-        got = generate(browser, url, prompt=PROMPT, temperature=0, n=200)
-        proc = run_node(node, HEADLINE, TOKENIZER, "-p", PROMPT, "-n", 200, "-t", "0")
-        assert got["story"] + "\n" == proc.stdout.decode()
-        got = generate(browser, url, n=300, stop_at_end=1)
-        print(f"\nheadline page: {got['stats']}\n{got['story']}")
-        browser.screenshot(str(REPO / "docs" / "web_page.png"))
-    finally:
-        server.shutdown()
