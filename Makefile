@@ -26,7 +26,7 @@ repro: data
 	time dvc repro
 
 test: data
-	python -m pytest
+	python -m pytest --durations=20
 
 # Rewrite every stage's `deps:` in dvc.yaml from its script's import closure (tests/test_dvc_deps.py
 # fails until this is run after an import changes); data, checkpoint and C-source deps are kept.

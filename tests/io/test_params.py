@@ -245,11 +245,11 @@ def test_check_params_refuses_what_only_a_late_stage_would_meet(tmp_path, edits,
 
 
 def test_the_native_limit_in_check_params_is_the_c_routers():
-    """model.n_experts is checked against layout.MAX_EXPERTS: it must be itl_step.c's ITL_MAX_EXPERTS."""
+    """model.n_experts is checked against layout.MAX_EXPERTS: it must be itl_step.h's ITL_MAX_EXPERTS."""
     from iteralite.runtime.native.layout import MAX_EXPERTS
     from tests.conftest import REPO
 
-    c = (REPO / "iteralite" / "runtime" / "native" / "itl_step.c").read_text()
+    c = (REPO / "iteralite" / "runtime" / "native" / "itl_step.h").read_text()
     assert re.search(rf"#define ITL_MAX_EXPERTS {MAX_EXPERTS}\b", c)
 
 
