@@ -97,7 +97,7 @@ def _fused(model, ckpt, args):
 
 def _native(model, ckpt, args):
     """The C step over the packed codes (NativeUnsupported / NativeUnavailable say why not)."""
-    from iteralite.runtime.native import NativeIteraLite
+    from iteralite.runtime.native.runtime import NativeIteraLite
     return NativeIteraLite.from_model(model)
 
 
@@ -111,7 +111,8 @@ def _runtime(model, ckpt, args):
     choice = getattr(args, "runtime", "auto")
     if choice != "auto":
         return RUNTIMES[choice](model, ckpt, args)
-    from iteralite.runtime.native import NativeUnavailable, NativeUnsupported
+    from iteralite.runtime.native.layout import NativeUnsupported
+    from iteralite.runtime.native.library import NativeUnavailable
     try:
         return _native(model, ckpt, args)
     except (NativeUnsupported, NativeUnavailable):

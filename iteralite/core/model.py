@@ -91,8 +91,9 @@ class IteraLite(nn.Module):
         """Normed residual (.., d) -> logits (.., V) through the tied table."""
         return self.embedding.attend(self.head_proj(h) if self.cfg.embed_rank else h)
 
-    def forward(self, idx, state=None, return_state: bool = False):
-        """idx (b, l) -> logits (b, l, V), mean balance loss; with return_state also per-layer states."""
+    def features(self, idx, state=None, return_state: bool = False):
+        """idx (b, l) -> the normed residual the head reads (b, l, d), mean balance loss, per-layer
+        states (None unless return_state): `forward` is `head` of this."""
         x = self.embed(idx)
         aux_total = x.new_zeros(())
         states = []
@@ -100,8 +101,12 @@ class IteraLite(nn.Module):
             x, aux, st = layer(x, None if state is None else state[i], return_state)
             aux_total = aux_total + aux
             states.append(st)
-        logits = self.head(self.norm_f(x))
-        aux_total = aux_total / len(self.layers)
+        return self.norm_f(x), aux_total / len(self.layers), states
+
+    def forward(self, idx, state=None, return_state: bool = False):
+        """idx (b, l) -> logits (b, l, V), mean balance loss; with return_state also per-layer states."""
+        h, aux_total, states = self.features(idx, state, return_state)
+        logits = self.head(h)
         if return_state:
             return logits, aux_total, states
         return logits, aux_total

@@ -18,6 +18,7 @@ from iteralite.quant.allocate import (UNIT_TYPES, manual_allocation, monotone, o
                                       uniform_allocation)
 from iteralite.train.evaluate import mean_loss, windows
 from iteralite.quant.qat import distill_quantized
+from iteralite.train.distill import CachedTeacher
 from iteralite.quant.spec import SCALE_BITS
 from iteralite.train.live import log_point, log_summary
 from iteralite.train.loop import check_stream
@@ -30,7 +31,7 @@ OBJECTIVES = ("ppl_budget", "bits_target")
 CONTROL_PRECISION = 4  # control_finetune: the uniform precision fine-tuned for the same steps, as a fair control
 SLACK_NATS = math.log1p(0.01)  # slack below ~1% perplexity is not worth another fine-tune
 TARGET_KEYS = ("objective", "max_ppl_delta_pct", "target_bits_per_weight", "budget_rounds", "finetune_steps",
-               "max_refits", "control_finetune")
+               "max_refits", "control_finetune", "slack_rule")
 DEFAULT_MANUAL = {"embedding": 8, "embed_in": 8, "head_proj": 8, "in_proj": 8, "out_proj": 8, "x_proj": 16,
                   "dt_proj": 16, "router": 16, "experts": 4}
 
@@ -57,6 +58,7 @@ class MixedConfig:
     compare: list[int | str] = field(default_factory=lambda: [8, 4])  # uniform precisions on the Pareto plot
     control_finetune: bool = True  # also fine-tune uniform int4 for the same steps (a fair control)
     budget_rounds: int = 5  # reallocate with the dev budget the fine-tune left unused (one fine-tune each)
+    slack_rule: str = "measured"  # measured | scaled: how much allowance a round offers (SLACK_RULES)
     targets: dict = field(default_factory=dict)  # student target -> overrides of TARGET_KEYS for its stage
 
     def for_target(self, name: str, section: str = "mixed_precision") -> "MixedConfig":
@@ -90,6 +92,8 @@ class MixedConfig:
               f"must be 0 (fp16) or 2..{SCALE_BITS[-1]} (a linear grid); got {self.leftover_bits!r}")
         check(self.max_refits >= 0, section, "max_refits", "must be >= 0")
         check(self.budget_rounds >= 0, section, "budget_rounds", "must be >= 0")
+        check(self.slack_rule in SLACK_RULES, section, "slack_rule",
+              f"must be one of {', '.join(SLACK_RULES)}; got {self.slack_rule!r}")
         unknown = sorted(set(self.manual) - set(UNIT_TYPES))
         check(not unknown, section, "manual", f"has unknown unit types {unknown}; allowed: {', '.join(UNIT_TYPES)}")
         missing = sorted(set(UNIT_TYPES) - set(self.manual))
@@ -159,19 +163,42 @@ class MixedRun:
     info: dict  # JSON-able: losses, budget, refits, profile, fine-tune stats
 
 
-def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bits) -> tuple:
+def _step_measured(slack: float, opt, final: float, base: float) -> float:
+    """Offer the slack itself: as if the fine-tune won nothing back of the extra damage."""
+    return slack
+
+
+def _step_scaled(slack: float, opt, final: float, base: float) -> float:
+    """Offer the slack divided by the share of the damage the last fine-tune kept: post-fine-tune
+    damage (final - base) over the damage measured before it (the allocator's last refit, same
+    windows). A fine-tune that keeps 40% of the damage turns 0.05 nats of slack into 0.125 nats
+    of allowance. The share is clamped to [1/4, 1], so the offer is 1 to 4 times the slack."""
+    before = opt.refits[-1]["measured"] if getattr(opt, "refits", None) else 0.0
+    keep = (final - base) / before if before > 0 else 1.0
+    return slack / min(1.0, max(0.25, keep))
+
+
+SLACK_RULES = {"measured": _step_measured, "scaled": _step_scaled}  # mixed_precision.slack_rule
+
+
+def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bits, *, rule: str = "measured",
+                  base: float = 0.0) -> tuple:
     """The budget is checked before fine-tuning and the fine-tune then wins some loss back, so the
     fine-tuned headline lands under the budget: budget left unused. Each round gives the allocator
-    the dev-measured slack on top of its budget (`reallocate(extra_nats) -> Optimized`), fine-tunes
-    the smaller allocation it returns (`fit(allocation) -> (model, stats, dev loss)`) and keeps it
-    if that dev loss still meets `target`. A round over the target keeps the previous one and backs
-    off: the next round offers half as much on top of the kept allocation's allowance.
+    more allowance on top of its budget (`reallocate(extra_nats) -> Optimized`): the dev-measured
+    slack, or with rule "scaled" the slack over the share of damage a fine-tune keeps (see
+    SLACK_RULES; `base` is the starting model's dev loss). It fine-tunes the smaller allocation
+    returned (`fit(allocation) -> (model, stats, dev loss)`) and keeps it if that dev loss still
+    meets `target`. A round over the target keeps the previous one and backs off: the next round
+    offers half as much on top of the kept allocation's allowance.
     first: (Optimized, model, stats, dev loss) of the first fine-tune -> (the kept one, rounds record)."""
     kept, record, extra, step = first, [], 0.0, None
     for _ in range(rounds):
         opt, _, _, final = kept
         slack = target - final
-        step = slack if step is None else step
+        step = SLACK_RULES[rule](slack, opt, final, base) if step is None else step
+        if slack < SLACK_NATS:
+            break
         if step < SLACK_NATS:
             break
         cand = reallocate(extra + step)
@@ -218,10 +245,13 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
     candidates["manual"] = (stored_allocation(start, manual, cfg), manual)
 
     logged, rounds = 0, 0  # dvclive steps and fine-tunes so far
+    # every fine-tune distils on the same batches: the teacher runs once per batch, not once per fine-tune
+    several = (cfg.policy == "optimized" and cfg.objective == "ppl_budget" and cfg.budget_rounds) or cfg.control_finetune
+    fit_teacher = CachedTeacher(teacher) if several else teacher
 
     def fit(alloc, desc="mixed finetune"):
         nonlocal logged, rounds
-        m, st = finetune_allocation(start, teacher, data, alloc, cfg, qat_cfg, progress, desc, live=live,
+        m, st = finetune_allocation(start, fit_teacher, data, alloc, cfg, qat_cfg, progress, desc, live=live,
                                     step_offset=logged, round_index=rounds)
         logged, rounds = logged + qat_cfg.steps, rounds + 1
         loss = mean_loss(m, wins, cfg.batch_size)
@@ -234,7 +264,7 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
             (opt, model, stats, final), teacher_loss + math.log1p(cfg.max_ppl_delta_pct / 100), cfg.budget_rounds,
             lambda extra: optimize(start, wins, sizes, monotone(sens), cfg, base, teacher_loss, extra=extra),
             lambda alloc: fit(alloc, "mixed finetune (slack round)"),
-            lambda alloc: sum(sizes[u][p] for u, p in alloc.items()))
+            lambda alloc: sum(sizes[u][p] for u, p in alloc.items()), rule=cfg.slack_rule, base=base)
         headline = opt.allocation
         info["budget_nats_final"] = round(opt.budget, 6)
     candidates["optimized_before_finetune"] = (stored_allocation(start, opt.allocation, cfg), opt.allocation)

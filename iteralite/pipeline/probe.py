@@ -27,7 +27,7 @@ def parse_shape(text: str) -> dict:
 
 
 def probe(shapes: list[dict], steps: int, from_ratio: float = 0.4, progress: bool = False,
-          lr: float = 0.002) -> list[dict]:
+          lr: float = 0.002, warmup: int = 20) -> list[dict]:
     """One row per shape: parameters, dev loss of the teacher, the cut model and the distilled student."""
     import torch
 
@@ -42,13 +42,14 @@ def probe(shapes: list[dict], steps: int, from_ratio: float = 0.4, progress: boo
     rows = []
     for shape in shapes:
         cfg = StudentConfig(**shape, tokens=steps * 16 * 256, lr=lr, min_lr=lr / 10,
-                            warmup_steps=min(20, steps - 1))
+                            warmup_steps=min(warmup, steps - 1))
         cfg.validate("probe")
         t0 = time.perf_counter()
         start = dequantize_model(load_model(paths.ratio_ckpt("finetune", from_ratio))[0])
         with torch.random.fork_rng(devices=[]):
             model, info = make_student(base.model, start, base.train_tokens, base.dev_tokens, cfg, progress)
-        rows.append({**shape, "params": model.num_params(), "steps": steps, "lr": lr, "dev_loss_teacher": info["dev_loss_teacher"],
+        rows.append({**shape, "params": model.num_params(), "steps": steps, "lr": lr, "warmup_steps": min(warmup, steps - 1),
+                     "dev_loss_teacher": info["dev_loss_teacher"],
                      "dev_loss_cut": info["dev_loss_cut"], "dev_loss_student": info["dev_loss_student"],
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600, help="distillation steps per shape (16 x 256 tokens each)")
     ap.add_argument("--from-ratio", type=float, default=0.4)
     ap.add_argument("--lr", type=float, default=0.002, help="peak learning rate (min_lr = lr / 10)")
+    ap.add_argument("--warmup", type=int, default=20, help="warmup steps (the stage's student.warmup_steps is 50)")
     ap.add_argument("--out", help="write the rows here as JSON")
     a = ap.parse_args(argv)
     try:
@@ -69,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             raise IteraliteError("probe: --steps must be >= 2")
         if not 0 < a.lr < 1:
             raise IteraliteError(f"probe: --lr must be in (0, 1), got {a.lr}")
-        rows = probe(shapes, a.steps, a.from_ratio, progress=True, lr=a.lr)
+        if a.warmup < 0:
+            raise IteraliteError(f"probe: --warmup must be >= 0, got {a.warmup}")
+        rows = probe(shapes, a.steps, a.from_ratio, progress=True, lr=a.lr, warmup=a.warmup)
     except IteraliteError as e:
         print(str(e), file=sys.stderr)
         return 2

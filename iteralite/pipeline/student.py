@@ -85,8 +85,12 @@ class StudentConfig:
             bad = sorted(set(over) - set(TARGET_KEYS))
             check(not bad, section, f"targets.{name}", f"has unknown keys {bad}; allowed: {', '.join(TARGET_KEYS)}")
             for key, v in over.items():
-                check(isinstance(v, int) and not isinstance(v, bool), section, f"targets.{name}.{key}",
-                      f"must be an integer; got {v!r}")
+                if key in FLOAT_TARGET_KEYS:
+                    check(isinstance(v, (int, float)) and not isinstance(v, bool), section, f"targets.{name}.{key}",
+                          f"must be a number; got {v!r}")
+                else:
+                    check(isinstance(v, int) and not isinstance(v, bool), section, f"targets.{name}.{key}",
+                          f"must be an integer; got {v!r}")
         for key in ("embed_rank", "max_heads", "max_ff"):
             check(getattr(self, key) >= 0, section, key, "must be >= 0 (0 = no limit / dense)")
         check(self.embed_rank < self.d_model or not self.embed_rank, section, "embed_rank",
@@ -112,7 +116,8 @@ class StudentConfig:
                          temperature=self.temperature)
 
 
-TARGET_KEYS = ("d_model", "n_layers", "embed_rank", "max_heads", "max_ff", "tokens")
+FLOAT_TARGET_KEYS = ("lr", "min_lr")  # a target may train at its own learning rate (the others are integers)
+TARGET_KEYS = ("d_model", "n_layers", "embed_rank", "max_heads", "max_ff", "tokens", *FLOAT_TARGET_KEYS)
 
 
 def check_cut(model: nn.Module, cfg: StudentConfig, section: str = "student") -> None:

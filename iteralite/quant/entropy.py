@@ -266,7 +266,7 @@ def _native():
     global _native_lib
     if _native_lib is None:
         try:
-            from iteralite.runtime.native.runtime import NativeUnavailable, load_library
+            from iteralite.runtime.native.library import NativeUnavailable, load_library
         except ImportError:
             _native_lib = False
             return None

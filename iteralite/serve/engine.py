@@ -26,7 +26,7 @@ class Cancelled(Exception):
 
 def runtime_pool(first, n: int) -> list:
     """`n` runtime slots from one loaded runtime (see the module docstring for why)."""
-    from iteralite.runtime.native import NativeIteraLite
+    from iteralite.runtime.native.runtime import NativeIteraLite
 
     if isinstance(first, NativeIteraLite):
         return [first] + [NativeIteraLite(first.w, first.cfg, first.isa) for _ in range(n - 1)]

@@ -114,11 +114,12 @@ def test_profile_and_budget_read_the_dev_split_and_finetunes_the_training_split(
 
 
 class _Opt:
-    def __init__(self, bits):
+    def __init__(self, bits, measured=None):
         self.allocation = {"u": bits}
+        self.refits = [] if measured is None else [{"measured": measured}]
 
 
-def _slack_run(first_loss, target, results, rounds=2):
+def _slack_run(first_loss, target, results, rounds=2, **kw):
     """use_the_slack with fakes: allocation = its bit count; results[i] = dev loss of round i's
     fine-tune; the extra nats offered in each round are recorded too."""
     calls = []
@@ -130,8 +131,9 @@ def _slack_run(first_loss, target, results, rounds=2):
         calls.append(alloc["u"])
         return f"model{alloc['u']}", {"steps": 1}, results[len(calls) - 1]
 
-    kept, record = use_the_slack((_Opt(100), "model100", {}, first_loss), target, rounds, reallocate, fit,
-                                 lambda a: a["u"])
+    first = kw.pop("first", _Opt(100))
+    kept, record = use_the_slack((first, "model100", {}, first_loss), target, rounds, reallocate, fit,
+                                 lambda a: a["u"], **kw)
     return kept, record, calls
 
 
@@ -150,6 +152,27 @@ def test_after_a_round_over_the_budget_the_next_offers_half_as_much():
     kept, record, calls = _slack_run(2.0, 2.5, [2.3, 2.6, 2.45], rounds=3)
     assert [r["extra_nats"] for r in record] == [0.5, 0.7, 0.6]  # 0.5 kept; +0.2 failed; +0.1 kept
     assert [r["kept"] for r in record] == [True, False, True] and kept[1] == "model70" and kept[3] == 2.45
+
+
+def test_the_scaled_rule_divides_the_slack_by_the_share_of_damage_the_fine_tune_kept():
+    # start loss 1.8, damage 0.8 before the fine-tune and 0.2 after it (2.0): a quarter kept, so the
+    # 0.1 nats of slack become 0.4 nats of allowance
+    first = _Opt(100, measured=0.8)
+    kept, record, calls = _slack_run(2.0, 2.1, [2.05], rounds=1, first=first, rule="scaled", base=1.8)
+    assert record[0]["extra_nats"] == pytest.approx(0.4) and kept[1] == "model90"
+    # the share is clamped to [1/4, 1]: a fine-tune that made things worse offers the slack itself
+    _, record, _ = _slack_run(2.0, 2.1, [2.05], rounds=1, first=_Opt(100, measured=0.1), rule="scaled", base=1.8)
+    assert record[0]["extra_nats"] == pytest.approx(0.1)
+    _, record, _ = _slack_run(2.0, 2.1, [2.05], rounds=1, first=_Opt(100, measured=100.0), rule="scaled", base=1.8)
+    assert record[0]["extra_nats"] == pytest.approx(0.4)
+    # no measurement to scale by (no refit recorded): the slack itself, as the measured rule
+    _, record, _ = _slack_run(2.0, 2.1, [2.05], rounds=1, rule="scaled", base=1.8)
+    assert record[0]["extra_nats"] == pytest.approx(0.1)
+
+
+def test_an_unknown_slack_rule_is_one_line():
+    with pytest.raises(ParamsError, match="slack_rule' must be one of measured, scaled; got 'greedy'"):
+        from_dict(MixedConfig, {"slack_rule": "greedy"}, "mixed_precision")
 
 
 def test_no_slack_no_round():

@@ -125,12 +125,25 @@ def test_targets_override_the_cut_and_unknown_keys_are_one_line():
     assert (tiny.d_model, tiny.embed_rank, tiny.max_heads, tiny.max_ff) == (16, 4, 1, 0)
     with pytest.raises(ParamsError, match="has no target 'small'"):
         c.for_target("small")
-    with pytest.raises(ParamsError, match=r"targets.tiny' has unknown keys \['lr'\]"):
-        cfg(targets={"headline": {}, "tiny": {"lr": 1}})
+    with pytest.raises(ParamsError, match=r"targets.tiny' has unknown keys \['seed'\]"):
+        cfg(targets={"headline": {}, "tiny": {"seed": 1}})
     with pytest.raises(ParamsError, match="must name a 'headline' target"):
         cfg(targets={"tiny": {}})
     with pytest.raises(ParamsError, match="embed_rank"):
         cfg(targets={"headline": {}, "tiny": {"d_model": 8, "embed_rank": 8}}).for_target("tiny")
+
+
+def test_a_target_may_set_its_own_learning_rate():
+    c = cfg(targets={"headline": {}, "tiny": {"lr": 0.006, "min_lr": 0.0006}})
+    tiny, head = c.for_target("tiny"), c.for_target("headline")
+    assert (tiny.lr, tiny.min_lr) == (0.006, 0.0006) and (head.lr, head.min_lr) == (c.lr, c.min_lr)
+    assert tiny.distill_config().lr == 0.006
+    with pytest.raises(ParamsError, match=r"targets.tiny.lr' must be a number; got 'fast'"):
+        cfg(targets={"headline": {}, "tiny": {"lr": "fast"}})
+    with pytest.raises(ParamsError, match=r"targets.tiny.d_model' must be an integer; got 1.5"):
+        cfg(targets={"headline": {}, "tiny": {"d_model": 1.5}})
+    with pytest.raises(ParamsError, match="min_lr"):  # the override is checked against the other keys
+        cfg(min_lr=0.001, targets={"headline": {}, "tiny": {"lr": 0.0005}}).for_target("tiny")
 
 
 def test_full_rank_factorisation_is_the_same_model():

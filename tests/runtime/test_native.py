@@ -10,7 +10,7 @@ import torch
 
 from iteralite.quant.registry import PRECISIONS
 from iteralite.quant.units import quantize_allocation, units
-from iteralite.runtime import native
+from iteralite.runtime.native import library
 from iteralite.runtime.native import layout
 from iteralite.runtime.native.ref import RefModel, act_int8_ref
 from iteralite.runtime.native.runtime import NativeIteraLite, NativeUnavailable
@@ -33,7 +33,7 @@ WIDE = dict(d_model=64, n_heads=4, headdim=16, d_state=8, dt_rank=8, d_ff=48, vo
 
 def test_the_extension_is_built():
     """The README's setup builds the C step (CI runs this from a fresh clone)."""
-    assert native.available(), "the native library was not built by the setup command"
+    assert library.available(), "the native library was not built by the setup command"
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -181,14 +181,14 @@ def test_int8_activation_rounding_is_per_block_and_half_to_even():
 
 
 def test_a_float_model_is_refused_with_one_line(model):
-    with pytest.raises(native.NativeUnsupported, match="'embedding' is a TiedEmbedding; the native step runs packed"):
+    with pytest.raises(layout.NativeUnsupported, match="'embedding' is a TiedEmbedding; the native step runs packed"):
         NativeIteraLite.from_model(model)
 
 
 def test_a_missing_library_says_how_to_build_it(monkeypatch):
-    from iteralite.runtime.native import runtime
-    monkeypatch.setattr(runtime, "_LIB", None)
-    monkeypatch.setattr(runtime, "library_path", lambda: None)
+    from iteralite.runtime.native import library
+    monkeypatch.setattr(library, "_LIB", None)
+    monkeypatch.setattr(library, "library_path", lambda: None)
     with pytest.raises(NativeUnavailable, match="not built here .*make setup.*needs a C compiler"):
         NativeIteraLite.from_model(packed([4]))
 

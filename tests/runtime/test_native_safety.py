@@ -161,8 +161,8 @@ def test_the_c_library_refuses_an_inconsistent_model(field, value, msg):
 
 
 def test_the_library_override_must_name_a_file(monkeypatch, tmp_path):
-    from iteralite.runtime.native import runtime
-    monkeypatch.setattr(runtime, "_LIB", None)
+    from iteralite.runtime.native import library, runtime
+    monkeypatch.setattr(library, "_LIB", None)
     monkeypatch.setenv("ITERALITE_NATIVE_LIB", str(tmp_path / "missing.so"))
     with pytest.raises(runtime.NativeUnavailable, match="ITERALITE_NATIVE_LIB=.*missing.so is not a file"):
         NativeIteraLite.from_model(packed([4]))
@@ -173,7 +173,7 @@ def test_a_stale_or_foreign_library_is_unavailable_not_a_traceback(monkeypatch, 
     """A library built from older sources (a symbol missing: here a C library with none of ours)
     or a file that is not a library: NativeUnavailable with the fix, so `--runtime auto` falls back."""
     import shutil
-    from iteralite.runtime.native import runtime
+    from iteralite.runtime.native import library, runtime
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         pytest.skip("needs a C compiler")
@@ -183,7 +183,7 @@ def test_a_stale_or_foreign_library_is_unavailable_not_a_traceback(monkeypatch, 
     subprocess.run([gcc, "-shared", "-fPIC", "-o", str(tmp_path / "old.so"), str(src)], check=True)
     (tmp_path / "junk.so").write_bytes(b"not a library")
     for name, match in (("old.so", "itl_check_model"), ("junk.so", "cannot be used")):
-        monkeypatch.setattr(runtime, "_LIB", None)
+        monkeypatch.setattr(library, "_LIB", None)
         monkeypatch.setenv("ITERALITE_NATIVE_LIB", str(tmp_path / name))
         with pytest.raises(runtime.NativeUnavailable, match=match) as e:
             NativeIteraLite.from_model(packed([4]))

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from iteralite.cli import main
-from iteralite.runtime.native import NativeIteraLite
+from iteralite.runtime.native.runtime import NativeIteraLite
 from tests.conftest import REPO
 from tests.serve.conftest import (HOST, Slow, ThreadServer, events, get, load_runtime, make_engine,
                                   open_stream, post, stream)

@@ -5,7 +5,7 @@ import torch
 
 from iteralite.io.errors import DivergedError
 from iteralite.quant.qat import QATConfig
-from iteralite.train.distill import distill_train
+from iteralite.train.distill import CachedTeacher, distill_train
 from iteralite.train.live import stage_live
 from tests.train.conftest import read_live
 
@@ -60,3 +60,29 @@ def test_a_single_distillation_run_summarizes_its_final_losses(model, cfg, live_
     tsvs, summary = read_live(live_root / "q")
     assert tsvs["train/ce.tsv"] == [(3, summary["train"]["ce"])] and "round.tsv" not in tsvs
     assert summary["final_train_ce"] == stats["final_train_ce"] and summary["final_distill_loss"] > 0
+
+
+def test_the_cached_teacher_gives_the_teachers_logits_bit_for_bit(model):
+    model.eval()
+    cached = CachedTeacher(model)
+    a = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    b = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_a, want_b = model(a), model(b)
+    for x, want in ((a, want_a), (b, want_b), (a, want_a), (b[:, :-1], model(b[:, :-1]))):
+        got = cached(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert cached.hits == 1  # the second `a`; `b[:, :-1]` is another batch, not served b's logits
+
+
+def test_distilling_from_the_cached_teacher_equals_distilling_from_the_teacher(model, cfg):
+    data, qcfg = _data(cfg), QATConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1, threads=1)
+    teacher = copy.deepcopy(model).eval()
+    plain, fast = copy.deepcopy(model), copy.deepcopy(model)
+    distill_train(plain, teacher, data, qcfg, progress=False)
+    cached = CachedTeacher(teacher)
+    distill_train(copy.deepcopy(model), cached, data, qcfg, progress=False)  # fills the cache
+    distill_train(fast, cached, data, qcfg, progress=False)  # every batch from the cache
+    assert cached.hits == qcfg.steps
+    for p, q in zip(plain.state_dict().values(), fast.state_dict().values()):
+        assert torch.equal(p, q)

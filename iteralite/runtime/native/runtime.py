@@ -22,33 +22,25 @@ model's sizes) and the C library's own checks (its ITL_ERR_* codes) all end in o
 scratch context), copy-safe (`copy.copy` / `copy.deepcopy` give a runtime with its own context;
 pickling is refused) and `close()`d once (later calls raise `NativeClosed`).
 
-ITERALITE_NATIVE_LIB=/path/to/lib.so loads that build of the C step instead of the one next to
-this file (the sanitizer test's ASan build)."""
+The library's path, loading and C signatures are in `library` (ITERALITE_NATIVE_LIB=/path/to/lib.so
+loads that build of the C step instead of the one next to this file: the sanitizer test's ASan build)."""
 from __future__ import annotations
 
 import copy
 import ctypes
-import glob
 import os
 import threading
-from importlib.machinery import EXTENSION_SUFFIXES
 
 import numpy as np
 import torch
 
 from iteralite.io.errors import IteraliteError
 from iteralite.runtime.native.layout import NativeWeights, native_weights
+from iteralite.runtime.native.library import (ENV_LIB, NativeUnavailable, available, library_path,  # noqa: F401
+                                              load_library)
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 ACTS = {"int8": 0, "f32": 1}  # activation modes: int8 per block (default) or float (exact, as the eager model)
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_LIB = None
-
-
-class NativeUnavailable(IteraliteError):
-    """The native library is not built here."""
-
-
 class NativeInputError(IteraliteError, ValueError):
     """A token, count or state the native step cannot run (or the C library refused)."""
 
@@ -57,67 +49,7 @@ class NativeClosed(IteraliteError, RuntimeError):
     """A call on a runtime after `close()`."""
 
 
-ENV_LIB = "ITERALITE_NATIVE_LIB"
 _I32_MAX = 2 ** 31 - 1
-
-
-def library_path() -> str | None:
-    override = os.environ.get(ENV_LIB)
-    if override:
-        if not os.path.isfile(override):
-            raise NativeUnavailable(f"{ENV_LIB}={override} is not a file; point it at a built native "
-                                    "library or unset it")
-        return override
-    for suffix in EXTENSION_SUFFIXES:
-        hits = sorted(glob.glob(os.path.join(_HERE, "_itl_native" + suffix)))
-        if hits:
-            return hits[0]
-    return None
-
-
-def load_library():
-    """The ctypes library (loaded once); NativeUnavailable with the fix when it is not built."""
-    global _LIB
-    if _LIB is not None:
-        return _LIB
-    path = library_path()
-    if path is None:
-        raise NativeUnavailable("the native step is not built here (no _itl_native library next to "
-                                f"{_HERE}); run the README's setup (`make setup`, needs a C compiler)")
-    try:
-        lib = ctypes.CDLL(path)
-        _declare(lib)
-    except (OSError, AttributeError) as e:  # not loadable, or built from older sources
-        raise NativeUnavailable(f"the native library {path} cannot be used ({' '.join(str(e).split())}); "
-                                "rebuild it with the README's setup (`make setup`)") from None
-    _LIB = lib
-    return lib
-
-
-def _declare(lib) -> None:
-    """The C signatures (an AttributeError names a symbol a stale build lacks)."""
-    p, i, f, n = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_int64
-    lib.itl_create.argtypes, lib.itl_create.restype = [p], p
-    lib.itl_check_model.argtypes, lib.itl_check_model.restype = [p, ctypes.c_char_p, i], i
-    lib.itl_strerror.argtypes, lib.itl_strerror.restype = [i], ctypes.c_char_p
-    lib.itl_free.argtypes, lib.itl_free.restype = [p], None
-    lib.itl_set_isa.argtypes, lib.itl_set_isa.restype = [p, i], i
-    lib.itl_get_isa.argtypes, lib.itl_get_isa.restype = [p], i
-    lib.itl_set_act.argtypes, lib.itl_set_act.restype = [p, i], i
-    lib.itl_get_act.argtypes, lib.itl_get_act.restype = [p], i
-    lib.itl_state_sizes.argtypes = [p, ctypes.POINTER(n), ctypes.POINTER(n)]
-    lib.itl_state_sizes.restype = i
-    lib.itl_avx2_supported.argtypes, lib.itl_avx2_supported.restype = [], i
-    lib.itl_avx512_supported.argtypes, lib.itl_avx512_supported.restype = [], i
-    lib.itl_step.argtypes, lib.itl_step.restype = [p, i, f, n, f, n, f, n], i
-    lib.itl_greedy.argtypes = [p, i, i, f, n, f, n, f, n, ctypes.POINTER(ctypes.c_int32)]
-    lib.itl_greedy.restype = i
-    lib.itl_prefill.argtypes = [p, ctypes.POINTER(ctypes.c_int32), i, f, n, f, n, f, n, i]
-    lib.itl_prefill.restype = i
-
-
-def available() -> bool:
-    return library_path() is not None
 
 
 def load_native(path, act: str | None = None) -> "NativeIteraLite":
