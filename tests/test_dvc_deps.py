@@ -125,3 +125,22 @@ def test_check_reports_a_module_no_longer_imported(tmp_path, capsys):
     assert plan(ROOT, copy).problems["data"] == [f"lists {PKG}/core/model.py, which its code does not import"]
     assert main(["--check", "--file", str(copy), "--root", str(ROOT)]) == 1
     assert "stage 'data':" in capsys.readouterr().err
+
+
+# A stage that lists its own section key by key must list every key: a key left out is a setting
+# DVC does not see, so `dvc exp run -S` on it (or an edit of it) reruns nothing.
+KEY_BY_KEY = {"student": "student", "student_tiny": "student", "mixed_precision": "mixed_precision",
+              "mixed_precision_tiny": "mixed_precision"}
+
+
+@pytest.mark.parametrize("name", sorted(KEY_BY_KEY))
+def test_a_stage_lists_every_key_of_its_own_section(name):
+    import dataclasses
+
+    from iteralite.pipeline.sections import section_class
+
+    section = KEY_BY_KEY[name]
+    listed = {p for p in STAGES[name].get("params", []) if isinstance(p, str)}
+    fields = [f.name for f in dataclasses.fields(section_class(section)) if f.name != "targets"]
+    missing = [f"{section}.{f}" for f in fields if f"{section}.{f}" not in listed and section not in listed]
+    assert not missing, f"dvc.yaml stage {name!r} does not list {missing} under params"

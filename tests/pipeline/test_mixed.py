@@ -170,6 +170,26 @@ def test_the_scaled_rule_divides_the_slack_by_the_share_of_damage_the_fine_tune_
     assert record[0]["extra_nats"] == pytest.approx(0.1)
 
 
+def test_the_scaled_rule_treats_a_fine_tune_that_beat_the_start_as_keeping_a_quarter():
+    # final 1.7 is below the start's 1.8: a negative share, clamped to 1/4, so 4x the slack
+    _, record, _ = _slack_run(1.7, 1.8, [1.75], rounds=1, first=_Opt(100, measured=0.5), rule="scaled", base=1.8)
+    assert record[0]["extra_nats"] == pytest.approx(0.4)
+
+
+def test_the_scaled_rule_runs_no_round_on_a_slack_under_the_threshold():
+    # 1/4 kept would turn the slack into 4x as much, over SLACK_NATS, but the slack itself is not worth a round
+    first = _Opt(100, measured=0.8)
+    kept, record, calls = _slack_run(2.0, 2.0 + SLACK_NATS / 2, [], rounds=2, first=first, rule="scaled", base=1.8)
+    assert calls == [] and record == [] and kept[1] == "model100"
+
+
+def test_after_a_scaled_round_over_the_budget_the_next_offers_half_as_much():
+    first = _Opt(100, measured=0.8)  # a quarter kept: 0.1 of slack -> 0.4 offered
+    kept, record, calls = _slack_run(2.0, 2.1, [2.2, 2.05], rounds=2, first=first, rule="scaled", base=1.8)
+    assert [r["extra_nats"] for r in record] == pytest.approx([0.4, 0.2])
+    assert [r["kept"] for r in record] == [False, True] and kept[1] == "model80"
+
+
 def test_an_unknown_slack_rule_is_one_line():
     with pytest.raises(ParamsError, match="slack_rule' must be one of measured, scaled; got 'greedy'"):
         from_dict(MixedConfig, {"slack_rule": "greedy"}, "mixed_precision")
