@@ -22,7 +22,9 @@ from iteralite.train.distill import CachedTeacher
 from iteralite.quant.spec import SCALE_BITS
 from iteralite.train.live import log_point, log_summary
 from iteralite.train.loop import check_stream
+from iteralite.quant.gptq_start import gptq_start, unit_hessians
 from iteralite.quant.registry import parse_precision, precision_name
+from iteralite.quant.swap import dequantize_model
 from iteralite.quant.units import allocation_spec_for, quantize_allocation, units
 
 POLICIES = ("optimized", "manual")
@@ -31,7 +33,7 @@ OBJECTIVES = ("ppl_budget", "bits_target")
 CONTROL_PRECISION = 4  # control_finetune: the uniform precision fine-tuned for the same steps, as a fair control
 SLACK_NATS = math.log1p(0.01)  # slack below ~1% perplexity is not worth another fine-tune
 TARGET_KEYS = ("objective", "max_ppl_delta_pct", "target_bits_per_weight", "budget_rounds", "finetune_steps",
-               "max_refits", "control_finetune", "slack_rule")
+               "max_refits", "control_finetune", "slack_rule", "round_start", "finetune_init")
 DEFAULT_MANUAL = {"embedding": 8, "embed_in": 8, "head_proj": 8, "in_proj": 8, "out_proj": 8, "x_proj": 16,
                   "dt_proj": 16, "router": 16, "experts": 4}
 
@@ -59,6 +61,8 @@ class MixedConfig:
     control_finetune: bool = True  # also fine-tune uniform int4 for the same steps (a fair control)
     budget_rounds: int = 5  # reallocate with the dev budget the fine-tune left unused (one fine-tune each)
     slack_rule: str = "measured"  # measured | scaled: how much allowance a round offers (SLACK_RULES)
+    round_start: str = "student"  # student | kept: what a budget round fine-tunes from (ROUND_STARTS)
+    finetune_init: str = "rtn"  # rtn | gptq: the weights a fine-tune starts from (FINETUNE_INITS)
     targets: dict = field(default_factory=dict)  # student target -> overrides of TARGET_KEYS for its stage
 
     def for_target(self, name: str, section: str = "mixed_precision") -> "MixedConfig":
@@ -94,6 +98,10 @@ class MixedConfig:
         check(self.budget_rounds >= 0, section, "budget_rounds", "must be >= 0")
         check(self.slack_rule in SLACK_RULES, section, "slack_rule",
               f"must be one of {', '.join(SLACK_RULES)}; got {self.slack_rule!r}")
+        check(self.round_start in ROUND_STARTS, section, "round_start",
+              f"must be one of {', '.join(ROUND_STARTS)}; got {self.round_start!r}")
+        check(self.finetune_init in FINETUNE_INITS, section, "finetune_init",
+              f"must be one of {', '.join(FINETUNE_INITS)}; got {self.finetune_init!r}")
         unknown = sorted(set(self.manual) - set(UNIT_TYPES))
         check(not unknown, section, "manual", f"has unknown unit types {unknown}; allowed: {', '.join(UNIT_TYPES)}")
         missing = sorted(set(UNIT_TYPES) - set(self.manual))
@@ -181,6 +189,36 @@ def _step_scaled(slack: float, opt, final: float, base: float) -> float:
 SLACK_RULES = {"measured": _step_measured, "scaled": _step_scaled}  # mixed_precision.slack_rule
 
 
+def _start_student(start: nn.Module, kept: nn.Module) -> nn.Module:
+    """Every round fine-tunes from the float student, as the first fine-tune does."""
+    return start
+
+
+def _start_kept(start: nn.Module, kept: nn.Module) -> nn.Module:
+    """A round fine-tunes from the kept allocation's fine-tuned model, dequantized: the tensors
+    whose precision stays start on their own grid, the others are rounded from trained weights,
+    and the training of every kept round carries over (rounds compound instead of restarting)."""
+    return dequantize_model(copy.deepcopy(kept))
+
+
+ROUND_STARTS = {"student": _start_student, "kept": _start_kept}  # mixed_precision.round_start
+
+
+def _init_rtn(origin: nn.Module, allocation: dict, data: torch.Tensor, cfg: "MixedConfig") -> nn.Module:
+    """The fine-tune's fake quantization rounds the float weights to nearest (its range search aside)."""
+    return origin
+
+
+def _init_gptq(origin: nn.Module, allocation: dict, data: torch.Tensor, cfg: "MixedConfig") -> nn.Module:
+    """The low-bit units start from their GPTQ-quantized weights (`quant.gptq_start`), the Hessians
+    from `sens_samples` windows of the training tokens `data` (never the dev windows of the budget)."""
+    calib = windows(data, cfg.sens_samples, cfg.seq_len, cfg.seed)
+    return gptq_start(origin, allocation, unit_hessians(origin, calib, cfg.batch_size), cfg.group_size)
+
+
+FINETUNE_INITS = {"rtn": _init_rtn, "gptq": _init_gptq}  # mixed_precision.finetune_init
+
+
 def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bits, *, rule: str = "measured",
                   base: float = 0.0) -> tuple:
     """The budget is checked before fine-tuning and the fine-tune then wins some loss back, so the
@@ -188,7 +226,7 @@ def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bit
     more allowance on top of its budget (`reallocate(extra_nats) -> Optimized`): the dev-measured
     slack, or with rule "scaled" the slack over the share of damage a fine-tune keeps (see
     SLACK_RULES; `base` is the starting model's dev loss). It fine-tunes the smaller allocation
-    returned (`fit(allocation) -> (model, stats, dev loss)`) and keeps it if that dev loss still
+    returned (`fit(allocation, kept model) -> (model, stats, dev loss)`) and keeps it if that dev loss still
     meets `target`. A round over the target keeps the previous one and backs off: the next round
     offers half as much on top of the kept allocation's allowance.
     first: (Optimized, model, stats, dev loss) of the first fine-tune -> (the kept one, rounds record)."""
@@ -197,9 +235,7 @@ def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bit
         opt, _, _, final = kept
         slack = target - final
         step = SLACK_RULES[rule](slack, opt, final, base) if step is None else step
-        if slack < SLACK_NATS:
-            break
-        if step < SLACK_NATS:
+        if slack < SLACK_NATS or step < SLACK_NATS:  # too little left to spend, or offers halved below it
             break
         cand = reallocate(extra + step)
         row = {"slack_nats": round(slack, 6), "extra_nats": round(extra + step, 6), "bits": bits(cand.allocation)}
@@ -207,7 +243,7 @@ def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bit
         if row["bits"] >= bits(opt.allocation):
             row["kept"] = False
             break
-        model, stats, loss = fit(cand.allocation)
+        model, stats, loss = fit(cand.allocation, kept[1])
         row.update(dev_loss=round(loss, 6), kept=loss <= target)
         if loss > target:
             step /= 2
@@ -249,9 +285,10 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
     several = (cfg.policy == "optimized" and cfg.objective == "ppl_budget" and cfg.budget_rounds) or cfg.control_finetune
     fit_teacher = CachedTeacher(teacher) if several else teacher
 
-    def fit(alloc, desc="mixed finetune"):
+    def fit(alloc, desc="mixed finetune", origin=start):
         nonlocal logged, rounds
-        m, st = finetune_allocation(start, fit_teacher, data, alloc, cfg, qat_cfg, progress, desc, live=live,
+        origin = FINETUNE_INITS[cfg.finetune_init](origin, alloc, data, cfg)
+        m, st = finetune_allocation(origin, fit_teacher, data, alloc, cfg, qat_cfg, progress, desc, live=live,
                                     step_offset=logged, round_index=rounds)
         logged, rounds = logged + qat_cfg.steps, rounds + 1
         loss = mean_loss(m, wins, cfg.batch_size)
@@ -263,10 +300,12 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
         (opt, model, stats, final), info["budget_rounds"] = use_the_slack(
             (opt, model, stats, final), teacher_loss + math.log1p(cfg.max_ppl_delta_pct / 100), cfg.budget_rounds,
             lambda extra: optimize(start, wins, sizes, monotone(sens), cfg, base, teacher_loss, extra=extra),
-            lambda alloc: fit(alloc, "mixed finetune (slack round)"),
+            lambda alloc, kept: fit(alloc, "mixed finetune (slack round)",
+                                    ROUND_STARTS[cfg.round_start](start, kept)),
             lambda alloc: sum(sizes[u][p] for u, p in alloc.items()), rule=cfg.slack_rule, base=base)
         headline = opt.allocation
-        info["budget_nats_final"] = round(opt.budget, 6)
+        info.update(budget_nats_final=round(opt.budget, 6), slack_rule=cfg.slack_rule, round_start=cfg.round_start)
+    info["finetune_init"] = cfg.finetune_init
     candidates["optimized_before_finetune"] = (stored_allocation(start, opt.allocation, cfg), opt.allocation)
     info["finetune"] = stats
     info["calib_loss_final"] = round(final, 6)

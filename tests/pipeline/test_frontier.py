@@ -97,7 +97,7 @@ def test_parse_gives_one_point_per_experiment_and_target_with_its_params():
     by = _by(points)
     assert by[("exp-b40", "tiny")] == {
         "name": "exp-b40", "kind": "experiment", "target": "tiny", "rev": "b" * 40, **_m(80000, 17.5, 29.771),
-        "d_model": 40, "n_layers": 2, "embed_rank": 16, "max_heads": 3, "max_ff": 64, "tokens": 4096000,
+        "d_model": 40, "n_layers": 2, "embed_rank": 16, "max_heads": 3, "max_ff": 64, "tokens": PARAMS["student"]["targets"]["tiny"]["tokens"],
         "objective": "bits_target", "target_bits_per_weight": 3.0}
     # the headline target takes the section's own values; tiny its overrides of them
     head = by[("workspace", "headline")]

@@ -7,7 +7,10 @@ import torch
 from iteralite.io import grid
 from iteralite.io.errors import DataError, ParamsError
 from iteralite.io.params import from_dict
-from iteralite.pipeline.mixed import SLACK_NATS, MixedConfig, run_mixed, use_the_slack
+from iteralite.pipeline.mixed import (ROUND_STARTS, SLACK_NATS, MixedConfig, run_mixed, stored_allocation,
+                                      use_the_slack)
+from iteralite.quant import registry
+from iteralite.quant.units import units
 from iteralite.quant.qat import QATConfig
 from iteralite.quant.units import allocation_bits, check_allocation
 from iteralite.train.live import stage_live
@@ -87,7 +90,10 @@ def test_run_mixed_refuses_too_little_data_before_the_profile(model, monkeypatch
         run_mixed(model, model, data, cfg, qcfg, progress=False, dev=data)
 
 
-def test_profile_and_budget_read_the_dev_split_and_finetunes_the_training_split(model, monkeypatch):
+@pytest.mark.parametrize("init", ["rtn", "gptq"])
+def test_profile_and_budget_read_the_dev_split_and_finetunes_the_training_split(model, monkeypatch, init):
+    """Every dev window feeds the profile and the budget; the fine-tunes, and finetune_init gptq's
+    Hessians (one draw per fine-tune), read the training split only."""
     import iteralite.pipeline.mixed as mixed
 
     seen = {"windows": [], "finetune": []}
@@ -104,12 +110,15 @@ def test_profile_and_budget_read_the_dev_split_and_finetunes_the_training_split(
     monkeypatch.setattr(mixed, "windows", windows)
     monkeypatch.setattr(mixed, "distill_quantized", distill)
     cfg = from_dict(MixedConfig, {"group_size": 8, "sens_samples": 4, "seq_len": 17, "batch_size": 4,
-                                  "finetune_steps": 2, "max_ppl_delta_pct": 50.0}, "mixed_precision")
+                                  "finetune_steps": 2, "max_ppl_delta_pct": 50.0, "finetune_init": init},
+                    "mixed_precision")
     qcfg = QATConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, threads=1)
     data = torch.randint(0, model.cfg.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
     dev = torch.randint(0, model.cfg.vocab_size, (800,), generator=torch.Generator().manual_seed(1))
     run_mixed(model, model, data, cfg, qcfg, progress=False, dev=dev)
-    assert seen["windows"] and all(d is dev for d in seen["windows"])
+    assert seen["windows"] and all(d is dev or d is data for d in seen["windows"])
+    from_data = sum(d is data for d in seen["windows"])
+    assert from_data == (len(seen["finetune"]) if init == "gptq" else 0)
     assert len(seen["finetune"]) >= 2 and all(d is data for d in seen["finetune"])  # headline (+ rounds) + control
 
 
@@ -119,21 +128,24 @@ class _Opt:
         self.refits = [] if measured is None else [{"measured": measured}]
 
 
-def _slack_run(first_loss, target, results, rounds=2, **kw):
+def _slack_run(first_loss, target, results, rounds=2, kw_origins=None, **kw):
     """use_the_slack with fakes: allocation = its bit count; results[i] = dev loss of round i's
     fine-tune; the extra nats offered in each round are recorded too."""
-    calls = []
+    calls, origins = [], []
 
     def reallocate(extra):
         return _Opt(100 - 10 * (len(calls) + 1))
 
-    def fit(alloc):
+    def fit(alloc, kept_model):
         calls.append(alloc["u"])
+        origins.append(kept_model)
         return f"model{alloc['u']}", {"steps": 1}, results[len(calls) - 1]
 
     first = kw.pop("first", _Opt(100))
     kept, record = use_the_slack((first, "model100", {}, first_loss), target, rounds, reallocate, fit,
                                  lambda a: a["u"], **kw)
+    if kw_origins is not None:
+        kw_origins.extend(origins)
     return kept, record, calls
 
 
@@ -141,6 +153,12 @@ def test_slack_is_given_back_while_the_fine_tuned_loss_meets_the_budget():
     kept, record, calls = _slack_run(2.0, 2.5, [2.3, 2.45])
     assert calls == [90, 80] and kept[1] == "model80" and kept[3] == 2.45
     assert [r["kept"] for r in record] == [True, True] and record[0]["slack_nats"] == 0.5
+
+
+def test_each_round_is_handed_the_model_of_the_allocation_kept_so_far():
+    origins = []
+    _slack_run(2.0, 2.5, [2.3, 2.6, 2.45], rounds=3, kw_origins=origins)
+    assert origins == ["model100", "model90", "model90"]  # round 2 went over: round 3 starts from round 1's
 
 
 def test_a_round_over_the_budget_keeps_the_previous_allocation():
@@ -193,6 +211,44 @@ def test_after_a_scaled_round_over_the_budget_the_next_offers_half_as_much():
 def test_an_unknown_slack_rule_is_one_line():
     with pytest.raises(ParamsError, match="slack_rule' must be one of measured, scaled; got 'greedy'"):
         from_dict(MixedConfig, {"slack_rule": "greedy"}, "mixed_precision")
+
+
+def test_an_unknown_round_start_is_one_line():
+    with pytest.raises(ParamsError, match="round_start' must be one of student, kept; got 'best'"):
+        from_dict(MixedConfig, {"round_start": "best"}, "mixed_precision")
+
+
+def test_a_kept_round_start_is_the_kept_model_dequantized_and_leaves_it_alone(model):
+    """round_start kept: a float copy that computes what the stored kept model computes."""
+    cfg = from_dict(MixedConfig, {"group_size": 8}, "mixed_precision")
+    kept = stored_allocation(model, {u: 4 for u in units(model)}, cfg)
+    before = {k: v.clone() for k, v in kept.state_dict().items()}
+    origin = ROUND_STARTS["kept"](model, kept)
+    assert origin is not kept and not any(registry.is_stored(m) for m in origin.modules())
+    assert all(torch.equal(v, kept.state_dict()[k]) for k, v in before.items())
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(origin(idx)[0], kept(idx)[0], rtol=1e-5, atol=1e-5)
+    assert ROUND_STARTS["student"](model, kept) is model
+
+
+def test_an_unknown_finetune_init_is_one_line():
+    with pytest.raises(ParamsError, match="finetune_init' must be one of rtn, gptq; got 'awq'"):
+        from_dict(MixedConfig, {"finetune_init": "awq"}, "mixed_precision")
+
+
+@pytest.mark.parametrize("round_start,init", [("student", "rtn"), ("kept", "rtn"), ("student", "gptq")])
+def test_run_mixed_rounds_from_either_start(model, round_start, init):
+    cfg = from_dict(MixedConfig, {"group_size": 8, "sens_samples": 4, "seq_len": 17, "batch_size": 4,
+                                  "finetune_steps": 2, "max_ppl_delta_pct": 80.0, "control_finetune": False,
+                                  "budget_rounds": 2, "slack_rule": "scaled", "round_start": round_start,
+                                  "finetune_init": init}, "mixed_precision")
+    qcfg = QATConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, threads=1)
+    data = torch.randint(0, model.cfg.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
+    res = run_mixed(model, model, data, cfg, qcfg, progress=False, dev=data.flip(0))
+    check_allocation(model, res.allocation)
+    assert res.info["calib_loss_final"] > 0 and "budget_rounds" in res.info
+    assert res.info["round_start"] == round_start and res.info["finetune_init"] == init
 
 
 def test_no_slack_no_round():

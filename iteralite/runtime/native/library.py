@@ -30,11 +30,27 @@ def library_path() -> str | None:
             raise NativeUnavailable(f"{ENV_LIB}={override} is not a file; point it at a built native "
                                     "library or unset it")
         return override
+    return find_built("_itl_native")
+
+
+def find_built(stem: str) -> str | None:
+    """The extension `stem` built next to this file (`python setup.py build_ext --inplace`), or None."""
     for suffix in EXTENSION_SUFFIXES:
-        hits = sorted(glob.glob(os.path.join(_HERE, "_itl_native" + suffix)))
+        hits = sorted(glob.glob(os.path.join(_HERE, stem + suffix)))
         if hits:
             return hits[0]
     return None
+
+
+def open_built(path: str, declare, unavailable: type[IteraliteError], what: str, fix: str):
+    """ctypes.CDLL(path) with `declare(lib)` run on it; `unavailable` (one line naming `fix`) when it
+    cannot be loaded or lacks a symbol `declare` names (built from older sources)."""
+    try:
+        lib = ctypes.CDLL(path)
+        declare(lib)
+    except (OSError, AttributeError) as e:
+        raise unavailable(f"{what} {path} cannot be used ({' '.join(str(e).split())}); rebuild it with {fix}") from None
+    return lib
 
 
 def available() -> bool:
@@ -50,14 +66,8 @@ def load_library():
     if path is None:
         raise NativeUnavailable("the native step is not built here (no _itl_native library next to "
                                 f"{_HERE}); run the README's setup (`make setup`, needs a C compiler)")
-    try:
-        lib = ctypes.CDLL(path)
-        _declare(lib)
-    except (OSError, AttributeError) as e:  # not loadable, or built from older sources
-        raise NativeUnavailable(f"the native library {path} cannot be used ({' '.join(str(e).split())}); "
-                                "rebuild it with the README's setup (`make setup`)") from None
-    _LIB = lib
-    return lib
+    _LIB = open_built(path, _declare, NativeUnavailable, "the native library", "the README's setup (`make setup`)")
+    return _LIB
 
 
 def _declare(lib) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import os
 import threading
 
 import numpy as np

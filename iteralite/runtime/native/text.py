@@ -5,14 +5,13 @@ the standalone runtime calls the same functions from C."""
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
-from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import numpy as np
 
 from iteralite.io.errors import CheckpointError, DataError, IteraliteError
+from iteralite.runtime.native.library import find_built, open_built
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _LIB = None
@@ -29,11 +28,7 @@ class TextInputError(IteraliteError, ValueError):
 
 
 def library_path() -> str | None:
-    for suffix in EXTENSION_SUFFIXES:
-        hits = sorted(glob.glob(os.path.join(_HERE, "_itl_text" + suffix)))
-        if hits:
-            return hits[0]
-    return None
+    return find_built("_itl_text")
 
 
 def available() -> bool:
@@ -49,14 +44,8 @@ def load_library():
     if path is None:
         raise TextUnavailable(f"the C text library is not built here (no _itl_text library in {_HERE}); "
                               "run `python setup.py build_ext --inplace` (needs a C compiler)")
-    try:
-        lib = ctypes.CDLL(path)
-        _declare(lib)
-    except (OSError, AttributeError) as e:
-        raise TextUnavailable(f"the C text library {path} cannot be used ({' '.join(str(e).split())}); "
-                              "rebuild it with `python setup.py build_ext --inplace`") from None
-    _LIB = lib
-    return lib
+    _LIB = open_built(path, _declare, TextUnavailable, "the C text library", "`python setup.py build_ext --inplace`")
+    return _LIB
 
 
 def _declare(lib) -> None:
