@@ -18,10 +18,24 @@ BENCH = "metrics/headline/benchmark.json"
 
 @pytest.fixture
 def clone(tmp_path):
+    """A clone of HEAD whose committed metrics meet every `at_most` bar: these tests are about the
+    gate's logic, not about whether today's default run meets the bars (`make gate` says that)."""
     root = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
     shutil.copy(REPO / "gate.yaml", root / "gate.yaml")
+    for g in gate.load_config(root / "gate.yaml")["metrics"]:
+        if "at_most" in g:
+            _edit(root, g["file"], lambda d, g=g: _clamp(d, g["key"].split("."), g["at_most"]))
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-am", "inside the bars"], check=True)
     return root
+
+
+def _clamp(d: dict, path: list[str], bar: float) -> None:
+    """d's value at `path` lowered to `bar` when it is above it."""
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = min(d[path[-1]], bar)
 
 
 def _edit(root, path, fn):
