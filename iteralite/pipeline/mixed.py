@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from iteralite.io.errors import DataError
 from iteralite.io.grid import snap_linear
 from iteralite.io.params import check
 from iteralite.quant.allocate import (UNIT_TYPES, manual_allocation, monotone, optimize, profile, sizes_table,
                                       uniform_allocation)
-from iteralite.train.evaluate import mean_loss, windows
+from iteralite.train.evaluate import mean_loss, tiles, windows
 from iteralite.quant.qat import distill_quantized
 from iteralite.train.distill import CachedTeacher
 from iteralite.quant.spec import SCALE_BITS
@@ -33,7 +34,7 @@ OBJECTIVES = ("ppl_budget", "bits_target")
 CONTROL_PRECISION = 4  # control_finetune: the uniform precision fine-tuned for the same steps, as a fair control
 SLACK_NATS = math.log1p(0.01)  # slack below ~1% perplexity is not worth another fine-tune
 TARGET_KEYS = ("objective", "max_ppl_delta_pct", "target_bits_per_weight", "budget_rounds", "finetune_steps",
-               "max_refits", "control_finetune", "slack_rule", "round_start", "finetune_init")
+               "max_refits", "control_finetune", "slack_rule", "round_start", "finetune_init", "backoff")
 DEFAULT_MANUAL = {"embedding": 8, "embed_in": 8, "head_proj": 8, "in_proj": 8, "out_proj": 8, "x_proj": 16,
                   "dt_proj": 16, "router": 16, "experts": 4}
 
@@ -48,7 +49,9 @@ class MixedConfig:
     group_size: int = 64
     scale_bits: int = 0  # 0: fp16 group scales; b: each tensor's scales on its b-bit log grid (io.grid)
     leftover_bits: int = 0  # 0: float leftovers (norms, conv, biases) in fp16; b: on their b-bit linear grid
-    sens_samples: int = 32  # dev-split windows for the profile and the budget
+    sens_samples: int = 32  # dev-split windows for the profile and the allocator's budget
+    check_share: float = 0.0  # share of the dev tokens held out from the profile: every fine-tune's budget
+                              # check scores it whole (0: the checks score the profile's own windows)
     seq_len: int = 256
     batch_size: int = 16
     seed: int = 23
@@ -61,6 +64,7 @@ class MixedConfig:
     control_finetune: bool = True  # also fine-tune uniform int4 for the same steps (a fair control)
     budget_rounds: int = 5  # reallocate with the dev budget the fine-tune left unused (one fine-tune each)
     slack_rule: str = "measured"  # measured | scaled: how much allowance a round offers (SLACK_RULES)
+    backoff: str = "half"  # half | secant: what a round offers after one over the budget (BACKOFFS)
     round_start: str = "student"  # student | kept: what a budget round fine-tunes from (ROUND_STARTS)
     finetune_init: str = "rtn"  # rtn | gptq: the weights a fine-tune starts from (FINETUNE_INITS)
     targets: dict = field(default_factory=dict)  # student target -> overrides of TARGET_KEYS for its stage
@@ -90,6 +94,8 @@ class MixedConfig:
         for key in ("group_size", "sens_samples", "batch_size", "finetune_steps"):
             check(getattr(self, key) >= 1, section, key, "must be >= 1")
         check(self.seq_len >= 2, section, "seq_len", "must be >= 2")
+        check(0 <= self.check_share < 1, section, "check_share",
+              f"must be >= 0 and < 1 (a share of the dev tokens); got {self.check_share!r}")
         check(self.scale_bits in SCALE_BITS, section, "scale_bits",
               f"must be 0 (fp16 scales) or 2..{SCALE_BITS[-1]} (a log grid); got {self.scale_bits!r}")
         check(self.leftover_bits in SCALE_BITS, section, "leftover_bits",
@@ -98,6 +104,8 @@ class MixedConfig:
         check(self.budget_rounds >= 0, section, "budget_rounds", "must be >= 0")
         check(self.slack_rule in SLACK_RULES, section, "slack_rule",
               f"must be one of {', '.join(SLACK_RULES)}; got {self.slack_rule!r}")
+        check(self.backoff in BACKOFFS, section, "backoff",
+              f"must be one of {', '.join(BACKOFFS)}; got {self.backoff!r}")
         check(self.round_start in ROUND_STARTS, section, "round_start",
               f"must be one of {', '.join(ROUND_STARTS)}; got {self.round_start!r}")
         check(self.finetune_init in FINETUNE_INITS, section, "finetune_init",
@@ -189,6 +197,23 @@ def _step_scaled(slack: float, opt, final: float, base: float) -> float:
 SLACK_RULES = {"measured": _step_measured, "scaled": _step_scaled}  # mixed_precision.slack_rule
 
 
+def _back_half(step: float, kept_loss: float, over_loss: float, target: float) -> float:
+    """After a round over the budget, offer half the step that went over."""
+    return step / 2
+
+
+def _back_secant(step: float, kept_loss: float, over_loss: float, target: float) -> float:
+    """After a round over the budget, offer the share of the step where the line through the kept
+    round's dev loss (no extra step) and the failed round's (the whole step) meets the target,
+    clamped to [1/4, 3/4] of the step: a curved response or one noisy fine-tune cannot send the next
+    try to either end. A failed round that measured no worse than the kept one offers half."""
+    share = (target - kept_loss) / (over_loss - kept_loss) if over_loss > kept_loss else 0.5
+    return step * min(0.75, max(0.25, share))
+
+
+BACKOFFS = {"half": _back_half, "secant": _back_secant}  # mixed_precision.backoff
+
+
 def _start_student(start: nn.Module, kept: nn.Module) -> nn.Module:
     """Every round fine-tunes from the float student, as the first fine-tune does."""
     return start
@@ -220,7 +245,7 @@ FINETUNE_INITS = {"rtn": _init_rtn, "gptq": _init_gptq}  # mixed_precision.finet
 
 
 def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bits, *, rule: str = "measured",
-                  base: float = 0.0) -> tuple:
+                  base: float = 0.0, backoff: str = "half") -> tuple:
     """The budget is checked before fine-tuning and the fine-tune then wins some loss back, so the
     fine-tuned headline lands under the budget: budget left unused. Each round gives the allocator
     more allowance on top of its budget (`reallocate(extra_nats) -> Optimized`): the dev-measured
@@ -228,7 +253,8 @@ def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bit
     SLACK_RULES; `base` is the starting model's dev loss). It fine-tunes the smaller allocation
     returned (`fit(allocation, kept model) -> (model, stats, dev loss)`) and keeps it if that dev loss still
     meets `target`. A round over the target keeps the previous one and backs off: the next round
-    offers half as much on top of the kept allocation's allowance.
+    offers less on top of the kept allocation's allowance (`backoff`: half as much, or the secant's
+    share of it; see BACKOFFS).
     first: (Optimized, model, stats, dev loss) of the first fine-tune -> (the kept one, rounds record)."""
     kept, record, extra, step = first, [], 0.0, None
     for _ in range(rounds):
@@ -246,10 +272,27 @@ def use_the_slack(first: tuple, target: float, rounds: int, reallocate, fit, bit
         model, stats, loss = fit(cand.allocation, kept[1])
         row.update(dev_loss=round(loss, 6), kept=loss <= target)
         if loss > target:
-            step /= 2
+            step = BACKOFFS[backoff](step, kept[3], loss, target)
             continue
         kept, extra, step = (cand, model, stats, loss), extra + step, None
     return kept, record
+
+
+def split_dev(dev: torch.Tensor, share: float, seq_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the dev tokens the profile samples its windows from, the held-out check windows or None):
+    the last `share` of the dev stream, cut into whole windows, is never profiled, so the budget
+    checks that pick among fine-tuned allocations are not scored on the windows the allocation was
+    fitted to (a check on those reads the chosen allocation as better than it is). share 0: None,
+    the checks score the profile's windows."""
+    if not share:
+        return dev, None
+    cut = len(dev) - int(len(dev) * share)
+    check_stream(dev[:cut], seq_len, "mixed_precision", "mixed_precision.seq_len", "dev (profile part)")
+    held = tiles(dev[cut:], seq_len)
+    if len(held) == 0:
+        raise DataError(f"mixed_precision: the held-out dev part has {len(dev) - cut} tokens, too few for one window "
+                        f"of 'mixed_precision.seq_len' = {seq_len}; raise mixed_precision.check_share or add dev data")
+    return dev[:cut], held
 
 
 def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: MixedConfig, qat_cfg,
@@ -262,13 +305,19 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
     loss at its last step."""
     check_stream(dev, cfg.seq_len, "mixed_precision", "mixed_precision.seq_len", "dev")
     check_stream(data, qat_cfg.seq_len, "mixed_precision", "finetune.seq_len")
-    wins = windows(dev, cfg.sens_samples, cfg.seq_len, cfg.seed)
+    profiled, held = split_dev(dev, cfg.check_share, cfg.seq_len)
+    wins = windows(profiled, cfg.sens_samples, cfg.seq_len, cfg.seed)
     teacher_loss = mean_loss(teacher, wins, cfg.batch_size)
     base, sens = profile(start, wins, cfg.precisions, cfg.group_size, cfg.batch_size, progress, cfg.learned_range)
+    checks = wins if held is None else held  # what every fine-tuned model's dev loss is scored on
+    check_fp32 = teacher_loss if held is None else mean_loss(teacher, checks, cfg.batch_size)
+    check_start = base if held is None else mean_loss(start, checks, cfg.batch_size)
     sizes = sizes_table(start, cfg.precisions, cfg.group_size, cfg.scale_bits)
     shapes = units(start)
     info = {"calib_loss_fp32": round(teacher_loss, 6), "calib_loss_start": round(base, 6),
-            "profile": {u: {str(p): round(v, 6) for p, v in by_p.items()} for u, by_p in sens.items()}}
+            "profile": {u: {str(p): round(v, 6) for p, v in by_p.items()} for u, by_p in sens.items()},
+            "check_share": cfg.check_share, "check_tokens": int(checks[:, 1:].numel()),
+            "check_loss_fp32": round(check_fp32, 6), "check_loss_start": round(check_start, 6)}
     opt = optimize(start, wins, sizes, monotone(sens), cfg, base, teacher_loss)
     info.update(budget_nats=None if opt.budget is None else round(opt.budget, 6), refits=opt.refits)
     headline = opt.allocation if cfg.policy == "optimized" else manual_allocation(shapes, cfg.manual)
@@ -291,24 +340,26 @@ def run_mixed(teacher: nn.Module, start: nn.Module, data: torch.Tensor, cfg: Mix
         m, st = finetune_allocation(origin, fit_teacher, data, alloc, cfg, qat_cfg, progress, desc, live=live,
                                     step_offset=logged, round_index=rounds)
         logged, rounds = logged + qat_cfg.steps, rounds + 1
-        loss = mean_loss(m, wins, cfg.batch_size)
+        loss = mean_loss(m, checks, cfg.batch_size)
         log_point(live, logged, {"dev_loss": loss})
         return m, st, loss
 
     model, stats, final = fit(headline)
     if cfg.policy == "optimized" and cfg.objective == "ppl_budget":
         (opt, model, stats, final), info["budget_rounds"] = use_the_slack(
-            (opt, model, stats, final), teacher_loss + math.log1p(cfg.max_ppl_delta_pct / 100), cfg.budget_rounds,
+            (opt, model, stats, final), check_fp32 + math.log1p(cfg.max_ppl_delta_pct / 100), cfg.budget_rounds,
             lambda extra: optimize(start, wins, sizes, monotone(sens), cfg, base, teacher_loss, extra=extra),
             lambda alloc, kept: fit(alloc, "mixed finetune (slack round)",
                                     ROUND_STARTS[cfg.round_start](start, kept)),
-            lambda alloc: sum(sizes[u][p] for u, p in alloc.items()), rule=cfg.slack_rule, base=base)
+            lambda alloc: sum(sizes[u][p] for u, p in alloc.items()), rule=cfg.slack_rule, base=check_start,
+            backoff=cfg.backoff)
         headline = opt.allocation
-        info.update(budget_nats_final=round(opt.budget, 6), slack_rule=cfg.slack_rule, round_start=cfg.round_start)
+        info.update(budget_nats_final=round(opt.budget, 6), slack_rule=cfg.slack_rule, round_start=cfg.round_start,
+                    backoff=cfg.backoff)
     info["finetune_init"] = cfg.finetune_init
     candidates["optimized_before_finetune"] = (stored_allocation(start, opt.allocation, cfg), opt.allocation)
     info["finetune"] = stats
-    info["calib_loss_final"] = round(final, 6)
+    info["calib_loss_final"] = round(final, 6)  # on the check windows (held out, or the profile's)
     log_summary(live, {"final_train_ce": stats["final_train_ce"], "final_dev_loss": final})  # the headline's
     if cfg.control_finetune:
         alloc = uniform_allocation(shapes, CONTROL_PRECISION)

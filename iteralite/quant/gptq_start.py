@@ -1,4 +1,4 @@
-"""GPTQ-compensated starting weights for an allocation's fine-tune (`mixed_precision.init: gptq`).
+"""GPTQ-compensated starting weights for an allocation's fine-tune (`mixed_precision.finetune_init: gptq`).
 
 Round to nearest quantizes every weight on its own; GPTQ (`quant.gptq`) quantizes a weight's
 input columns one by one and spreads each column's rounding error over the columns not yet

@@ -34,6 +34,13 @@ def windows(data: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor
     return get_batch(data, n, seq_len - 1, seed, 0)
 
 
+def tiles(data: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The token stream cut into consecutive, non-overlapping windows (n, seq_len), the tail that
+    fills no window dropped: every token scored once (a held-out check set, not a sample)."""
+    n = len(data) // seq_len
+    return data[: n * seq_len].reshape(n, seq_len)
+
+
 @torch.no_grad()
 def mean_loss(model, wins: torch.Tensor, batch_size: int) -> float:
     """Mean next-token cross-entropy (nats/token) over windows (n, l), in batches."""

@@ -7,12 +7,13 @@ import torch
 from iteralite.io import grid
 from iteralite.io.errors import DataError, ParamsError
 from iteralite.io.params import from_dict
-from iteralite.pipeline.mixed import (ROUND_STARTS, SLACK_NATS, MixedConfig, run_mixed, stored_allocation,
-                                      use_the_slack)
+from iteralite.pipeline.mixed import (BACKOFFS, ROUND_STARTS, SLACK_NATS, MixedConfig, run_mixed, split_dev,
+                                      stored_allocation, use_the_slack)
 from iteralite.quant import registry
 from iteralite.quant.units import units
 from iteralite.quant.qat import QATConfig
 from iteralite.quant.units import allocation_bits, check_allocation
+from iteralite.train.evaluate import mean_loss, tiles, windows
 from iteralite.train.live import stage_live
 from tests.train.conftest import offline_live, read_live
 
@@ -254,3 +255,71 @@ def test_run_mixed_rounds_from_either_start(model, round_start, init):
 def test_no_slack_no_round():
     kept, record, calls = _slack_run(2.5 - SLACK_NATS / 2, 2.5, [])
     assert calls == [] and record == [] and kept[1] == "model100"
+
+
+def test_split_dev_holds_the_last_share_out_as_whole_windows():
+    dev = torch.arange(1000)
+    assert split_dev(dev, 0.0, 17) == (dev, None)
+    profiled, held = split_dev(dev, 0.5, 17)
+    assert torch.equal(profiled, dev[:500])
+    assert held.shape == (500 // 17, 17) and torch.equal(held.flatten(), dev[500:500 + 29 * 17])
+
+
+@pytest.mark.parametrize("share,match", [(0.01, "the held-out dev part has 10 tokens, too few for one window"),
+                                         (0.99, "the dev \\(profile part\\) split has 10 tokens, too few")])
+def test_split_dev_refuses_a_part_too_small(share, match):
+    with pytest.raises(DataError, match=match):
+        split_dev(torch.arange(1000), share, 17)
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0])
+def test_check_share_must_be_a_share(share):
+    with pytest.raises(ParamsError, match="check_share' must be >= 0 and < 1"):
+        from_dict(MixedConfig, {"check_share": share}, "mixed_precision")
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_budget_checks_score_the_held_out_windows(model, monkeypatch, share):
+    """With a check share the profile samples only the dev part before the cut and the kept model's
+    dev loss is its loss on the held-out windows; without one, on the profile's windows."""
+    import iteralite.pipeline.mixed as mixed
+
+    sampled = []
+    real_windows = mixed.windows
+
+    def spy(data, *a, **k):
+        sampled.append(data)
+        return real_windows(data, *a, **k)
+
+    monkeypatch.setattr(mixed, "windows", spy)
+    cfg = from_dict(MixedConfig, {"group_size": 8, "sens_samples": 4, "seq_len": 17, "batch_size": 4,
+                                  "finetune_steps": 2, "max_ppl_delta_pct": 80.0, "control_finetune": False,
+                                  "budget_rounds": 2, "slack_rule": "scaled", "check_share": share},
+                    "mixed_precision")
+    qcfg = QATConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, threads=1)
+    data = torch.randint(0, model.cfg.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
+    dev = torch.randint(0, model.cfg.vocab_size, (800,), generator=torch.Generator().manual_seed(1))
+    res = run_mixed(model, model, data, cfg, qcfg, progress=False, dev=dev)
+    assert len(sampled) == 1 and torch.equal(sampled[0], dev[:400] if share else dev)
+    checks = tiles(dev[400:], 17) if share else windows(dev, 4, 17, cfg.seed)
+    assert res.info["calib_loss_final"] == pytest.approx(mean_loss(res.model, checks, 4), abs=1e-6)
+    assert res.info["check_loss_fp32"] == pytest.approx(mean_loss(model, checks, 4), abs=1e-6)
+    assert res.info["check_tokens"] == checks[:, 1:].numel() and res.info["check_share"] == share
+
+
+def test_the_secant_backoff_offers_where_the_line_through_kept_and_failed_meets_the_budget():
+    # kept 2.3 after +0.5, +0.2 more went to 2.6 over the 2.5 target: 2/3 of that step lands on it
+    _, record, _ = _slack_run(2.0, 2.5, [2.3, 2.6, 2.45], rounds=3, backoff="secant")
+    assert [r["extra_nats"] for r in record] == pytest.approx([0.5, 0.7, 0.5 + 0.2 * 2 / 3])
+    assert [r["kept"] for r in record] == [True, False, True]
+
+
+@pytest.mark.parametrize("kept,over,share", [(2.49, 2.9, 0.25), (2.0, 2.501, 0.75), (2.4, 2.4, 0.5), (2.4, 2.3, 0.5)])
+def test_the_secant_backoff_is_clamped_to_a_quarter_and_three_quarters(kept, over, share):
+    assert BACKOFFS["secant"](0.4, kept, over, 2.5) == pytest.approx(0.4 * share)
+    assert BACKOFFS["half"](0.4, kept, over, 2.5) == pytest.approx(0.2)
+
+
+def test_an_unknown_backoff_is_one_line():
+    with pytest.raises(ParamsError, match="backoff' must be one of half, secant; got 'bisect'"):
+        from_dict(MixedConfig, {"backoff": "bisect"}, "mixed_precision")

@@ -80,3 +80,13 @@ def test_a_scorer_that_is_no_torch_module_is_scored_like_the_model_it_wraps(mode
     tokens = np.arange(200, dtype=np.uint16) % model.cfg.vocab_size
     nbytes = np.ones(model.cfg.vocab_size, dtype=np.int64)
     assert evaluate_tokens(Wrapped(), tokens, nbytes, 16, 4) == evaluate_tokens(model, tokens, nbytes, 16, 4)
+
+
+def test_tiles_score_every_token_once_and_drop_the_tail():
+    import torch
+
+    from iteralite.train.evaluate import tiles
+    data = torch.arange(23)
+    t = tiles(data, 5)
+    assert t.shape == (4, 5) and torch.equal(t.flatten(), data[:20])
+    assert tiles(data[:4], 5).shape == (0, 5)
