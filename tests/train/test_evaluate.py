@@ -6,9 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from iteralite.io.errors import DataError, IteraliteError, ParamsError
-from iteralite.train.evaluate import EvalConfig, Evaluator, evaluate_tokens
+from iteralite.train.evaluate import EvalConfig, Evaluator, evaluate_tokens, tiles
 
 
 @pytest.fixture
@@ -83,9 +84,6 @@ def test_a_scorer_that_is_no_torch_module_is_scored_like_the_model_it_wraps(mode
 
 
 def test_tiles_score_every_token_once_and_drop_the_tail():
-    import torch
-
-    from iteralite.train.evaluate import tiles
     data = torch.arange(23)
     t = tiles(data, 5)
     assert t.shape == (4, 5) and torch.equal(t.flatten(), data[:20])
