@@ -20,3 +20,13 @@ def test_a_bad_shape_is_one_line(bad):
 def test_main_refuses_bad_input_with_exit_2(capsys):
     assert probe.main(["1,2"]) == 2
     assert "probe: shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["32,2,16,3,64", "--temperature", "0"], "--temperature must be > 0"),
+    (["32,2,16,3,64", "--teacher", "no/such.safetensors"], "--teacher no/such.safetensors: no such file"),
+])
+def test_bad_teacher_or_temperature_is_one_line_exit_2(capsys, args, msg):
+    assert probe.main(args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
