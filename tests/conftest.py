@@ -16,6 +16,13 @@ WORDS = ("the cat dog sun tree ball girl boy mom happy sad big little red blue r
          "played with a and to in on was is said Lily Tom park home friend").split()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The `slow` tests (real pipelines in temporary clones: minutes each) first, in their order:
+    `make test` hands test modules to its workers in this order, so the longest chains start at
+    once instead of last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept within each part
+
+
 def tiny_config(**kw) -> ModelConfig:
     base = dict(vocab_size=300, d_model=32, n_layers=2, d_state=4, d_conv=4, headdim=8, n_heads=2,
                 dt_rank=4, n_experts=3, top_k=2, d_ff=16, chunk_size=8)

@@ -53,3 +53,10 @@ def make_clone(dst: Path, params: str) -> Path:
     if lib is not None:
         shutil.copy2(lib, dst / Path(lib).resolve().relative_to(REPO.resolve()))
     return dst
+
+
+def tiny_clone(tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the repository (tracked and new files), a git repo, the raw data, the tiny params
+    (tests/tiny_params.yaml), and the environment to run its stages in."""
+    dst = make_clone(tmp_path_factory.mktemp("clone") / "repo", (REPO / "tests" / "tiny_params.yaml").read_text())
+    return dst, clone_env(dst)
