@@ -285,8 +285,8 @@ def test_headline_sized_tensor_is_fast():
     """~300k codes (the headline artifact's code count) encode and decode in well under a few
     seconds each (numpy splitting, the C coder where built)."""
     x = skewed(300_000, 16, 11)
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time: a loaded CI box stretches the wall clock, not the work
     for enc, dec in ((C.encode_prev, C.decode_prev), (C.encode_rows, C.decode_rows)):
         assert np.array_equal(dec(enc(x, 16), 16, x.size), x)
     limit = 10.0 if E._native() is not None else 120.0  # the Python coder is ~100x slower
-    assert time.perf_counter() - t < limit
+    assert time.process_time() - t < limit

@@ -404,11 +404,11 @@ def test_huge_claimed_count_fails_fast_without_a_huge_allocation():
     codes = skewed(1000, 4, seed=8)
     b = E._parse(encode(codes, 4), None)
     lying = craft(4, E.MAX_COUNT, np.unique(codes), b.freqs[:-1], b.words)
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time: a loaded CI box stretches the wall clock, not the work
     for dec in (decode, decode_ref):
         with pytest.raises(CheckpointError, match="stopped at"):
             dec(lying)
-    assert time.perf_counter() - t < 2.0  # stops where the payload runs out, not after 2**26 symbols
+    assert time.process_time() - t < 2.0  # stops where the payload runs out, not after 2**26 symbols
     # a payload-free blob cannot be checked by its payload: the caller's count bounds it
     with pytest.raises(CheckpointError, match=f"holds {E.MAX_COUNT} codes, expected 10"):
         decode(craft(4, E.MAX_COUNT, [1], [], []), expected_count=10)
