@@ -34,10 +34,12 @@ repro: data
 
 # The suite in TEST_WORKERS processes of one torch thread each (pytest-xdist), a test module to a
 # worker (its module-scoped clones and fixtures are built once); the slow modules are handed out
-# first (tests/conftest.py), so the longest chain starts at once. TEST_WORKERS=0: one process.
+# first (tests/conftest.py), so the longest chain starts at once. --no-loadscope-reorder keeps that
+# order: xdist's default hands out the modules with the most tests first, which started the
+# real-pipeline modules (five tests each) after six minutes of the rest. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 3
 test: data
-	OMP_NUM_THREADS=1 python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20
+	OMP_NUM_THREADS=1 python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 # Rewrite every stage's `deps:` in dvc.yaml from its script's import closure (tests/test_dvc_deps.py
 # fails until this is run after an import changes); data, checkpoint and C-source deps are kept.
