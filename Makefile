@@ -11,14 +11,17 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # The install: uv (pinned in requirements.lock, installed by the venv's pip) installs the locked
 # environment, downloads in parallel and byte-compiled (a fresh machine: 80 s, against 193 s for pip
 # alone). uv reads no pip.conf, so the folder of local wheels where pip finds torch's CPU build is
-# handed on: PIP_FIND_LINKS, else pip's own `global.find-links` setting.
+# handed on: PIP_FIND_LINKS, else pip's own `global.find-links` setting. Where uv fails (a registry
+# it cannot reach, say), pip installs the same locked environment.
 $(STAMP): pyproject.toml requirements.lock setup.py $(wildcard iteralite/runtime/native/*.c iteralite/runtime/native/*.h)
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "iteralite needs Python 3.11"'
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check $$(grep '^uv==' requirements.lock)
 	links=$${PIP_FIND_LINKS:-$$($(VENV)/bin/pip config get global.find-links 2>/dev/null)}; \
-	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python --compile-bytecode \
-		$${links:+--find-links "$$links"} -c requirements.lock -e '.[test]'
+	{ $(VENV)/bin/pip install --quiet --disable-pip-version-check $$(grep '^uv==' requirements.lock) && \
+	  $(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python --compile-bytecode \
+		$${links:+--find-links "$$links"} -c requirements.lock -e '.[test]'; } \
+	|| { echo "setup: uv could not install the environment (above); pip installs it instead"; \
+	     $(VENV)/bin/pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'; }
 	touch $(STAMP)
 
 # The web page's WebAssembly build too, where emscripten is installed (`make wasm` below).

@@ -13,7 +13,7 @@ from iteralite.io.checkpoint import read_checkpoint
 from iteralite.pipeline.artifacts import RUN_FACTS
 from tests.pipeline_utils import run as _run, tiny_clone
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.critical_path]  # the longest chain of `make test` (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_queued_sweeps_run_in_the_background_and_show_up_in_exp_show(clone):
         if not any(s in status for s in ("Queued", "Running")):
             break
         assert time.monotonic() < deadline, status
-        time.sleep(5)
+        time.sleep(10)  # each `dvc queue status` is a DVC start-up (about 2 CPU seconds)
     assert status.count("Success") == 2, status
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], dst, env).stdout)
     rows = _experiments(shown)
