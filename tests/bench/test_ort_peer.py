@@ -14,6 +14,8 @@ from iteralite.quant.units import quantize_allocation, units
 from iteralite.runtime.fused import FusedIteraLite
 from iteralite.train.evaluate import EvalConfig, Evaluator
 
+pytestmark = pytest.mark.early  # compiles or spawns for a minute or more: handed out early (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def fused_and_ort():

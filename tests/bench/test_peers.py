@@ -8,6 +8,8 @@ import torch
 from iteralite.bench import memory, peers
 from iteralite.core.moe import Experts
 
+pytestmark = pytest.mark.early  # compiles or spawns for a minute or more: handed out early (tests/conftest.py)
+
 
 def _rel_err(a, b) -> float:
     """Mean absolute error relative to the reference's mean magnitude (a routing flip in one

@@ -20,6 +20,8 @@ from iteralite.runtime.native.runtime import NativeInputError, NativeIteraLite
 from tests.conftest import tiny_config
 from tests.runtime.test_native import ISAS, _run
 
+pytestmark = pytest.mark.early  # compiles or spawns for a minute or more: handed out early (tests/conftest.py)
+
 RANK = 8
 PROJ = ("embed_in", "head_proj")
 TOKENS = [1, 5, 299, 0, 17, 17, 42, 7]

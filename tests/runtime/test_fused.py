@@ -8,6 +8,8 @@ from iteralite.core.model import IteraLite
 
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.early  # compiles or spawns for a minute or more: handed out early (tests/conftest.py)
+
 ATOL = 1e-5
 
 

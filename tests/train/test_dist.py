@@ -18,6 +18,8 @@ from iteralite.train.evaluate import EvalConfig
 from iteralite.train.loop import TrainConfig, train
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.early  # compiles or spawns for a minute or more: handed out early (tests/conftest.py)
+
 TINY = dict(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=6,
             eval_tokens=512, checkpoint_every=4, threads=1, device="cpu")
 EVAL = EvalConfig(seq_len=32, batch_size=8, max_tokens=2048)
