@@ -135,11 +135,21 @@ def test_the_launcher_passes_a_worker_error_on_as_its_own_line(tmp_path):
     from tests.conftest import REPO
 
     script = tmp_path / "fail.py"
-    script.write_text("import os, sys\n"  # one write per line: two workers share the terminal
+    # one write per line: two workers share the terminal. Each waits (60 s at most) until both have
+    # written before it exits: the launcher stops the other workers once one has failed, and a worker
+    # still starting on a busy machine would be stopped before its line.
+    script.write_text("import os, pathlib, sys, time\n"
                       "os.write(2, f\"[train] error: rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}\\n\".encode())\n"
+                      "sync = pathlib.Path(sys.argv[1])\n"
+                      "(sync / os.environ['RANK']).touch()\n"
+                      "deadline = time.monotonic() + 60\n"
+                      "while len(list(sync.iterdir())) < int(os.environ['WORLD_SIZE']) and time.monotonic() < deadline:\n"
+                      "    time.sleep(0.01)\n"
                       "sys.exit(2)\n")
+    (tmp_path / "sync").mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "iteralite.train.torchrun", "--standalone", "--nproc-per-node", "2", str(script)]
+    cmd = [sys.executable, "-m", "iteralite.train.torchrun", "--standalone", "--nproc-per-node", "2", str(script),
+           str(tmp_path / "sync")]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2, p.stderr
     assert sorted((p.stdout + p.stderr).splitlines()) == ["[train] error: rank 0 of 2", "[train] error: rank 1 of 2"]
