@@ -9,8 +9,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 .PHONY: setup data repro test deps exps sweep frontier serve loadtest gate wasm clean-venv
 
 # The install: uv (pinned in requirements.lock, installed by the venv's pip) installs the locked
-# environment, downloads in parallel and byte-compiled (a fresh machine: 80 s, against 193 s for pip
-# alone). uv reads no pip.conf, so the folder of local wheels where pip finds torch's CPU build is
+# environment, downloads in parallel and byte-compiled (a fresh machine: 80-100 s, against 193 s for
+# pip alone). uv reads no pip.conf, so the folder of local wheels where pip finds torch's CPU build is
 # handed on: PIP_FIND_LINKS, else pip's own `global.find-links` setting. Where uv fails (a registry
 # it cannot reach, say), pip installs the same locked environment.
 $(STAMP): pyproject.toml requirements.lock setup.py $(wildcard iteralite/runtime/native/*.c iteralite/runtime/native/*.h)
@@ -36,8 +36,8 @@ repro: data
 	time dvc repro
 
 # The suite in TEST_WORKERS processes of one torch thread each (pytest-xdist), a test module to a
-# worker (its module-scoped clones and fixtures are built once); the slow modules are handed out
-# first (tests/conftest.py), so the longest chain starts at once. --no-loadscope-reorder keeps that
+# worker (its module-scoped clones and fixtures are built once); the critical-path, slow and early
+# modules are handed out first (tests/conftest.py), so the longest chain starts at once. --no-loadscope-reorder keeps that
 # order: xdist's default hands out the modules with the most tests first, which started the
 # real-pipeline modules (five tests each) after six minutes of the rest. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 3
