@@ -37,9 +37,10 @@ repro: data
 
 # The suite in TEST_WORKERS processes of one torch thread each (pytest-xdist), a test module to a
 # worker (its module-scoped clones and fixtures are built once); the critical-path, slow and early
-# modules are handed out first (tests/conftest.py), so the longest chain starts at once. --no-loadscope-reorder keeps that
-# order: xdist's default hands out the modules with the most tests first, which started the
-# real-pipeline modules (five tests each) after six minutes of the rest. TEST_WORKERS=0: one process.
+# modules are handed out first (tests/conftest.py), so the longest chain starts at once.
+# --no-loadscope-reorder keeps that order: xdist's default hands out the modules with the most tests
+# first, which started the real-pipeline modules (five tests each) after six minutes of the rest.
+# TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 3
 test: data
 	OMP_NUM_THREADS=1 python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
